@@ -1,0 +1,2 @@
+//! The `mpreg` command.
+fn main() {}

@@ -1,0 +1,159 @@
+//! Node settings, and reading them from a TOML file.
+//!
+//! See `mpreg.example.toml` at the repository root for a commented example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default maximum size of one WebSocket message (64 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
+/// Default deadline of a request that names none.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default maximum number of requests in flight on one client connection.
+pub const DEFAULT_MAX_INFLIGHT: usize = 4096;
+/// Default maximum number of commands in one request.
+pub const DEFAULT_MAX_COMMANDS: usize = 100_000;
+
+/// Everything that configures a node. Built by [`NodeBuilder`](crate::NodeBuilder)
+/// or read from a file with [`Config::from_file`].
+///
+/// ```
+/// let config: mpreg::Config = mpreg::Config::from_toml_str(r#"
+///     name = "worker-1"
+///     listen = "127.0.0.1:0"
+///     datasets = ["model-a"]
+/// "#).unwrap();
+/// assert_eq!(config.datasets, ["model-a"]);
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Config {
+    /// The node's name, shown to operators and in cluster views.
+    pub name: Option<String>,
+    /// Address to listen on, `HOST:PORT` (port 0 picks a free port).
+    pub listen: String,
+    /// URLs of peers to join (`ws://host:port`).
+    pub peers: Vec<String>,
+    /// Datasets this node has; added to every function it serves.
+    pub datasets: Vec<String>,
+    /// Serve the operator functions `debug.sleep`, `debug.fail` and
+    /// `debug.panic`.
+    pub diagnostics: bool,
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_message_size: usize,
+    /// Deadline for requests that carry no `timeout_ms`, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Most requests in flight on one connection; more get `overloaded`.
+    pub max_inflight_per_connection: usize,
+    /// Most commands in one request; more get `bad_request`.
+    pub max_commands_per_request: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: None,
+            listen: "127.0.0.1:0".to_owned(),
+            peers: Vec::new(),
+            datasets: Vec::new(),
+            diagnostics: false,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
+            max_inflight_per_connection: DEFAULT_MAX_INFLIGHT,
+            max_commands_per_request: DEFAULT_MAX_COMMANDS,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: Some(path.to_owned()),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text).map_err(|source| ConfigError::Parse {
+            path: None,
+            source: Box::new(source),
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The default request deadline as a [`Duration`].
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped settings.
+    #[error("invalid config{}: {source}", path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, when the text came from one.
+        path: Option<PathBuf>,
+        /// What is wrong, with line and column.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A setting has a value that cannot work (named by `setting`).
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        /// The setting's name.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_missing_settings() {
+        let c = Config::from_toml_str("name = \"n\"").expect("valid");
+        assert_eq!(c.name.as_deref(), Some("n"));
+        assert_eq!(c.max_message_size, DEFAULT_MAX_MESSAGE_SIZE);
+        assert_eq!(c.request_timeout(), DEFAULT_REQUEST_TIMEOUT);
+    }
+
+    #[test]
+    fn unknown_setting_is_an_error_naming_it() {
+        let e = Config::from_toml_str("nmae = \"n\"").expect_err("typo");
+        assert!(e.to_string().contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../mpreg.example.toml");
+        let c = Config::from_file(path).expect("example config is valid");
+        assert_eq!(c.datasets, ["model-a", "model-b"]);
+    }
+}
