@@ -214,6 +214,13 @@ pub enum Error {
     /// could not be encoded.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The reply has no result for the command asked about (it was not a
+    /// sink, and intermediate results were not requested).
+    #[error("no result for command '{name}' in the reply")]
+    NoSuchResult {
+        /// The command's name.
+        name: String,
+    },
     /// A node answered with a message that is not a valid reply.
     #[error("invalid reply from node: {0}")]
     Protocol(&'static str),

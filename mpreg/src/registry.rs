@@ -290,6 +290,20 @@ impl Function {
         self
     }
 
+    /// Describes the parameters and the return type (for operators and for
+    /// `kwargs`; the handler still receives the raw [`Args`]).
+    pub fn params(mut self, params: &[Param], returns: impl Into<String>) -> Self {
+        self.params = params.to_vec();
+        self.returns = returns.into();
+        self
+    }
+
+    /// Describes the return type.
+    pub fn returns(mut self, returns: impl Into<String>) -> Self {
+        self.returns = returns.into();
+        self
+    }
+
     /// Marks the function as safe to run again after a failure.
     pub fn idempotent(mut self) -> Self {
         self.idempotent = true;

@@ -1,0 +1,81 @@
+//! Functions every node serves: `echo`, `echos`, `mpreg.whoami`, and with
+//! diagnostics on, `debug.sleep`, `debug.fail` and `debug.panic`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::RpcError;
+use crate::registry::{Args, Function, Param};
+
+const ECHO_PARAMS: &[Param] = &[Param::new("arg", "any JSON value")];
+const SLEEP_PARAMS: &[Param] = &[Param::new("ms", "u64")];
+const FAIL_PARAMS: &[Param] = &[Param::new("message", "String")];
+
+/// The built-in functions of a node named `name`.
+pub(crate) fn functions(name: &str, diagnostics: bool) -> Vec<Function> {
+    let mut fns = vec![
+        Function::new("echo", |mut args: Args| async move {
+            args.__check(ECHO_PARAMS)?;
+            args.__take::<Value>(0, &ECHO_PARAMS[0])
+        })
+        .params(ECHO_PARAMS, "any JSON value")
+        .doc("Returns its one argument unchanged.")
+        .idempotent(),
+        Function::new("echos", |args: Args| async move {
+            let (positional, named) = args.into_parts();
+            if let Some(key) = named.keys().next() {
+                return Err(RpcError::bad_arguments(format!(
+                    "echos takes positional arguments only, got `{key}`"
+                )));
+            }
+            Ok(Value::Array(positional))
+        })
+        .returns("array")
+        .doc("Returns its positional arguments as a list.")
+        .idempotent(),
+    ];
+    let whoami = Value::String(name.to_owned());
+    fns.push(
+        Function::new("mpreg.whoami", move |args: Args| {
+            let name = whoami.clone();
+            async move {
+                args.__check(&[])?;
+                Ok(name)
+            }
+        })
+        .returns("String")
+        .doc("Returns the name of the node that ran it.")
+        .idempotent(),
+    );
+    if diagnostics {
+        fns.extend(diagnostic_functions());
+    }
+    fns
+}
+
+fn diagnostic_functions() -> [Function; 3] {
+    [
+        Function::new("debug.sleep", |mut args: Args| async move {
+            args.__check(SLEEP_PARAMS)?;
+            let ms: u64 = args.__take(0, &SLEEP_PARAMS[0])?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Value::from(ms))
+        })
+        .params(SLEEP_PARAMS, "u64")
+        .doc("Sleeps `ms` milliseconds, then returns `ms`."),
+        Function::new("debug.fail", |mut args: Args| async move {
+            args.__check(FAIL_PARAMS)?;
+            let message: String = args.__take(0, &FAIL_PARAMS[0])?;
+            Err(RpcError::handler_failed(message))
+        })
+        .params(FAIL_PARAMS, "!")
+        .doc("Fails with `message` (a handler_failed error)."),
+        Function::new("debug.panic", |args: Args| async move {
+            args.__check(&[])?;
+            panic!("debug.panic was called")
+        })
+        .returns("!")
+        .doc("Panics: the node must survive it and answer with an error."),
+    ]
+}

@@ -1,0 +1,338 @@
+//! From a request's commands to a typed dependency graph.
+//!
+//! The reference rule of the wire format (a top-level argument that is a
+//! string equal to another command's name) is applied here, once. Everything
+//! after this works on [`Arg::Ref`] and [`Arg::Value`], so a result that
+//! happens to be a string equal to some command's name is never mistaken for
+//! a reference.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::error::{ErrorCode, RpcError};
+use crate::protocol::Command;
+
+/// An argument after planning.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg {
+    /// The result of the step at this index.
+    Ref(usize),
+    /// A literal value.
+    Value(Value),
+}
+
+/// One command, with its references resolved to step indices.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Step {
+    pub(crate) name: String,
+    pub(crate) fun: String,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) kwargs: Vec<(String, Arg)>,
+    pub(crate) locs: Vec<String>,
+    /// Distinct steps whose results this step needs.
+    pub(crate) deps: Vec<usize>,
+}
+
+impl Step {
+    /// Every argument, positional then named.
+    pub(crate) fn all_args(&self) -> impl Iterator<Item = &Arg> {
+        self.args.iter().chain(self.kwargs.iter().map(|(_, a)| a))
+    }
+}
+
+/// A validated request: steps, who consumes whom, and the sinks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Plan {
+    pub(crate) steps: Vec<Step>,
+    /// For each step, the distinct steps that consume its result.
+    pub(crate) dependents: Vec<Vec<usize>>,
+    /// Steps no other step consumes, in request order: their results are the
+    /// reply.
+    pub(crate) sinks: Vec<usize>,
+}
+
+impl Plan {
+    /// Validates and plans `commands`: names unique, at least one command, at
+    /// most `max_commands`, no cycle.
+    pub(crate) fn new(commands: Vec<Command>, max_commands: usize) -> Result<Self, RpcError> {
+        if commands.is_empty() {
+            return Err(RpcError::bad_request("request has no commands"));
+        }
+        if commands.len() > max_commands {
+            return Err(RpcError::bad_request(format!(
+                "request has {} commands; the limit is {max_commands}",
+                commands.len()
+            ))
+            .with_details(json!({ "limit": max_commands })));
+        }
+        let mut index: HashMap<String, usize> = HashMap::with_capacity(commands.len());
+        for (i, c) in commands.iter().enumerate() {
+            if index.insert(c.name.clone(), i).is_some() {
+                return Err(RpcError::new(
+                    ErrorCode::DuplicateName,
+                    format!("more than one command is named '{}'", c.name),
+                )
+                .with_command(c.name.clone()));
+            }
+        }
+        // A string naming *another* command is a reference; a command's own
+        // name is a plain value (there is no result to substitute yet).
+        let resolve = |me: usize, v: Value| -> Arg {
+            if let Value::String(s) = &v {
+                if let Some(&j) = index.get(s.as_str()) {
+                    if j != me {
+                        return Arg::Ref(j);
+                    }
+                }
+            }
+            Arg::Value(v)
+        };
+        let steps: Vec<Step> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let args: Vec<Arg> = c.args.into_iter().map(|v| resolve(i, v)).collect();
+                let kwargs: Vec<(String, Arg)> = c
+                    .kwargs
+                    .into_iter()
+                    .map(|(k, v)| (k, resolve(i, v)))
+                    .collect();
+                let mut deps: Vec<usize> = args
+                    .iter()
+                    .chain(kwargs.iter().map(|(_, a)| a))
+                    .filter_map(|a| match a {
+                        Arg::Ref(j) => Some(*j),
+                        Arg::Value(_) => None,
+                    })
+                    .collect();
+                deps.sort_unstable();
+                deps.dedup();
+                Step {
+                    name: c.name,
+                    fun: c.fun,
+                    args,
+                    kwargs,
+                    locs: c.locs,
+                    deps,
+                }
+            })
+            .collect();
+        let mut dependents = vec![Vec::new(); steps.len()];
+        for (i, s) in steps.iter().enumerate() {
+            for &d in &s.deps {
+                dependents[d].push(i);
+            }
+        }
+        check_acyclic(&steps, &dependents)?;
+        let sinks = (0..steps.len())
+            .filter(|&i| dependents[i].is_empty())
+            .collect();
+        Ok(Self {
+            steps,
+            dependents,
+            sinks,
+        })
+    }
+}
+
+/// Kahn's algorithm; when steps are left over, names one cycle among them.
+fn check_acyclic(steps: &[Step], dependents: &[Vec<usize>]) -> Result<(), RpcError> {
+    let mut indegree: Vec<usize> = steps.iter().map(|s| s.deps.len()).collect();
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = ready.pop() {
+        done += 1;
+        for &d in &dependents[i] {
+            indegree[d] -= 1;
+            if indegree[d] == 0 {
+                ready.push(d);
+            }
+        }
+    }
+    if done == steps.len() {
+        return Ok(());
+    }
+    // Every left-over step has a left-over dependency, so walking
+    // dependencies from any of them must revisit a step: that loop is a cycle.
+    let start = (0..steps.len())
+        .find(|&i| indegree[i] > 0)
+        .unwrap_or_default();
+    let mut seen_at = vec![usize::MAX; steps.len()];
+    let mut path = Vec::new();
+    let mut at = start;
+    while seen_at[at] == usize::MAX {
+        seen_at[at] = path.len();
+        path.push(at);
+        at = steps[at]
+            .deps
+            .iter()
+            .copied()
+            .find(|&d| indegree[d] > 0)
+            .unwrap_or(start);
+    }
+    let mut cycle: Vec<&str> = path[seen_at[at]..]
+        .iter()
+        .rev()
+        .map(|&i| steps[i].name.as_str())
+        .collect();
+    let names = cycle.clone();
+    cycle.push(cycle[0]);
+    Err(RpcError::new(
+        ErrorCode::Cycle,
+        format!("commands form a cycle: {}", cycle.join(" -> ")),
+    )
+    .with_details(json!({ "cycle": names })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(name: &str, fun: &str, args: Value) -> Command {
+        Command::new(name, fun).args(args.as_array().cloned().unwrap_or_default())
+    }
+
+    fn plan(cmds: Vec<Command>) -> Result<Plan, RpcError> {
+        Plan::new(cmds, 1000)
+    }
+
+    fn names<'a>(p: &'a Plan, idx: &[usize]) -> Vec<&'a str> {
+        idx.iter().map(|&i| p.steps[i].name.as_str()).collect()
+    }
+
+    #[test]
+    fn references_become_typed_and_sinks_are_unconsumed_steps() {
+        let p = plan(vec![
+            cmd("|first", "echo", json!(["hi there!"])),
+            cmd("|second", "echo", json!(["|first"])),
+            cmd("|third", "echos", json!(["|first", "AND ME TOO"])),
+        ])
+        .expect("valid");
+        assert_eq!(p.steps[1].args, [Arg::Ref(0)]);
+        assert_eq!(
+            p.steps[2].args,
+            [Arg::Ref(0), Arg::Value(json!("AND ME TOO"))]
+        );
+        assert_eq!(names(&p, &p.sinks), ["|second", "|third"]);
+    }
+
+    #[test]
+    fn independent_command_is_a_sink_too() {
+        // The original returned only the last level here (`c`); every sink
+        // is returned instead.
+        let p = plan(vec![
+            cmd("a", "echo", json!([1])),
+            cmd("b", "echo", json!([2])),
+            cmd("c", "echo", json!(["a"])),
+        ])
+        .expect("valid");
+        assert_eq!(names(&p, &p.sinks), ["b", "c"]);
+    }
+
+    #[test]
+    fn kwargs_references_and_nested_strings() {
+        let p = plan(vec![
+            cmd("a", "echo", json!([1])),
+            Command::new("b", "f")
+                .kwarg("x", "a")
+                .arg(json!(["a"]))
+                .arg(json!({"k": "a"})),
+        ])
+        .expect("valid");
+        assert_eq!(p.steps[1].kwargs, [("x".to_owned(), Arg::Ref(0))]);
+        // Nested values are not searched.
+        assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"])));
+        assert_eq!(p.steps[1].deps, [0]);
+    }
+
+    #[test]
+    fn own_name_is_a_value_not_a_reference() {
+        let p = plan(vec![cmd("a", "echo", json!(["a"]))]).expect("valid");
+        assert_eq!(p.steps[0].args, [Arg::Value(json!("a"))]);
+    }
+
+    #[test]
+    fn diamond_has_shared_input_once() {
+        let p = plan(vec![
+            cmd("top", "echo", json!([1])),
+            cmd("l", "echo", json!(["top"])),
+            cmd("r", "echo", json!(["top"])),
+            cmd("join", "echos", json!(["l", "r", "top", "top"])),
+        ])
+        .expect("valid");
+        assert_eq!(p.steps[3].deps, [0, 1, 2]);
+        assert_eq!(p.dependents[0], [1, 2, 3]);
+        assert_eq!(names(&p, &p.sinks), ["join"]);
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let e = plan(vec![
+            cmd("a", "echo", json!([])),
+            cmd("a", "echo", json!([])),
+        ])
+        .expect_err("duplicate");
+        assert_eq!(e.code, ErrorCode::DuplicateName);
+        assert_eq!(e.command.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn cycle_names_its_commands() {
+        let e = plan(vec![
+            cmd("free", "echo", json!([0])),
+            cmd("x", "echo", json!(["z"])),
+            cmd("y", "echo", json!(["x", "free"])),
+            cmd("z", "echo", json!(["y"])),
+            cmd("tail", "echo", json!(["z"])),
+        ])
+        .expect_err("cycle");
+        assert_eq!(e.code, ErrorCode::Cycle);
+        let cycle: Vec<String> =
+            serde_json::from_value(e.details.expect("details")["cycle"].clone()).expect("names");
+        let mut sorted = cycle.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["x", "y", "z"]);
+        assert!(
+            e.message.starts_with("commands form a cycle: "),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn two_cycle_is_found() {
+        let e = plan(vec![
+            cmd("a", "echo", json!(["b"])),
+            cmd("b", "echo", json!(["a"])),
+        ])
+        .expect_err("cycle");
+        assert_eq!(e.code, ErrorCode::Cycle);
+    }
+
+    #[test]
+    fn empty_and_oversized_requests_are_rejected() {
+        assert_eq!(plan(vec![]).expect_err("empty").code, ErrorCode::BadRequest);
+        let many = (0..3)
+            .map(|i| cmd(&i.to_string(), "echo", json!([])))
+            .collect();
+        assert_eq!(
+            Plan::new(many, 2).expect_err("too many").code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn long_chain_plans_in_linear_order() {
+        let mut cmds = vec![cmd("c0", "echo", json!([0]))];
+        for i in 1..1000 {
+            cmds.push(cmd(
+                &format!("c{i}"),
+                "echo",
+                json!([format!("c{}", i - 1)]),
+            ));
+        }
+        let p = plan(cmds).expect("valid");
+        assert_eq!(names(&p, &p.sinks), ["c999"]);
+    }
+}

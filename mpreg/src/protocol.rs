@@ -1,0 +1,405 @@
+//! Client wire messages: JSON objects, one per WebSocket frame.
+//!
+//! Both request envelopes of the original Python client are accepted
+//! unchanged: the first release nested the request under `rpc`
+//! (`{"role":"rpc","rpc":{"cmds":[..],"u":".."}}`), the later one is flat
+//! (`{"role":"rpc","u":"..","cmds":[..]}`). Replies carry the request's `u`.
+//! The full description is in `docs/PROTOCOL.md`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::RpcError;
+
+/// One command of a request: run `fun` with `args` and `kwargs` on a node
+/// that has every dataset in `locs`, and call the result `name`.
+///
+/// An argument (or kwarg value) that is a string equal to the name of
+/// another command in the same request is replaced by that command's result.
+///
+/// ```
+/// use mpreg::Command;
+///
+/// let c = Command::new("|third", "echos").arg("|first").arg("AND ME TOO");
+/// assert_eq!(c.args.len(), 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Command {
+    /// The command's name, unique in its request.
+    pub name: String,
+    /// The function to run.
+    pub fun: String,
+    /// Positional arguments.
+    #[serde(default)]
+    pub args: Vec<Value>,
+    /// Arguments by parameter name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub kwargs: Map<String, Value>,
+    /// Datasets the running node must have (all of them).
+    #[serde(default)]
+    pub locs: Vec<String>,
+}
+
+impl Command {
+    /// A command `name` that runs `fun` with no arguments.
+    pub fn new(name: impl Into<String>, fun: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            fun: fun.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            locs: Vec::new(),
+        }
+    }
+
+    /// Appends a positional argument (a string equal to another command's
+    /// name is a reference to that command's result).
+    pub fn arg(mut self, value: impl Into<Value>) -> Self {
+        self.args.push(value.into());
+        self
+    }
+
+    /// Appends several positional arguments.
+    pub fn args<I, V>(mut self, values: I) -> Self
+    where
+        I: IntoIterator<Item = V>,
+        V: Into<Value>,
+    {
+        self.args.extend(values.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an argument by parameter name.
+    pub fn kwarg(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.kwargs.insert(name.into(), value.into());
+        self
+    }
+
+    /// Requires a dataset on the node that runs this command.
+    pub fn dataset(mut self, dataset: impl Into<String>) -> Self {
+        self.locs.push(dataset.into());
+        self
+    }
+
+    /// Requires several datasets.
+    pub fn datasets<I, S>(mut self, datasets: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.locs.extend(datasets.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A request: commands, plus options. Sent by [`Client::send`](crate::Client::send).
+///
+/// ```
+/// use mpreg::{Command, Request};
+/// use std::time::Duration;
+///
+/// let req = Request::new()
+///     .cmd(Command::new("first", "echo").arg("hi there!"))
+///     .cmd(Command::new("second", "echo").arg("first"))
+///     .timeout(Duration::from_secs(5));
+/// assert_eq!(req.cmds.len(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Request {
+    /// The commands.
+    pub cmds: Vec<Command>,
+    /// Deadline for the whole request (`timeout_ms` on the wire).
+    pub timeout: Option<Duration>,
+    /// Return every command's result, not only the sinks'.
+    pub return_intermediate_results: bool,
+}
+
+impl Request {
+    /// An empty request.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a command.
+    pub fn cmd(mut self, command: Command) -> Self {
+        self.cmds.push(command);
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Asks for every command's result, not only the sinks'.
+    pub fn return_intermediate_results(mut self, yes: bool) -> Self {
+        self.return_intermediate_results = yes;
+        self
+    }
+}
+
+impl FromIterator<Command> for Request {
+    fn from_iter<I: IntoIterator<Item = Command>>(iter: I) -> Self {
+        Self {
+            cmds: iter.into_iter().collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The flat ("later") envelope, as the Rust client writes it.
+#[derive(Serialize)]
+pub(crate) struct OutgoingRequest<'a> {
+    pub(crate) role: &'static str,
+    pub(crate) u: &'a str,
+    pub(crate) cmds: &'a [Command],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) return_intermediate_results: bool,
+}
+
+/// A request as a node received it, with its id.
+#[derive(Debug)]
+pub(crate) struct IncomingRequest {
+    pub(crate) u: Value,
+    pub(crate) request: Request,
+}
+
+/// A request that could not be read: the error, and the request id when it
+/// could be read (the reply then carries it).
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    pub(crate) u: Value,
+    pub(crate) error: RpcError,
+}
+
+/// Reads the id of a message, if it has a usable one.
+fn read_id(obj: &Map<String, Value>) -> Option<Value> {
+    match obj.get("u") {
+        Some(u @ (Value::String(_) | Value::Number(_))) => Some(u.clone()),
+        _ => None,
+    }
+}
+
+/// Parses one client frame (either envelope).
+pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
+    let reject = |u: Value, message: String| Rejected {
+        u,
+        error: RpcError::bad_request(message),
+    };
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| reject(Value::Null, format!("message is not valid JSON: {e}")))?;
+    let Value::Object(mut outer) = value else {
+        return Err(reject(Value::Null, "message is not a JSON object".into()));
+    };
+    if let Some(role) = outer.get("role") {
+        if role != "rpc" {
+            let u = read_id(&outer).unwrap_or(Value::Null);
+            return Err(reject(
+                u,
+                format!("unsupported role {role}; expected \"rpc\""),
+            ));
+        }
+    }
+    // First-release envelope: the request sits under `rpc`.
+    let mut body = match outer.remove("rpc") {
+        Some(Value::Object(inner)) => inner,
+        Some(_) => {
+            let u = read_id(&outer).unwrap_or(Value::Null);
+            return Err(reject(u, "field `rpc` must be an object".into()));
+        }
+        None => outer,
+    };
+    let Some(u) = read_id(&body) else {
+        let msg = match body.get("u") {
+            None => "missing request id `u`",
+            Some(_) => "request id `u` must be a string or a number",
+        };
+        return Err(reject(Value::Null, msg.into()));
+    };
+    let request = read_body(&mut body).map_err(|message| reject(u.clone(), message))?;
+    Ok(IncomingRequest { u, request })
+}
+
+fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
+    let cmds = match body.remove("cmds") {
+        Some(Value::Array(cmds)) => cmds,
+        Some(_) => return Err("field `cmds` must be an array of commands".into()),
+        None => return Err("missing field `cmds`".into()),
+    };
+    let cmds = cmds
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            serde_json::from_value::<Command>(c).map_err(|e| format!("command #{i}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = match body.get("timeout_ms") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(Duration::from_millis(v.as_u64().ok_or(
+            "field `timeout_ms` must be a non-negative integer (milliseconds)",
+        )?)),
+    };
+    let return_intermediate_results = match body.get("return_intermediate_results") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("field `return_intermediate_results` must be a boolean".into()),
+    };
+    Ok(Request {
+        cmds,
+        timeout,
+        return_intermediate_results,
+    })
+}
+
+/// A reply to one request.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    #[serde(default, skip_deserializing)]
+    pub(crate) role: ReplyRole,
+    /// The request's id (`null` when it could not be read).
+    pub(crate) u: Value,
+    /// Results by command name, on success.
+    pub(crate) r: Option<Map<String, Value>>,
+    /// The error, on failure.
+    #[serde(default)]
+    pub(crate) error: Option<RpcError>,
+}
+
+/// Always serializes as `"rpc-response"`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ReplyRole;
+
+impl Serialize for ReplyRole {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("rpc-response")
+    }
+}
+
+impl Reply {
+    pub(crate) fn ok(u: Value, results: Map<String, Value>) -> Self {
+        Self {
+            role: ReplyRole,
+            u,
+            r: Some(results),
+            error: None,
+        }
+    }
+
+    pub(crate) fn err(u: Value, error: RpcError) -> Self {
+        Self {
+            role: ReplyRole,
+            u,
+            r: None,
+            error: Some(error),
+        }
+    }
+
+    /// Encodes the reply. Results are `serde_json::Value`s, whose encoding
+    /// cannot fail; should it ever, the client still gets an error reply.
+    pub(crate) fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            let fallback = Reply::err(
+                self.u.clone(),
+                RpcError::new(
+                    crate::ErrorCode::Internal,
+                    format!("reply could not be encoded: {e}"),
+                ),
+            );
+            // A reply of an id, a code and a string always encodes.
+            serde_json::to_string(&fallback).unwrap_or_default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<IncomingRequest, Rejected> {
+        parse_request(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn both_envelopes_parse_the_same() {
+        let cmd = json!({"name":"first","fun":"echo","args":["hi there!"],"locs":[]});
+        let nested = parse(json!({"role":"rpc","rpc":{"cmds":[cmd],"u":"01J"}})).expect("nested");
+        let flat = parse(json!({"role":"rpc","u":"01J","cmds":[cmd]})).expect("flat");
+        assert_eq!(nested.u, json!("01J"));
+        assert_eq!(nested.request, flat.request);
+        assert_eq!(flat.request.cmds[0].args, [json!("hi there!")]);
+    }
+
+    #[test]
+    fn defaults_for_missing_fields() {
+        let r = parse(json!({"u": 7, "cmds":[{"name":"a","fun":"f"}]})).expect("valid");
+        let c = &r.request.cmds[0];
+        assert!(c.args.is_empty() && c.kwargs.is_empty() && c.locs.is_empty());
+        assert_eq!(r.request.timeout, None);
+        assert!(!r.request.return_intermediate_results);
+    }
+
+    #[test]
+    fn options_are_read_in_either_envelope() {
+        let r = parse(
+            json!({"rpc":{"u":"x","cmds":[],"timeout_ms":250,"return_intermediate_results":true}}),
+        )
+        .expect("valid");
+        assert_eq!(r.request.timeout, Some(Duration::from_millis(250)));
+        assert!(r.request.return_intermediate_results);
+    }
+
+    #[test]
+    fn malformed_input_is_rejected_with_id_when_readable() {
+        let e = parse_request(b"{not json").expect_err("bad json");
+        assert_eq!(e.u, Value::Null);
+        assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
+
+        let e = parse(json!({"u":"k","cmds":"nope"})).expect_err("cmds not array");
+        assert_eq!(e.u, json!("k"));
+
+        let e = parse(json!({"u":"k","cmds":[{"name":"a","fun":"f","args":"x"}]}))
+            .expect_err("args not array");
+        assert!(
+            e.error.message.starts_with("command #0"),
+            "{}",
+            e.error.message
+        );
+
+        let e = parse(json!({"cmds":[]})).expect_err("no id");
+        assert_eq!(e.u, Value::Null);
+
+        let e = parse(json!({"u":"k","cmds":[],"timeout_ms":"soon"})).expect_err("bad timeout");
+        assert!(e.error.message.contains("timeout_ms"));
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_crash() {
+        let deep = "[".repeat(100_000);
+        let e = parse_request(deep.as_bytes()).expect_err("too deep");
+        assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn reply_shapes_match_the_protocol() {
+        let mut r = Map::new();
+        r.insert("first".into(), json!("hi"));
+        let ok: Value = serde_json::from_str(&Reply::ok(json!("u1"), r).encode()).expect("json");
+        assert_eq!(
+            ok,
+            json!({"role":"rpc-response","u":"u1","r":{"first":"hi"},"error":null})
+        );
+        let err: Value =
+            serde_json::from_str(&Reply::err(json!(null), RpcError::bad_request("x")).encode())
+                .expect("json");
+        assert_eq!(err["r"], Value::Null);
+        assert_eq!(err["error"]["code"], "bad_request");
+    }
+}

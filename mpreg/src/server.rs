@@ -1,0 +1,159 @@
+//! The accept loop and one task per client connection.
+//!
+//! A connection reads frames and starts one task per request, so many
+//! requests are in flight at once and replies go out in completion order.
+//! Replies pass through a bounded queue to a single writer task. When the
+//! client goes away, its requests still running are cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{ErrorCode, RpcError};
+use crate::node::NodeState;
+use crate::protocol::{Reply, parse_request};
+use crate::ws;
+
+/// How long a new connection may take to complete the WebSocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests in flight may take to finish once the node shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Accepts connections until `shutdown` is cancelled. Each connection runs
+/// on its own task, tracked by `tracker` so shutdown can wait for them.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: Arc<NodeState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Replies are small and latency matters more than packing.
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    connection(stream, state, shutdown).await;
+                    tracing::debug!(%peer, "connection closed");
+                });
+            }
+            Err(e) => {
+                // Typically out of file descriptors: wait a little rather
+                // than spin; connections already open keep being served.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one client connection until it closes or the node shuts down.
+async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: CancellationToken) {
+    let config = ws::config(state.config.max_message_size);
+    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(config));
+    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebSocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("WebSocket handshake timed out");
+            return;
+        }
+    };
+    let (sink, mut source) = ws.split();
+    let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
+    let writer = tokio::spawn(ws::write_loop(sink, queue));
+    let inflight = Arc::new(Semaphore::new(state.config.max_inflight_per_connection));
+    let mut requests: JoinSet<()> = JoinSet::new();
+    let mut close_frame = None;
+
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                close_frame = Some(CloseFrame { code: CloseCode::Away, reason: "node shutting down".into() });
+                break;
+            }
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+            frame = source.next() => frame,
+        };
+        let bytes = match frame {
+            Some(Ok(Message::Text(text))) => text.into(),
+            Some(Ok(Message::Binary(bytes))) => bytes,
+            Some(Ok(Message::Close(_))) | None => {
+                // The client is gone: nobody will read the replies.
+                requests.abort_all();
+                break;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Err(e)) => {
+                // A frame over the size limit, a protocol violation or a
+                // broken socket: only this connection ends.
+                tracing::debug!(error = %e, "connection read failed");
+                requests.abort_all();
+                if let tokio_tungstenite::tungstenite::Error::Capacity(e) = e {
+                    close_frame = Some(CloseFrame {
+                        code: CloseCode::Size,
+                        reason: e.to_string().into(),
+                    });
+                }
+                break;
+            }
+        };
+        match inflight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let state = state.clone();
+                let outgoing = outgoing.clone();
+                requests.spawn(async move {
+                    let reply = state.handle_frame(&bytes).await;
+                    drop(bytes);
+                    // Fails only when the connection is already gone.
+                    let _ = outgoing.send(Message::text(reply.encode())).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                let u = parse_request(&bytes).map(|r| r.u).unwrap_or_else(|r| r.u);
+                let limit = state.config.max_inflight_per_connection;
+                let error = RpcError::new(
+                    ErrorCode::Overloaded,
+                    format!("more than {limit} requests in flight on this connection"),
+                )
+                .with_details(json!({ "limit": limit }));
+                let _ = outgoing
+                    .send(Message::text(Reply::err(u, error).encode()))
+                    .await;
+            }
+        }
+    }
+
+    // On shutdown, requests already accepted still get their answers.
+    let drain = async { while requests.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        requests.abort_all();
+    }
+    if let Some(frame) = close_frame {
+        let _ = outgoing.send(Message::Close(Some(frame))).await;
+    }
+    drop(outgoing);
+    let _ = writer.await;
+}
