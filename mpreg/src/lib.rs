@@ -63,6 +63,7 @@
 mod builtins;
 mod client;
 pub mod config;
+pub mod demo;
 mod error;
 mod exec;
 mod node;

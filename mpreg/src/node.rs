@@ -357,7 +357,10 @@ impl NodeState {
         let run = execute(plan, self, request.return_intermediate_results);
         match tokio::time::timeout(deadline, run).await {
             Ok(Ok(results)) => Reply::ok(u, results),
-            Ok(Err(e)) => Reply::err(u, e),
+            Ok(Err(e)) => {
+                tracing::debug!(node = %self.name, %u, error = %e, "request failed");
+                Reply::err(u, e)
+            }
             Err(_) => Reply::err(
                 u,
                 RpcError::new(

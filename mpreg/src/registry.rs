@@ -378,11 +378,6 @@ impl Registry {
             Err(Unavailable::MissingDatasets)
         }
     }
-
-    /// All functions, by name.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Function> {
-        self.functions.values()
-    }
 }
 
 #[cfg(test)]
