@@ -85,4 +85,85 @@ pub use protocol::{Command, Request};
 pub use registry::{Args, Function, Param};
 
 /// Registers a function to be served by every mpreg node in this binary.
+///
+/// Put it on a free function, sync or `async`, whose arguments are decoded
+/// from JSON (`serde::de::DeserializeOwned`) and whose return value is encoded
+/// to JSON (`serde::Serialize`):
+///
+/// ```
+/// /// Adds two numbers.
+/// #[mpreg::rpc(name = "math.add", idempotent)]
+/// fn add(a: i64, b: i64) -> i64 {
+///     a + b
+/// }
+///
+/// #[mpreg::rpc(datasets = ["model-a"])]
+/// async fn predict(input: Vec<f32>, scale: Option<f32>) -> Result<f32, String> {
+///     let sum: f32 = input.iter().sum();
+///     if sum.is_finite() { Ok(sum * scale.unwrap_or(1.0)) } else { Err("overflow".into()) }
+/// }
+///
+/// #[mpreg::rpc(blocking)]
+/// fn checksum(path: String) -> std::io::Result<u64> {
+///     Ok(std::fs::read(path)?.iter().map(|b| u64::from(*b)).sum())
+/// }
+///
+/// // They are still ordinary Rust functions.
+/// assert_eq!(add(1, 2), 3);
+/// # let _ = (predict(vec![], None), checksum(String::new()));
+/// ```
+///
+/// # Arguments
+///
+/// All are optional, in any order, each at most once:
+///
+/// - `name = "math.add"`: the name callers use (default: the function's name).
+/// - `datasets = ["model-a", "model-b"]`: datasets this function always has,
+///   on top of the node's; calls that ask for datasets are routed to a node
+///   that has all of them.
+/// - `idempotent`: running it again after a failure is harmless, so mpreg
+///   may retry a failed call to it.
+/// - `blocking`: the function blocks (CPU-heavy work, blocking I/O). It runs on
+///   tokio's blocking thread pool instead of the node's I/O threads. Only for
+///   sync functions.
+/// - `crate = path`: where to find this crate, if not at `::mpreg` (for
+///   example when it is renamed or re-exported).
+///
+/// # Calls
+///
+/// A call's arguments are matched to the parameters by position, then by
+/// name (`kwargs`). A missing `Option<T>` argument is `None`; any other
+/// missing, unknown, surplus or undecodable argument fails the call with
+/// [`ErrorCode::BadArguments`], naming the parameter and its type.
+///
+/// The return value becomes the call's result; no return type gives `null`.
+/// A return type named `Result` (`Result<T, E>`, `std::io::Result<T>`,
+/// `anyhow::Result<T>`, ...) is unwrapped: `Ok(value)` is the result and
+/// `Err(e)` fails the call with [`ErrorCode::HandlerFailed`] and `e`'s
+/// `Display` text as the message. So does a panic in a `blocking` function.
+///
+/// # What it generates
+///
+/// The function itself, unchanged, and next to it a hidden `const _: () = {
+/// .. };` with a handler that decodes the arguments, calls the function and
+/// encodes its result, plus an `inventory` registration of the handler with
+/// its name, datasets, parameter names and types, return type, doc comment
+/// and `idempotent` flag. Nothing runs at startup; every node built in this
+/// binary finds the registrations when it starts.
+///
+/// # Errors
+///
+/// These are rejected at compile time, with an error on the offending tokens:
+/// methods (`self`), generic functions, `const`, `unsafe` or `extern`
+/// functions, pattern arguments (`(a, b): (i32, i32)`), reference arguments
+/// (use an owned type: `String` instead of `&str`), `impl Trait` arguments,
+/// `blocking` on an `async fn`, unknown or repeated attribute arguments, and
+/// argument or return types that do not implement `Deserialize`/`Serialize`:
+///
+/// ```compile_fail
+/// #[mpreg::rpc]
+/// fn greet(name: &str) -> String { // error: use `String` instead of `&str`
+///     format!("hello {name}")
+/// }
+/// ```
 pub use mpreg_macros::rpc;

@@ -55,3 +55,8 @@ pub fn assert_deserialize<T: ::serde::de::DeserializeOwned>() {}
 
 /// Compile-time check that a return type can be encoded.
 pub fn assert_serialize<T: ::serde::Serialize>() {}
+
+/// Every `#[mpreg::rpc]` registration linked into this binary.
+pub fn registrations() -> impl Iterator<Item = &'static Registration> {
+    inventory::iter::<Registration>.into_iter()
+}

@@ -213,6 +213,48 @@ impl Registration {
         self.idempotent = idempotent;
         self
     }
+
+    /// The registered name.
+    #[doc(hidden)]
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The datasets the function always has.
+    #[doc(hidden)]
+    pub fn dataset_names(&self) -> &'static [&'static str] {
+        self.datasets
+    }
+
+    /// The parameter list.
+    #[doc(hidden)]
+    pub fn param_list(&self) -> &'static [Param] {
+        self.params
+    }
+
+    /// The return type as written.
+    #[doc(hidden)]
+    pub fn return_type(&self) -> &'static str {
+        self.returns
+    }
+
+    /// The doc comment.
+    #[doc(hidden)]
+    pub fn doc_text(&self) -> &'static str {
+        self.doc
+    }
+
+    /// Whether the function is safe to retry.
+    #[doc(hidden)]
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// Calls the handler.
+    #[doc(hidden)]
+    pub fn call(&self, args: Args) -> BoxFuture<'static, HandlerResult> {
+        (self.handler)(args)
+    }
 }
 
 inventory::collect!(Registration);

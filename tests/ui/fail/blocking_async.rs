@@ -1,0 +1,6 @@
+#[mpreg::rpc(blocking)]
+async fn fetch(key: String) -> String {
+    key
+}
+
+fn main() {}

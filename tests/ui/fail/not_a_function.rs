@@ -1,0 +1,6 @@
+#[mpreg::rpc]
+struct Handler {
+    x: i32,
+}
+
+fn main() {}
