@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::builtins;
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Dispatch, execute};
-use crate::plan::Plan;
+use crate::exec::{Dispatch, Job, Wanted, execute};
+use crate::plan::{Arg, Plan, Step};
 use crate::protocol::{IncomingRequest, Rejected, Reply, parse_request};
 use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
 
@@ -326,73 +326,107 @@ pub(crate) struct NodeState {
     pub(crate) registry: Registry,
 }
 
-impl NodeState {
-    /// Answers one client frame.
-    pub(crate) async fn handle_frame(&self, frame: &[u8]) -> Reply {
-        match parse_request(frame) {
-            Ok(incoming) => self.handle(incoming).await,
-            Err(Rejected { u, error }) => Reply::err(u, error),
+/// Answers one client frame.
+pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: &[u8]) -> Reply {
+    match parse_request(frame) {
+        Ok(incoming) => handle(state, incoming).await,
+        Err(Rejected { u, error }) => Reply::err(u, error),
+    }
+}
+
+/// Plans, places and runs a request within its deadline.
+pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) -> Reply {
+    let IncomingRequest { u, request } = incoming;
+    let deadline = request
+        .timeout
+        .unwrap_or_else(|| state.config.request_timeout());
+    let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
+        Ok(plan) => plan,
+        Err(e) => return Reply::err(u, e),
+    };
+    let wanted = if request.return_intermediate_results {
+        Wanted::All
+    } else {
+        Wanted::Sinks
+    };
+    match tokio::time::timeout(deadline, execute(plan, state, wanted)).await {
+        Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
+        Ok(Err(e)) => {
+            tracing::debug!(node = %state.name, %u, error = %e, "request failed");
+            Reply::err(u, e)
+        }
+        Err(_) => Reply::err(
+            u,
+            RpcError::new(
+                ErrorCode::Timeout,
+                format!("request did not finish within {} ms", deadline.as_millis()),
+            )
+            .with_details(json!({ "timeout_ms": deadline.as_millis() as u64 })),
+        ),
+    }
+}
+
+/// Where a command runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Target {
+    /// On this node.
+    Local,
+}
+
+impl Dispatch for Arc<NodeState> {
+    type Target = Target;
+
+    fn place(&self, step: &Step) -> Result<Target, RpcError> {
+        self.registry
+            .lookup(&step.fun, &step.locs)
+            .map(|_| Target::Local)
+            .map_err(|why| unavailable(&step.fun, &step.locs, why))
+    }
+
+    fn ships_chains(&self, target: &Target) -> bool {
+        match target {
+            Target::Local => false,
         }
     }
 
-    /// Plans, checks and runs a request within its deadline.
-    pub(crate) async fn handle(&self, incoming: IncomingRequest) -> Reply {
-        let IncomingRequest { u, request } = incoming;
-        let deadline = request
-            .timeout
-            .unwrap_or_else(|| self.config.request_timeout());
-        let plan = match Plan::new(request.cmds, self.config.max_commands_per_request) {
-            Ok(plan) => plan,
-            Err(e) => return Reply::err(u, e),
-        };
-        // Nothing runs unless every command can run somewhere.
-        for step in &plan.steps {
-            if let Err(why) = self.registry.lookup(&step.fun, &step.locs) {
-                return Reply::err(
-                    u,
-                    unavailable(&step.fun, &step.locs, why).with_command(&step.name),
-                );
-            }
-        }
-        let run = execute(plan, self, request.return_intermediate_results);
-        match tokio::time::timeout(deadline, run).await {
-            Ok(Ok(results)) => Reply::ok(u, results),
-            Ok(Err(e)) => {
-                tracing::debug!(node = %self.name, %u, error = %e, "request failed");
-                Reply::err(u, e)
-            }
-            Err(_) => Reply::err(
-                u,
-                RpcError::new(
-                    ErrorCode::Timeout,
-                    format!("request did not finish within {} ms", deadline.as_millis()),
-                )
-                .with_details(json!({ "timeout_ms": deadline.as_millis() as u64 })),
-            ),
+    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+        match target {
+            Target::Local => run_local(self, job),
         }
     }
 }
 
-impl Dispatch for NodeState {
-    fn dispatch(
-        &self,
-        fun: &str,
-        locs: &[String],
-        args: Args,
-    ) -> BoxFuture<'static, Result<Value, RpcError>> {
-        match self.registry.lookup(fun, locs) {
-            Ok(f) => {
-                let handler = f.handler.clone();
-                // The handler is called inside the future, so a panic while
-                // it builds its future is caught like any other.
-                Box::pin(async move { handler(args).await })
-            }
-            Err(why) => {
-                let e = unavailable(fun, locs, why);
-                Box::pin(async move { Err(e) })
-            }
-        }
+/// Runs a job on this node: one step directly, several through the executor.
+pub(crate) fn run_local(
+    state: &Arc<NodeState>,
+    mut job: Job,
+) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    if job.steps.len() != 1 {
+        let state = state.clone();
+        return Box::pin(async move {
+            let plan = Plan::from_steps(job.steps)?;
+            let out = execute(plan, &state, Wanted::These(job.outputs)).await?;
+            Ok(out.into_iter().map(|(_, v)| v).collect())
+        });
     }
+    let step = job.steps.remove(0);
+    let handler = match state.registry.lookup(&step.fun, &step.locs) {
+        Ok(f) => f.handler.clone(),
+        Err(why) => {
+            let e = unavailable(&step.fun, &step.locs, why);
+            return Box::pin(async move { Err(e) });
+        }
+    };
+    let args = Args::new(
+        step.args.into_iter().map(Arg::into_value).collect(),
+        step.kwargs
+            .into_iter()
+            .map(|(k, a)| (k, a.into_value()))
+            .collect(),
+    );
+    // The handler is called inside the future, so a panic while it builds
+    // its future is caught like any other.
+    Box::pin(async move { handler(args).await.map(|v| vec![v]) })
 }
 
 /// The error for a command that cannot run anywhere.

@@ -22,6 +22,17 @@ pub(crate) enum Arg {
     Value(Value),
 }
 
+impl Arg {
+    /// The value of an argument whose references were all resolved (a
+    /// one-step job has none left); a stray reference reads as `null`.
+    pub(crate) fn into_value(self) -> Value {
+        match self {
+            Arg::Value(v) => v,
+            Arg::Ref(_) => Value::Null,
+        }
+    }
+}
+
 /// One command, with its references resolved to step indices.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Step {
@@ -50,6 +61,8 @@ pub(crate) struct Plan {
     /// Steps no other step consumes, in request order: their results are the
     /// reply.
     pub(crate) sinks: Vec<usize>,
+    /// Every step, each after all the steps it depends on.
+    pub(crate) order: Vec<usize>,
 }
 
 impl Plan {
@@ -91,58 +104,71 @@ impl Plan {
         let steps: Vec<Step> = commands
             .into_iter()
             .enumerate()
-            .map(|(i, c)| {
-                let args: Vec<Arg> = c.args.into_iter().map(|v| resolve(i, v)).collect();
-                let kwargs: Vec<(String, Arg)> = c
+            .map(|(i, c)| Step {
+                args: c.args.into_iter().map(|v| resolve(i, v)).collect(),
+                kwargs: c
                     .kwargs
                     .into_iter()
                     .map(|(k, v)| (k, resolve(i, v)))
-                    .collect();
-                let mut deps: Vec<usize> = args
-                    .iter()
-                    .chain(kwargs.iter().map(|(_, a)| a))
-                    .filter_map(|a| match a {
-                        Arg::Ref(j) => Some(*j),
-                        Arg::Value(_) => None,
-                    })
-                    .collect();
-                deps.sort_unstable();
-                deps.dedup();
-                Step {
-                    name: c.name,
-                    fun: c.fun,
-                    args,
-                    kwargs,
-                    locs: c.locs,
-                    deps,
-                }
+                    .collect(),
+                name: c.name,
+                fun: c.fun,
+                locs: c.locs,
+                deps: Vec::new(),
             })
             .collect();
-        let mut dependents = vec![Vec::new(); steps.len()];
+        Self::from_steps(steps)
+    }
+
+    /// Plans steps whose references are already typed (a sub-plan sent by a
+    /// peer). Every reference must point at another step of the same list;
+    /// `deps` is recomputed from the arguments.
+    pub(crate) fn from_steps(mut steps: Vec<Step>) -> Result<Self, RpcError> {
+        let n = steps.len();
+        if n == 0 {
+            return Err(RpcError::bad_request("request has no commands"));
+        }
+        for (i, step) in steps.iter_mut().enumerate() {
+            let mut deps = Vec::new();
+            for arg in step.all_args() {
+                if let Arg::Ref(j) = *arg {
+                    if j >= n || j == i {
+                        return Err(RpcError::bad_request(format!(
+                            "command '{}' refers to step {j}, which does not exist",
+                            step.name
+                        )));
+                    }
+                    deps.push(j);
+                }
+            }
+            deps.sort_unstable();
+            deps.dedup();
+            step.deps = deps;
+        }
+        let mut dependents = vec![Vec::new(); n];
         for (i, s) in steps.iter().enumerate() {
             for &d in &s.deps {
                 dependents[d].push(i);
             }
         }
-        check_acyclic(&steps, &dependents)?;
-        let sinks = (0..steps.len())
-            .filter(|&i| dependents[i].is_empty())
-            .collect();
+        let order = topological_order(&steps, &dependents)?;
+        let sinks = (0..n).filter(|&i| dependents[i].is_empty()).collect();
         Ok(Self {
             steps,
             dependents,
             sinks,
+            order,
         })
     }
 }
 
 /// Kahn's algorithm; when steps are left over, names one cycle among them.
-fn check_acyclic(steps: &[Step], dependents: &[Vec<usize>]) -> Result<(), RpcError> {
+fn topological_order(steps: &[Step], dependents: &[Vec<usize>]) -> Result<Vec<usize>, RpcError> {
     let mut indegree: Vec<usize> = steps.iter().map(|s| s.deps.len()).collect();
-    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
-    let mut done = 0;
+    let mut ready: Vec<usize> = (0..steps.len()).rev().filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(steps.len());
     while let Some(i) = ready.pop() {
-        done += 1;
+        order.push(i);
         for &d in &dependents[i] {
             indegree[d] -= 1;
             if indegree[d] == 0 {
@@ -150,8 +176,8 @@ fn check_acyclic(steps: &[Step], dependents: &[Vec<usize>]) -> Result<(), RpcErr
             }
         }
     }
-    if done == steps.len() {
-        return Ok(());
+    if order.len() == steps.len() {
+        return Ok(order);
     }
     // Every left-over step has a left-over dependency, so walking
     // dependencies from any of them must revisit a step: that loop is a cycle.
@@ -267,6 +293,22 @@ mod tests {
     }
 
     #[test]
+    fn typed_steps_with_bad_references_are_rejected() {
+        let step = |args: Vec<Arg>| Step {
+            name: "s".into(),
+            fun: "echo".into(),
+            args,
+            kwargs: Vec::new(),
+            locs: Vec::new(),
+            deps: Vec::new(),
+        };
+        assert!(Plan::from_steps(vec![step(vec![Arg::Ref(5)])]).is_err());
+        assert!(Plan::from_steps(vec![step(vec![Arg::Ref(0)])]).is_err());
+        let ok = Plan::from_steps(vec![step(vec![]), step(vec![Arg::Ref(0)])]).expect("valid");
+        assert_eq!(ok.steps[1].deps, [0]);
+    }
+
+    #[test]
     fn duplicate_names_are_rejected() {
         let e = plan(vec![
             cmd("a", "echo", json!([])),
@@ -334,5 +376,24 @@ mod tests {
         }
         let p = plan(cmds).expect("valid");
         assert_eq!(names(&p, &p.sinks), ["c999"]);
+        assert_eq!(p.order, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn order_puts_every_step_after_its_inputs() {
+        // Commands may name later commands.
+        let p = plan(vec![
+            cmd("c", "echos", json!(["b", "a"])),
+            cmd("b", "echo", json!(["a"])),
+            cmd("a", "echo", json!([1])),
+        ])
+        .expect("valid");
+        let pos = |i: usize| p.order.iter().position(|&x| x == i).expect("in order");
+        for (i, s) in p.steps.iter().enumerate() {
+            for &d in &s.deps {
+                assert!(pos(d) < pos(i));
+            }
+        }
+        assert_eq!(p.order.len(), 3);
     }
 }

@@ -124,7 +124,7 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
                 let state = state.clone();
                 let outgoing = outgoing.clone();
                 requests.spawn(async move {
-                    let reply = state.handle_frame(&bytes).await;
+                    let reply = crate::node::handle_frame(&state, &bytes).await;
                     drop(bytes);
                     // Fails only when the connection is already gone.
                     let _ = outgoing.send(Message::text(reply.encode())).await;
