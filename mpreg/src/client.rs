@@ -265,13 +265,11 @@ impl Client {
             .send(Message::text(text))
             .await
             .map_err(|_| Error::Closed)?;
-        let reply = match timeout {
-            Some(t) => {
-                let wait = t + DEADLINE_SLACK;
-                tokio::time::timeout(wait, rx)
-                    .await
-                    .map_err(|_| Error::Timeout(wait))?
-            }
+        // A deadline too large to add the slack to is no client-side limit.
+        let reply = match timeout.and_then(|t| t.checked_add(DEADLINE_SLACK)) {
+            Some(wait) => tokio::time::timeout(wait, rx)
+                .await
+                .map_err(|_| Error::Timeout(wait))?,
             None => rx.await,
         }
         .map_err(|_| Error::Closed)?;

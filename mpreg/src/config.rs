@@ -50,6 +50,9 @@ pub struct Config {
     pub max_inflight_per_connection: usize,
     /// Most commands in one request; more get `bad_request`.
     pub max_commands_per_request: usize,
+    /// On shutdown, how long requests in flight may take to finish, and
+    /// then how long replies may take to be written, in milliseconds.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
             max_inflight_per_connection: DEFAULT_MAX_INFLIGHT,
             max_commands_per_request: DEFAULT_MAX_COMMANDS,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -92,6 +96,11 @@ impl Config {
 
     fn parse(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// The shutdown grace period as a [`Duration`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 
     /// The default request deadline as a [`Duration`].

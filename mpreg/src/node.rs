@@ -152,6 +152,13 @@ impl NodeBuilder {
         self
     }
 
+    /// On shutdown, how long requests in flight may take to finish, and then
+    /// how long their replies may take to be written (default 10 s each).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace_ms = grace.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
     /// Most requests in flight on one connection; more get `overloaded`.
     pub fn max_inflight_per_connection(mut self, n: usize) -> Self {
         self.config.max_inflight_per_connection = n;

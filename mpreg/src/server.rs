@@ -26,8 +26,6 @@ use crate::ws;
 
 /// How long a new connection may take to complete the WebSocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long requests in flight may take to finish once the node shuts down.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Accepts connections until `shutdown` is cancelled. Each connection runs
 /// on its own task, tracked by `tracker` so shutdown can wait for them.
@@ -148,12 +146,29 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
 
     // On shutdown, requests already accepted still get their answers.
     let drain = async { while requests.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+    if tokio::time::timeout(state.config.shutdown_grace(), drain)
+        .await
+        .is_err()
+    {
         requests.abort_all();
     }
-    if let Some(frame) = close_frame {
-        let _ = outgoing.send(Message::Close(Some(frame))).await;
+    // A client that stopped reading can block the writer for good: give it
+    // the grace period, then drop the connection.
+    let finish = async {
+        if let Some(frame) = close_frame {
+            let _ = outgoing.send(Message::Close(Some(frame))).await;
+        }
+        drop(outgoing);
+    };
+    let mut writer = writer;
+    let flushed = async {
+        finish.await;
+        let _ = (&mut writer).await;
+    };
+    if tokio::time::timeout(state.config.shutdown_grace(), flushed)
+        .await
+        .is_err()
+    {
+        writer.abort();
     }
-    drop(outgoing);
-    let _ = writer.await;
 }
