@@ -33,10 +33,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?,
     ];
     for node in &nodes {
-        println!("# node {} listening on {}", node.name(), node.url());
+        println!(
+            "# node {} listening on {}",
+            node.name(),
+            node.url().expect("node listens")
+        );
     }
 
-    let client = Client::connect(&nodes[0].url()).await?;
+    let client = Client::connect(&nodes[0].url().expect("node listens")).await?;
     for (i, example) in mpreg::demo::reference_examples().into_iter().enumerate() {
         let shown = json!({ "cmds": example.request.cmds });
         println!("request {}: {shown}", i + 1);
@@ -48,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // A request using a function of this binary and a dataset.
-    let worker = Client::connect(&nodes[1].url()).await?;
+    let worker = Client::connect(&nodes[1].url().expect("node listens")).await?;
     let request = Request::new()
         .cmd(Command::new("greeting", "echo").arg("hello from mpreg"))
         .cmd(Command::new("loud", "shout").arg("greeting"))

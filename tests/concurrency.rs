@@ -46,7 +46,7 @@ async fn thousand_concurrent_calls_over_one_client_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_pipelined_raw_requests_each_answered_once() {
     let node = common::start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     for i in 0..N {
         ws.feed_json(&flat(
             format!("r{i}"),

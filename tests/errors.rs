@@ -174,7 +174,7 @@ async fn empty_request_is_bad_request() {
     assert_eq!(e.command, None);
     assert!(e.message.contains("no commands"), "{}", e.message);
 
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = ws.request(&flat("empty", json!([]))).await;
     err_of(&reply, &json!("empty"), "bad_request");
 }
@@ -232,7 +232,7 @@ async fn handler_failed_carries_the_message() {
     assert_eq!(e.message, "boom");
 
     // On the wire too.
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = ws
         .request(&flat(
             "f",
@@ -247,7 +247,7 @@ async fn handler_failed_carries_the_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_is_handler_failed_and_node_keeps_serving() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = ws
         .request(&flat("p", json!([cmd("boom", "debug.panic", json!([]))])))
         .await;
@@ -306,7 +306,7 @@ async fn timeout_from_request_client_and_node_deadlines() {
         "connect",
         Client::builder()
             .timeout(Duration::from_millis(200))
-            .connect(&node.url()),
+            .connect(&node.url().expect("node listens")),
     )
     .await
     .expect("connects");
@@ -361,7 +361,7 @@ async fn failing_command_fails_its_dependents_and_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_beyond_max_inflight_per_connection() {
     let node = start_node(builder().max_inflight_per_connection(2)).await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     ws.feed_json(&flat(
         "slow1",
         json!([cmd("s", "debug.sleep", json!([2000]))]),
@@ -444,7 +444,7 @@ async fn invalid_settings_are_rejected_at_start() {
     }
     // A port already in use is an I/O error, not a panic.
     let node = start_default().await;
-    let taken = builder().listen(node.local_addr().to_string());
+    let taken = builder().listen(node.local_addr().expect("node listens").to_string());
     assert!(matches!(
         guard("start", taken.start()).await,
         Err(Error::Io(_))

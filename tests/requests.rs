@@ -370,7 +370,7 @@ async fn string_result_equal_to_a_command_name_stays_a_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_refuses_new_connections_and_closes_clients() {
     let node = start_default().await;
-    let url = node.url();
+    let url = node.url().expect("node listens");
     let client = client(&node).await;
     let before: String = guard("echo", client.call("echo", ("up",)))
         .await
@@ -425,10 +425,13 @@ async fn shutdown_lets_a_request_in_flight_finish() {
 #[tokio::test]
 async fn default_node_name_is_mpreg_port_and_whoami_reports_it() {
     let node = start_default().await;
-    let port = node.local_addr().port();
+    let port = node.local_addr().expect("node listens").port();
     assert_ne!(port, 0);
     assert_eq!(node.name(), format!("mpreg-{port}"));
-    assert_eq!(node.url(), format!("ws://127.0.0.1:{port}"));
+    assert_eq!(
+        node.url().expect("node listens"),
+        format!("ws://127.0.0.1:{port}")
+    );
     let client = client(&node).await;
     let who: String = guard("whoami", client.call("mpreg.whoami", ()))
         .await
@@ -439,7 +442,7 @@ async fn default_node_name_is_mpreg_port_and_whoami_reports_it() {
 #[tokio::test]
 async fn huge_request_timeout_on_the_wire_is_accepted() {
     let node = start_default().await;
-    let mut ws = common::RawWs::connect(&node.url()).await;
+    let mut ws = common::RawWs::connect(&node.url().expect("node listens")).await;
     let reply = ws
         .request(&json!({"role": "rpc", "u": "max", "timeout_ms": u64::MAX,
             "cmds": [common::cmd("e", "echo", json!([1]))]}))

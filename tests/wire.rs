@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn first_release_and_flat_envelopes_both_work() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let cmds = json!([
         cmd("|first", "echo", json!(["hi there!"])),
         cmd("|second", "echo", json!(["|first"])),
@@ -51,7 +51,7 @@ async fn first_release_and_flat_envelopes_both_work() {
 #[tokio::test]
 async fn binary_frame_request_gets_a_text_reply() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let request = flat("bin", json!([cmd("first", "echo", json!(["hi there!"]))]));
     ws.send_binary(request.to_string().as_bytes()).await;
     let frame = ws.next_frame().await;
@@ -65,7 +65,7 @@ async fn binary_frame_request_gets_a_text_reply() {
 #[tokio::test]
 async fn malformed_json_gets_bad_request_and_connection_stays_open() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let null = Value::Null;
 
     ws.send_text("{not json").await;
@@ -91,7 +91,7 @@ async fn malformed_json_gets_bad_request_and_connection_stays_open() {
 #[tokio::test]
 async fn request_without_u_gets_bad_request_with_null_u() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     for request in [
         json!({"role": "rpc", "cmds": [cmd("e", "echo", json!([1]))]}),
         json!({"role": "rpc", "rpc": {"cmds": [cmd("e", "echo", json!([1]))]}}),
@@ -114,7 +114,7 @@ async fn request_without_u_gets_bad_request_with_null_u() {
 #[tokio::test]
 async fn wrong_field_types_get_bad_request_with_the_request_id() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let good = || json!([cmd("e", "echo", json!([1]))]);
     let cases = [
         (
@@ -176,7 +176,7 @@ async fn wrong_field_types_get_bad_request_with_the_request_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_once_each_out_of_order() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     const N: u64 = 20;
     // Earlier requests sleep longer, so later ones finish first.
     let sleep_of = |i: u64| (N - 1 - i) * 40;
@@ -217,7 +217,7 @@ async fn pipelined_requests_are_answered_once_each_out_of_order() {
 async fn oversized_frame_closes_only_its_connection() {
     const LIMIT: usize = 64 * 1024;
     let node = start_node(builder().max_message_size(LIMIT)).await;
-    let mut other = RawWs::connect(&node.url()).await;
+    let mut other = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = other
         .request(&flat("o1", json!([cmd("e", "echo", json!([1]))])))
         .await;
@@ -233,7 +233,7 @@ async fn oversized_frame_closes_only_its_connection() {
         Some(near.len())
     );
 
-    let mut big = RawWs::connect(&node.url()).await;
+    let mut big = RawWs::connect(&node.url().expect("node listens")).await;
     let huge = "h".repeat(LIMIT + 36 * 1024);
     let frame = flat("too-big", json!([cmd("e", "echo", json!([huge]))])).to_string();
     // The node may reset the connection while we are still writing.
@@ -248,7 +248,7 @@ async fn oversized_frame_closes_only_its_connection() {
         .request(&flat("o2", json!([cmd("e", "echo", json!([2]))])))
         .await;
     assert_eq!(ok_r(&reply, &json!("o2")), json!({"e": 2}));
-    let mut fresh = RawWs::connect(&node.url()).await;
+    let mut fresh = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = fresh
         .request(&flat("f", json!([cmd("e", "echo", json!([3]))])))
         .await;
@@ -258,7 +258,7 @@ async fn oversized_frame_closes_only_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_frame_over_16_mib_is_accepted_and_echoed_intact() {
     let node = start_default().await; // default limit: 64 MiB
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let size = 17 << 20;
     let pattern = "0123456789abcdefghijklmnopqrstuv";
     let big: String = pattern.repeat(size / pattern.len());
@@ -280,7 +280,7 @@ async fn ping_gets_a_pong_and_the_connection_goes_on() {
     // Python `websockets` clients ping every 20 s and drop connections that
     // do not answer.
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     ws.try_send(Message::Ping(b"are you there".to_vec().into()))
         .await
         .expect("send ping");
@@ -298,7 +298,7 @@ async fn ping_gets_a_pong_and_the_connection_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_idle_raw_connections_as_going_away() {
     let node = start_default().await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     let reply = ws
         .request(&flat("x", json!([cmd("e", "echo", json!([1]))])))
         .await;
@@ -312,7 +312,7 @@ async fn shutdown_closes_idle_raw_connections_as_going_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_completes_when_a_client_stops_reading() {
     let node = start_node(builder().shutdown_grace(Duration::from_millis(300))).await;
-    let mut ws = RawWs::connect(&node.url()).await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
     // Far more reply bytes than loopback socket buffers hold; never read.
     let mib = "m".repeat(1 << 20);
     for i in 0..32 {

@@ -1,19 +1,24 @@
 //! Functions every node serves: `echo`, `echos`, `mpreg.whoami`, and with
 //! diagnostics on, `debug.sleep`, `debug.fail` and `debug.panic`.
 
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::RpcError;
+use crate::node::NodeState;
 use crate::registry::{Args, Function, Param};
 
 const ECHO_PARAMS: &[Param] = &[Param::new("arg", "any JSON value")];
 const SLEEP_PARAMS: &[Param] = &[Param::new("ms", "u64")];
 const FAIL_PARAMS: &[Param] = &[Param::new("message", "String")];
 
+/// Where `mpreg.cluster` finds its node, once the node exists.
+pub(crate) type NodeSlot = Arc<OnceLock<Weak<NodeState>>>;
+
 /// The built-in functions of a node named `name`.
-pub(crate) fn functions(name: &str, diagnostics: bool) -> Vec<Function> {
+pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Function> {
     let mut fns = vec![
         Function::new("echo", |mut args: Args| async move {
             args.__check(ECHO_PARAMS)?;
@@ -46,6 +51,21 @@ pub(crate) fn functions(name: &str, diagnostics: bool) -> Vec<Function> {
         })
         .returns("String")
         .doc("Returns the name of the node that ran it.")
+        .idempotent(),
+    );
+    fns.push(
+        Function::new("mpreg.cluster", move |args: Args| {
+            let node = node.get().and_then(Weak::upgrade);
+            async move {
+                args.__check(&[])?;
+                let node = node.ok_or_else(|| {
+                    RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
+                })?;
+                Ok(node.cluster.view(&node))
+            }
+        })
+        .returns("object")
+        .doc("The cluster as the node that ran it sees it: nodes, addresses, status, functions with datasets, load.")
         .idempotent(),
     );
     if diagnostics {

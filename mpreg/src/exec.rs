@@ -37,8 +37,11 @@ pub(crate) trait Dispatch: Sync {
 
     /// Runs `job` at `target`; resolves to the values of `job.outputs`, in
     /// order. The future must not borrow `self`: it runs on its own task.
-    fn run(&self, target: Self::Target, job: Job)
-    -> BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    fn run(
+        &self,
+        target: Self::Target,
+        job: Job,
+    ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>>;
 }
 
 /// Steps sent to one place together. References point only at earlier steps
@@ -160,7 +163,13 @@ pub(crate) async fn execute<D: Dispatch>(
     // A unit returns the results read from outside it.
     let outputs: Vec<Vec<usize>> = units
         .iter()
-        .map(|u| u.steps.iter().copied().filter(|&s| reads_left[s] > 0).collect())
+        .map(|u| {
+            u.steps
+                .iter()
+                .copied()
+                .filter(|&s| reads_left[s] > 0)
+                .collect()
+        })
         .collect();
     // Which units wait for each step's result.
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -187,15 +196,18 @@ pub(crate) async fn execute<D: Dispatch>(
         }
     }
     while let Some(joined) = run.running.join_next().await {
-        let (u, outcome) = joined.map_err(|e| {
-            RpcError::new(ErrorCode::Internal, format!("command task failed: {e}"))
-        })?;
+        let (u, outcome) = joined
+            .map_err(|e| RpcError::new(ErrorCode::Internal, format!("command task failed: {e}")))?;
         let first = units[u].steps[0];
         let values = outcome.map_err(|e| e.with_command(run.name(first)))?;
         if values.len() != outputs[u].len() {
             return Err(RpcError::new(
                 ErrorCode::Internal,
-                format!("expected {} results, got {}", outputs[u].len(), values.len()),
+                format!(
+                    "expected {} results, got {}",
+                    outputs[u].len(),
+                    values.len()
+                ),
             )
             .with_command(run.name(first)));
         }
@@ -215,9 +227,9 @@ pub(crate) async fn execute<D: Dispatch>(
         .map(|w| {
             let value = run.take(w);
             let name = run.steps[w].take().map(|s| s.name).unwrap_or_default();
-            value.map(|v| (name, v)).ok_or_else(|| {
-                RpcError::new(ErrorCode::Internal, "a command never ran")
-            })
+            value
+                .map(|v| (name, v))
+                .ok_or_else(|| RpcError::new(ErrorCode::Internal, "a command never ran"))
         })
         .collect()
 }

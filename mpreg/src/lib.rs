@@ -62,14 +62,17 @@
 
 mod builtins;
 mod client;
+mod cluster;
 pub mod config;
 pub mod demo;
 mod error;
 mod exec;
+mod link;
 mod node;
 mod plan;
 mod protocol;
 mod registry;
+mod route;
 mod server;
 mod ws;
 

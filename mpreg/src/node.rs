@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -13,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::builtins;
+use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Dispatch, Job, Wanted, execute};
-use crate::plan::{Arg, Plan, Step};
+use crate::exec::{Job, Wanted, execute};
+use crate::plan::{Arg, Plan};
 use crate::protocol::{IncomingRequest, Rejected, Reply, parse_request};
 use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
 
@@ -113,6 +115,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Makes this a node that only dials out (behind NAT, or with no
+    /// reachable address): it does not listen, joins through its peers as a
+    /// **leaf**, and is served through the link it opened; its gateway
+    /// offers its functions to the cluster.
+    pub fn dial_out_only(mut self) -> Self {
+        self.config.listen = String::new();
+        self
+    }
+
     /// Registers a function built at runtime. A function with the name of a
     /// linked or built-in function replaces it.
     pub fn function(mut self, function: Function) -> Self {
@@ -171,54 +182,77 @@ impl NodeBuilder {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), mpreg::Error> {
     /// let node = mpreg::Node::builder().start().await?;
-    /// println!("serving on {}", node.url());
+    /// println!("serving on {:?}", node.url());
     /// node.shutdown().await;
     /// # Ok(()) }
     /// ```
     pub async fn start(self) -> Result<NodeHandle, Error> {
         let config = self.config;
         validate(&config)?;
-        let listener = TcpListener::bind(config.listen.as_str()).await?;
-        let local_addr = listener.local_addr()?;
-        let name = config
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("mpreg-{}", local_addr.port()));
+        let listener = match config.listen.as_str() {
+            "" => None,
+            addr => Some(TcpListener::bind(addr).await?),
+        };
+        let local_addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let name = config.name.clone().unwrap_or_else(|| match local_addr {
+            Some(a) => format!("mpreg-{}", a.port()),
+            None => format!("mpreg-leaf-{}", std::process::id()),
+        });
 
-        let mut functions: Vec<Function> = builtins::functions(&name, config.diagnostics);
+        let cluster_view = Arc::new(std::sync::OnceLock::new());
+        let mut functions: Vec<Function> =
+            builtins::functions(&name, config.diagnostics, cluster_view.clone());
         if self.linked {
             functions.extend(linked_functions().filter(|f| !self.excluded.contains(&f.name)));
         }
         functions.extend(self.functions);
         let datasets: BTreeSet<String> = config.datasets.iter().cloned().collect();
         let registry = Registry::new(functions, &datasets);
-        if !config.peers.is_empty() {
-            tracing::warn!(
-                peers = ?config.peers,
-                "peers are configured, but this version serves as a single node"
-            );
-        }
+        let peers = config.peers.clone();
 
         let state = Arc::new(NodeState {
             name: name.clone(),
             config,
-            registry,
+            registry: RwLock::new(Arc::new(registry)),
+            cluster: Cluster::default(),
+            advertise: local_addr,
+            generation: new_generation(),
+            local_load: AtomicUsize::new(0),
         });
+        let _ = cluster_view.set(Arc::downgrade(&state));
+        state.routing_changed(false);
+
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let server = tokio::spawn(crate::server::serve(
-            listener,
-            state,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        tracing::info!(%name, addr = %local_addr, "node listening");
+        let server = listener.map(|listener| {
+            tokio::spawn(crate::server::serve(
+                listener,
+                state.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ))
+        });
+        for url in peers {
+            let state = state.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = crate::cluster::keep_linked(state, url) => {}
+                }
+            });
+        }
+        match local_addr {
+            Some(addr) => tracing::info!(%name, %addr, "node listening"),
+            None => tracing::info!(%name, "node started (dial-out only)"),
+        }
         Ok(NodeHandle {
             name,
             local_addr,
             shutdown,
             tracker,
             server,
+            state,
         })
     }
 
@@ -291,10 +325,12 @@ pub async fn shutdown_signal() {
 #[derive(Debug)]
 pub struct NodeHandle {
     name: String,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    server: tokio::task::JoinHandle<()>,
+    /// The accept loop, when the node listens.
+    server: Option<tokio::task::JoinHandle<()>>,
+    state: Arc<NodeState>,
 }
 
 impl NodeHandle {
@@ -303,14 +339,49 @@ impl NodeHandle {
         &self.name
     }
 
-    /// The address the node listens on (with the real port when 0 was asked).
-    pub fn local_addr(&self) -> SocketAddr {
+    /// The address the node listens on (with the real port when 0 was
+    /// asked); `None` for a dial-out-only node.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
-    /// The URL clients connect to, `ws://HOST:PORT`.
-    pub fn url(&self) -> String {
-        format!("ws://{}", self.local_addr)
+    /// The URL clients connect to, `ws://HOST:PORT`; `None` for a
+    /// dial-out-only node.
+    pub fn url(&self) -> Option<String> {
+        self.local_addr.map(|a| format!("ws://{a}"))
+    }
+
+    /// The cluster as this node sees it: the value `mpreg.cluster` returns.
+    pub fn cluster_view(&self) -> Value {
+        self.state.cluster.view(&self.state)
+    }
+
+    /// Waits until `ready` holds for this node's view of the cluster, or
+    /// until `timeout`; returns whether it held. Checks again at every
+    /// change of the node's routing (peers, catalogs), not on a timer.
+    ///
+    /// ```no_run
+    /// # async fn doc(node: mpreg::NodeHandle) {
+    /// use std::time::Duration;
+    /// // Wait until some node offers `predict`.
+    /// let ok = node
+    ///     .wait_for(Duration::from_secs(10), |view| view.to_string().contains("predict"))
+    ///     .await;
+    /// # }
+    /// ```
+    pub async fn wait_for(&self, timeout: Duration, mut ready: impl FnMut(&Value) -> bool) -> bool {
+        let mut changes = self.state.cluster.subscribe();
+        let wait = async {
+            loop {
+                if ready(&self.cluster_view()) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     /// Stops accepting connections, lets requests in flight finish (up to a
@@ -318,7 +389,10 @@ impl NodeHandle {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         // The accept loop ends at once on cancellation; it never panics.
-        let _ = self.server.await;
+        if let Some(server) = self.server {
+            let _ = server.await;
+        }
+        self.state.cluster.close_all();
         self.tracker.close();
         self.tracker.wait().await;
         tracing::info!(name = %self.name, "node stopped");
@@ -330,7 +404,56 @@ impl NodeHandle {
 pub(crate) struct NodeState {
     pub(crate) name: String,
     pub(crate) config: Config,
-    pub(crate) registry: Registry,
+    /// The functions served here; replaced as a whole when they change.
+    registry: RwLock<Arc<Registry>>,
+    pub(crate) cluster: Cluster,
+    /// Where peers reach this node; `None` when it only dials out.
+    pub(crate) advertise: Option<SocketAddr>,
+    /// Distinguishes this run of the node from earlier ones at the same
+    /// address.
+    pub(crate) generation: u64,
+    /// Jobs running on this node now: its load, as the router sees it.
+    local_load: AtomicUsize,
+}
+
+impl NodeState {
+    /// The functions served here (a snapshot).
+    pub(crate) fn registry(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn local_load(&self) -> usize {
+        self.local_load.load(Ordering::Relaxed)
+    }
+
+    /// Rebuilds routing after a change of peers or catalogs. When what this
+    /// node offers changed too (`ours`), tells every member peer.
+    pub(crate) fn routing_changed(self: &Arc<Self>, ours: bool) {
+        let registry = self.registry();
+        self.cluster.rebuild(&registry);
+        if ours {
+            self.cluster.bump_version();
+            let catalog = self.cluster.catalog(&registry);
+            let links = self.cluster.member_links();
+            tokio::spawn(async move {
+                let message = crate::link::PeerMessage::Catalog(catalog);
+                for link in links {
+                    link.send(&message).await;
+                }
+            });
+        }
+    }
+}
+
+/// A number that grows with each start of a node: the wall clock in
+/// microseconds (a restart cannot reuse it in practice).
+fn new_generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
 }
 
 /// Answers one client frame.
@@ -356,7 +479,12 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
     } else {
         Wanted::Sinks
     };
-    match tokio::time::timeout(deadline, execute(plan, state, wanted)).await {
+    let placer = Placer {
+        state: state.clone(),
+        scope: Scope::Cluster,
+        deadline: tokio::time::Instant::now() + deadline,
+    };
+    match tokio::time::timeout(deadline, execute(plan, &placer, wanted)).await {
         Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
@@ -373,51 +501,25 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
     }
 }
 
-/// Where a command runs.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Target {
-    /// On this node.
-    Local,
-}
-
-impl Dispatch for Arc<NodeState> {
-    type Target = Target;
-
-    fn place(&self, step: &Step) -> Result<Target, RpcError> {
-        self.registry
-            .lookup(&step.fun, &step.locs)
-            .map(|_| Target::Local)
-            .map_err(|why| unavailable(&step.fun, &step.locs, why))
-    }
-
-    fn ships_chains(&self, target: &Target) -> bool {
-        match target {
-            Target::Local => false,
-        }
-    }
-
-    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
-        match target {
-            Target::Local => run_local(self, job),
-        }
-    }
-}
-
 /// Runs a job on this node: one step directly, several through the executor.
 pub(crate) fn run_local(
-    state: &Arc<NodeState>,
+    placer: &Placer,
     mut job: Job,
 ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
     if job.steps.len() != 1 {
-        let state = state.clone();
+        let placer = Placer {
+            scope: Scope::Here,
+            ..placer.clone()
+        };
         return Box::pin(async move {
             let plan = Plan::from_steps(job.steps)?;
-            let out = execute(plan, &state, Wanted::These(job.outputs)).await?;
+            let out = execute(plan, &placer, Wanted::These(job.outputs)).await?;
             Ok(out.into_iter().map(|(_, v)| v).collect())
         });
     }
+    let state = placer.state.clone();
     let step = job.steps.remove(0);
-    let handler = match state.registry.lookup(&step.fun, &step.locs) {
+    let handler = match state.registry().lookup(&step.fun, &step.locs) {
         Ok(f) => f.handler.clone(),
         Err(why) => {
             let e = unavailable(&step.fun, &step.locs, why);
@@ -433,7 +535,20 @@ pub(crate) fn run_local(
     );
     // The handler is called inside the future, so a panic while it builds
     // its future is caught like any other.
-    Box::pin(async move { handler(args).await.map(|v| vec![v]) })
+    Box::pin(async move {
+        state.local_load.fetch_add(1, Ordering::Relaxed);
+        let _done = LoadGuard(&state.local_load);
+        handler(args).await.map(|v| vec![v])
+    })
+}
+
+/// Decrements a load counter when dropped (finished, failed or cancelled).
+struct LoadGuard<'a>(&'a AtomicUsize);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The error for a command that cannot run anywhere.

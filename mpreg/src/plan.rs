@@ -8,13 +8,16 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, RpcError};
 use crate::protocol::Command;
 
-/// An argument after planning.
-#[derive(Debug, Clone, PartialEq)]
+/// An argument after planning. On peer links it travels as `{"ref": 3}`
+/// or `{"value": ..}`, so a value is never re-read as a reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Arg {
     /// The result of the step at this index.
     Ref(usize),
@@ -34,14 +37,19 @@ impl Arg {
 }
 
 /// One command, with its references resolved to step indices.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Step {
     pub(crate) name: String,
     pub(crate) fun: String,
+    #[serde(default)]
     pub(crate) args: Vec<Arg>,
+    #[serde(default)]
     pub(crate) kwargs: Vec<(String, Arg)>,
+    #[serde(default)]
     pub(crate) locs: Vec<String>,
-    /// Distinct steps whose results this step needs.
+    /// Distinct steps whose results this step needs (derived from the
+    /// arguments; recomputed on receipt, never trusted from the wire).
+    #[serde(skip)]
     pub(crate) deps: Vec<usize>,
 }
 
@@ -165,7 +173,10 @@ impl Plan {
 /// Kahn's algorithm; when steps are left over, names one cycle among them.
 fn topological_order(steps: &[Step], dependents: &[Vec<usize>]) -> Result<Vec<usize>, RpcError> {
     let mut indegree: Vec<usize> = steps.iter().map(|s| s.deps.len()).collect();
-    let mut ready: Vec<usize> = (0..steps.len()).rev().filter(|&i| indegree[i] == 0).collect();
+    let mut ready: Vec<usize> = (0..steps.len())
+        .rev()
+        .filter(|&i| indegree[i] == 0)
+        .collect();
     let mut order = Vec::with_capacity(steps.len());
     while let Some(i) = ready.pop() {
         order.push(i);

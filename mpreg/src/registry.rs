@@ -411,6 +411,11 @@ impl Registry {
         Self { functions }
     }
 
+    /// All functions, by name.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Function> {
+        self.functions.values()
+    }
+
     /// The function `fun` if it has every dataset in `datasets`.
     pub(crate) fn lookup(&self, fun: &str, datasets: &[String]) -> Result<&Function, Unavailable> {
         let f = self.functions.get(fun).ok_or(Unavailable::NoFunction)?;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{ErrorCode, RpcError};
+use crate::link::PeerMessage;
 use crate::node::NodeState;
 use crate::protocol::{Reply, parse_request};
 use crate::ws;
@@ -78,6 +79,21 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         }
     };
     let (sink, mut source) = ws.split();
+    // A peer's first message is its hello: then this is a peer link.
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        first = source.next() => first,
+    };
+    if let Some(Ok(message)) = &first {
+        if let Some(Ok(PeerMessage::PeerHello(hello))) = PeerMessage::decode(message) {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = crate::cluster::accept(state, sink, source, hello) => {}
+            }
+            return;
+        }
+    }
+    let mut pending_first = first;
     let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
     let writer = tokio::spawn(ws::write_loop(sink, queue));
     let inflight = Arc::new(Semaphore::new(state.config.max_inflight_per_connection));
@@ -92,7 +108,12 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
                 break;
             }
             Some(_) = requests.join_next(), if !requests.is_empty() => continue,
-            frame = source.next() => frame,
+            frame = async {
+                match pending_first.take() {
+                    Some(first) => Some(first),
+                    None => source.next().await,
+                }
+            } => frame,
         };
         let bytes = match frame {
             Some(Ok(Message::Text(text))) => text.into(),

@@ -51,9 +51,12 @@ pub(crate) async fn start_default() -> NodeHandle {
 
 /// Connects an `mpreg::Client` to `node`.
 pub(crate) async fn client(node: &NodeHandle) -> mpreg::Client {
-    guard("client connect", mpreg::Client::connect(&node.url()))
-        .await
-        .expect("client connects")
+    guard(
+        "client connect",
+        mpreg::Client::connect(&node.url().expect("node listens")),
+    )
+    .await
+    .expect("client connects")
 }
 
 /// A runtime function `name` that counts its calls in the returned counter

@@ -148,7 +148,10 @@ async fn server(args: ServerArgs) -> CliResult {
 
     let node = Node::builder().config(config).start().await?;
     // The one line on stdout: scripts and tests wait for it.
-    println!("listening on {}", node.url());
+    match node.url() {
+        Some(url) => println!("listening on {url}"),
+        None => println!("started dial-out only (not listening)"),
+    }
     mpreg::shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -65,7 +65,10 @@ impl TestFns {
         if let [step] = &job.steps[..] {
             let args = Args::new(
                 step.args.iter().map(literal).collect(),
-                step.kwargs.iter().map(|(k, a)| (k.clone(), literal(a))).collect(),
+                step.kwargs
+                    .iter()
+                    .map(|(k, a)| (k.clone(), literal(a)))
+                    .collect(),
             );
             let call = self.call(&step.fun, args);
             return Box::pin(async move { call.await.map(|v| vec![v]) });
@@ -225,7 +228,9 @@ async fn panic_becomes_handler_failed() {
 async fn independent_steps_run_concurrently() {
     let d = TestFns::default();
     let (in_flight, gate) = (d.in_flight.clone(), d.gate.clone());
-    let cmds = (0..3).map(|i| c(&format!("w{i}"), "wait", json!([]))).collect();
+    let cmds = (0..3)
+        .map(|i| c(&format!("w{i}"), "wait", json!([])))
+        .collect();
     let task = tokio::spawn(async move { run(&d, cmds, Wanted::Sinks).await });
     // All three must be waiting at once before any is released: a
     // level-by-level or sequential executor would never get there.
@@ -266,7 +271,11 @@ async fn remote_chain_is_one_job() {
     let d = TestFns::default();
     let mut cmds = vec![c("s0", "echo@b", json!(["x"]))];
     for i in 1..8 {
-        cmds.push(c(&format!("s{i}"), "upper@b", json!([format!("s{}", i - 1)])));
+        cmds.push(c(
+            &format!("s{i}"),
+            "upper@b",
+            json!([format!("s{}", i - 1)]),
+        ));
     }
     let out = run(&d, cmds, Wanted::Sinks).await.expect("runs");
     assert_eq!(out, json!({"s7": "X"}));
@@ -293,7 +302,11 @@ async fn chain_crossing_nodes_splits_where_it_leaves() {
     let shape: Vec<(Where, usize)> = jobs.iter().map(|(w, s)| (*w, s.len())).collect();
     assert_eq!(
         shape,
-        [(Where::Node('a'), 2), (Where::Here, 1), (Where::Node('b'), 2)]
+        [
+            (Where::Node('a'), 2),
+            (Where::Here, 1),
+            (Where::Node('b'), 2)
+        ]
     );
 }
 

@@ -1,0 +1,730 @@
+//! The cluster as one node sees it: its peers, what each offers, the links
+//! to them, and where each command should run.
+//!
+//! Every node runs the same code. A peer is either a **member** (it
+//! listens; found through membership or configured as a seed) or a **leaf**
+//! (it only dials out: it is served through the link it opened, and this
+//! node, its gateway, offers the leaf's abilities as its own).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::error::{ErrorCode, RpcError};
+use crate::exec::{Dispatch, Job, Wanted, execute};
+use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCOL, PeerMessage};
+use crate::node::{NodeState, run_local};
+use crate::plan::{Plan, Step};
+use crate::registry::Registry;
+use crate::route::{Candidate, choose, random_below};
+use crate::ws;
+
+/// How long the other side of a new link may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnection backoff: first delay, and the cap.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A peer, as a key local to this node.
+pub(crate) type PeerKey = u64;
+
+/// Where a command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Target {
+    /// On this node.
+    Local,
+    /// On a peer, over its link.
+    Peer(PeerKey),
+}
+
+/// A peer with a live link.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) name: String,
+    /// Where it listens; `None` for a leaf.
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) generation: u64,
+    pub(crate) catalog: Catalog,
+    pub(crate) link: Link,
+    /// Whether this node dialed the link (decides which of two links
+    /// between the same pair survives).
+    pub(crate) dialed: bool,
+}
+
+impl Peer {
+    fn is_leaf(&self) -> bool {
+        self.addr.is_none()
+    }
+}
+
+/// One place a function can run.
+#[derive(Debug, Clone)]
+struct Route {
+    target: Target,
+    datasets: BTreeSet<String>,
+    idempotent: bool,
+    /// Served here through a leaf's link: counts as "here" for jobs that
+    /// peers send to this node.
+    via_leaf: bool,
+}
+
+/// Function name → every place it runs. Rebuilt whenever a catalog changes;
+/// readers take a cheap snapshot.
+#[derive(Debug, Default)]
+struct Routes {
+    by_fun: HashMap<String, Vec<Route>>,
+}
+
+/// The cluster state of one node.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    peers: RwLock<HashMap<PeerKey, Peer>>,
+    routes: RwLock<Arc<Routes>>,
+    next_key: AtomicU64,
+    /// Our catalog's version: grows whenever what we offer changes.
+    version: AtomicU64,
+    /// Bumped on every change of routes (tests and tools wait on it).
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            peers: RwLock::new(HashMap::new()),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            next_key: AtomicU64::new(1),
+            version: AtomicU64::new(1),
+            changes: watch::Sender::new(0),
+        }
+    }
+}
+
+/// Which places a placement may choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Anywhere in the cluster (a client's request).
+    Cluster,
+    /// This node and its leaves only (a job a peer routed here).
+    Here,
+}
+
+impl Cluster {
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PeerKey, Peer>> {
+        // Never held across an await or a panic-prone call.
+        self.peers.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PeerKey, Peer>> {
+        self.peers.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The link to a peer, if it is still up.
+    pub(crate) fn link(&self, key: PeerKey) -> Option<Link> {
+        self.read_peers().get(&key).map(|p| p.link.clone())
+    }
+
+    /// A receiver that sees a new value whenever routing changes.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Our catalog: our own functions plus our leaves' abilities.
+    pub(crate) fn catalog(&self, registry: &Registry) -> Catalog {
+        let mut functions: Vec<Ability> = registry
+            .iter()
+            .map(|f| Ability {
+                fun: f.name.clone(),
+                datasets: f.datasets.clone(),
+                idempotent: f.idempotent,
+            })
+            .collect();
+        for peer in self.read_peers().values().filter(|p| p.is_leaf()) {
+            functions.extend(peer.catalog.functions.iter().cloned());
+        }
+        functions.sort();
+        functions.dedup();
+        Catalog {
+            version: self.version.load(Ordering::Relaxed),
+            functions,
+        }
+    }
+
+    /// Recomputes the routes from our registry and every peer's catalog.
+    pub(crate) fn rebuild(&self, registry: &Registry) {
+        let mut by_fun: HashMap<String, Vec<Route>> = HashMap::new();
+        for f in registry.iter() {
+            by_fun.entry(f.name.clone()).or_default().push(Route {
+                target: Target::Local,
+                datasets: f.datasets.clone(),
+                idempotent: f.idempotent,
+                via_leaf: false,
+            });
+        }
+        for (&key, peer) in self.read_peers().iter() {
+            for a in &peer.catalog.functions {
+                by_fun.entry(a.fun.clone()).or_default().push(Route {
+                    target: Target::Peer(key),
+                    datasets: a.datasets.clone(),
+                    idempotent: a.idempotent,
+                    via_leaf: peer.is_leaf(),
+                });
+            }
+        }
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Routes { by_fun });
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The places that can run `fun` with every dataset in `locs`, within
+    /// `scope`, leaving out `exclude`.
+    fn candidates(
+        &self,
+        state: &NodeState,
+        fun: &str,
+        locs: &[String],
+        scope: Scope,
+        exclude: Option<Target>,
+    ) -> Result<Vec<Candidate<Target>>, RpcError> {
+        let routes = self.routes();
+        let Some(all) = routes.by_fun.get(fun) else {
+            return Err(RpcError::new(
+                ErrorCode::UnknownFunction,
+                format!("no function '{fun}' on any node"),
+            ));
+        };
+        let candidates: Vec<Candidate<Target>> = all
+            .iter()
+            .filter(|r| scope == Scope::Cluster || r.target == Target::Local || r.via_leaf)
+            .filter(|r| Some(r.target) != exclude)
+            .filter(|r| locs.iter().all(|d| r.datasets.contains(d)))
+            .map(|r| Candidate {
+                target: r.target,
+                load: self.load(state, r.target),
+                local: r.target == Target::Local,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(RpcError::new(
+                ErrorCode::NoNodeForDatasets,
+                format!("no node has function '{fun}' with all of the datasets {locs:?}"),
+            )
+            .with_details(json!({ "function": fun, "datasets": locs })));
+        }
+        Ok(candidates)
+    }
+
+    fn load(&self, state: &NodeState, target: Target) -> usize {
+        match target {
+            Target::Local => state.local_load(),
+            Target::Peer(key) => self.link(key).map_or(usize::MAX, |l| l.load()),
+        }
+    }
+
+    /// Whether every function of `job` is safe to run again.
+    fn idempotent(&self, job: &Job) -> bool {
+        let routes = self.routes();
+        job.steps.iter().all(|s| {
+            routes
+                .by_fun
+                .get(&s.fun)
+                .is_some_and(|rs| rs.iter().all(|r| r.idempotent))
+        })
+    }
+
+    /// Adds a peer whose link just opened, unless it duplicates a better
+    /// link to the same node. Returns its key, or `None` when the new link
+    /// should be closed.
+    fn register(
+        &self,
+        me: Option<SocketAddr>,
+        hello: Hello,
+        link: Link,
+        dialed: bool,
+    ) -> Option<PeerKey> {
+        let mut peers = self.write_peers();
+        if let Some(addr) = hello.addr {
+            let existing = peers
+                .iter()
+                .find(|(_, p)| p.addr == Some(addr))
+                .map(|(k, p)| (*k, p.generation, p.dialed));
+            if let Some((key, generation, old_dialed)) = existing {
+                let replace = if generation != hello.generation {
+                    // A restarted node replaces its old self, never the
+                    // reverse.
+                    hello.generation > generation
+                } else {
+                    // Two links between the same pair: both sides keep the
+                    // one dialed by the lower address.
+                    let dialer_is_me = |d: bool| d;
+                    let lower_is_me = me.is_some_and(|m| m < addr);
+                    dialer_is_me(dialed) == lower_is_me && dialer_is_me(old_dialed) != lower_is_me
+                };
+                if !replace {
+                    return None;
+                }
+                if let Some(old) = peers.remove(&key) {
+                    old.link.close();
+                }
+            }
+        }
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        peers.insert(
+            key,
+            Peer {
+                name: hello.name,
+                addr: hello.addr,
+                generation: hello.generation,
+                catalog: hello.catalog,
+                link,
+                dialed,
+            },
+        );
+        Some(key)
+    }
+
+    /// Forgets a peer (its link closed).
+    fn remove(&self, key: PeerKey) -> Option<Peer> {
+        self.write_peers().remove(&key)
+    }
+
+    /// Closes the links of every peer at `addr` that is not newer than
+    /// `generation` (it failed, left or restarted).
+    pub(crate) fn drop_member(&self, addr: SocketAddr, generation: u64) {
+        for p in self.read_peers().values() {
+            if p.addr == Some(addr) && p.generation <= generation {
+                p.link.close();
+            }
+        }
+    }
+
+    /// Marks our catalog as changed.
+    pub(crate) fn bump_version(&self) {
+        self.version.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The links to member peers (not leaves): who must hear of a change
+    /// of our catalog.
+    pub(crate) fn member_links(&self) -> Vec<Link> {
+        self.read_peers()
+            .values()
+            .filter(|p| !p.is_leaf())
+            .map(|p| p.link.clone())
+            .collect()
+    }
+
+    /// Closes every link (the node is stopping).
+    pub(crate) fn close_all(&self) {
+        for p in self.read_peers().values() {
+            p.link.close();
+        }
+    }
+
+    /// Whether there is a live link to the node at `addr`.
+    pub(crate) fn linked(&self, addr: SocketAddr) -> bool {
+        self.read_peers()
+            .values()
+            .any(|p| p.addr == Some(addr) && !p.link.is_closed())
+    }
+
+    /// The cluster as this node sees it (what `mpreg.cluster` returns).
+    pub(crate) fn view(&self, state: &NodeState) -> Value {
+        let registry = state.registry();
+        let own = self.catalog(&registry);
+        let mut nodes = vec![json!({
+            "name": state.name,
+            "addr": state.advertise,
+            "status": "self",
+            "generation": state.generation,
+            "load": state.local_load(),
+            "functions": own.functions,
+        })];
+        let mut peers: Vec<Value> = self
+            .read_peers()
+            .values()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "addr": p.addr,
+                    "status": if p.is_leaf() { "leaf" } else { "up" },
+                    "generation": p.generation,
+                    "load": p.link.load(),
+                    "jobs_sent": p.link.jobs_sent(),
+                    "functions": p.catalog.functions,
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        nodes.extend(peers);
+        json!({ "self": state.name, "nodes": nodes })
+    }
+}
+
+/// Places and runs the commands of one request (or of one job a peer
+/// sent), within its deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct Placer {
+    pub(crate) state: Arc<NodeState>,
+    pub(crate) scope: Scope,
+    pub(crate) deadline: Instant,
+}
+
+impl Dispatch for Placer {
+    type Target = Target;
+
+    fn place(&self, step: &Step) -> Result<Target, RpcError> {
+        let candidates =
+            self.state
+                .cluster
+                .candidates(&self.state, &step.fun, &step.locs, self.scope, None)?;
+        let pick = choose(&candidates, random_below).unwrap_or(0);
+        Ok(candidates[pick].target)
+    }
+
+    fn ships_chains(&self, target: &Target) -> bool {
+        matches!(target, Target::Peer(_))
+    }
+
+    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+        match target {
+            Target::Local => run_local(self, job),
+            Target::Peer(key) => Box::pin(run_remote(self.clone(), key, job)),
+        }
+    }
+}
+
+/// Runs a job on a peer. If the peer is lost and every function of the
+/// job is idempotent, runs it once more elsewhere.
+async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, RpcError> {
+    let cluster = &placer.state.cluster;
+    let retry = cluster.idempotent(&job).then(|| job.clone());
+    let first = attempt(&placer, key, job).await;
+    let (Err(e), Some(job)) = (&first, retry) else {
+        return first;
+    };
+    if e.code != ErrorCode::NodeLost {
+        return first;
+    }
+    // Somewhere else that can run every step of the job.
+    let mut options: Option<Vec<Candidate<Target>>> = None;
+    for step in &job.steps {
+        let here = cluster
+            .candidates(
+                &placer.state,
+                &step.fun,
+                &step.locs,
+                placer.scope,
+                Some(Target::Peer(key)),
+            )
+            .unwrap_or_default();
+        options = Some(match options {
+            None => here,
+            Some(prev) => prev
+                .into_iter()
+                .filter(|c| here.iter().any(|h| h.target == c.target))
+                .collect(),
+        });
+    }
+    let options = options.unwrap_or_default();
+    let Some(pick) = choose(&options, random_below) else {
+        return first;
+    };
+    tracing::debug!(error = %e, "retrying an idempotent job on another node");
+    let target = options[pick].target;
+    match target {
+        Target::Local => run_local(&placer, job).await,
+        Target::Peer(other) => attempt(&placer, other, job).await,
+    }
+}
+
+async fn attempt(placer: &Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, RpcError> {
+    let Some(link) = placer.state.cluster.link(key) else {
+        return Err(RpcError::new(
+            ErrorCode::NodeLost,
+            "the node left before the call",
+        ));
+    };
+    let left = placer.deadline.saturating_duration_since(Instant::now());
+    link.run_job(job, left).await
+}
+
+/// Serves a peer's messages for this node.
+struct Served {
+    state: Arc<NodeState>,
+    key: PeerKey,
+}
+
+impl LinkHandler for Served {
+    fn run(&self, job: Job, timeout: Duration) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+        let placer = Placer {
+            state: self.state.clone(),
+            scope: Scope::Here,
+            deadline: Instant::now() + timeout,
+        };
+        Box::pin(async move {
+            let plan = Plan::from_steps(job.steps)?;
+            let run = execute(plan, &placer, Wanted::These(job.outputs));
+            match tokio::time::timeout(timeout, run).await {
+                Ok(out) => Ok(out?.into_iter().map(|(_, v)| v).collect()),
+                Err(_) => Err(RpcError::new(
+                    ErrorCode::Timeout,
+                    format!("job did not finish within {} ms", timeout.as_millis()),
+                )),
+            }
+        })
+    }
+
+    fn catalog(&self, catalog: Catalog) {
+        let cluster = &self.state.cluster;
+        let is_leaf = {
+            let mut peers = cluster.write_peers();
+            match peers.get_mut(&self.key) {
+                Some(p) if catalog.version >= p.catalog.version => {
+                    p.catalog = catalog;
+                    p.is_leaf()
+                }
+                _ => return,
+            }
+        };
+        self.state.routing_changed(is_leaf);
+    }
+}
+
+/// Our hello to a peer.
+fn hello(state: &NodeState) -> Hello {
+    Hello {
+        protocol: PEER_PROTOCOL,
+        name: state.name.clone(),
+        addr: state.advertise,
+        generation: state.generation,
+        catalog: state.cluster.catalog(&state.registry()),
+    }
+}
+
+/// Runs a link whose hellos were exchanged: registers the peer, reads until
+/// the link closes, then forgets the peer.
+async fn run_link<Si, St>(state: Arc<NodeState>, sink: Si, source: St, theirs: Hello, dialed: bool)
+where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin
+        + Send
+        + 'static,
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    if theirs.protocol != PEER_PROTOCOL {
+        tracing::warn!(peer = %theirs.name, protocol = theirs.protocol, "peer speaks another protocol version");
+        return;
+    }
+    let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
+    let writer = tokio::spawn(ws::write_loop(sink, queue));
+    let name = theirs.name.clone();
+    let leaf = theirs.addr.is_none();
+    let link = Link::new(name.clone(), outgoing);
+    let Some(key) = state
+        .cluster
+        .register(state.advertise, theirs, link.clone(), dialed)
+    else {
+        tracing::debug!(peer = %name, "duplicate link closed");
+        return;
+    };
+    tracing::info!(node = %state.name, peer = %name, leaf, "peer linked");
+    state.routing_changed(leaf);
+    link::read_loop(
+        &link,
+        source,
+        Served {
+            state: state.clone(),
+            key,
+        },
+    )
+    .await;
+    if state.cluster.remove(key).is_some() {
+        tracing::info!(node = %state.name, peer = %name, "peer link closed");
+        state.routing_changed(leaf);
+    }
+    writer.abort();
+}
+
+/// Serves a link a peer opened to us (its first message was `hello`).
+pub(crate) async fn accept<Si, St>(state: Arc<NodeState>, sink: Si, source: St, theirs: Hello)
+where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin
+        + Send
+        + 'static,
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures_util::SinkExt;
+    let mut sink = sink;
+    let ours = PeerMessage::PeerHello(hello(&state));
+    if sink.send(ours.encode()).await.is_err() {
+        return;
+    }
+    run_link(state, sink, source, theirs, false).await;
+}
+
+/// Dials a peer, exchanges hellos, and serves the link on a new task.
+/// Returns once the link is up (or failed to come up).
+pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String> {
+    use futures_util::SinkExt;
+    let config = ws::config(state.config.max_message_size);
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let (stream, _) = tokio::time::timeout(HELLO_TIMEOUT, connect)
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (mut sink, mut source) = stream.split();
+    sink.send(PeerMessage::PeerHello(hello(state)).encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, source.next())
+        .await
+        .map_err(|_| "no hello from peer".to_owned())?;
+    let theirs = match first
+        .as_ref()
+        .and_then(|m| m.as_ref().ok())
+        .and_then(PeerMessage::decode)
+    {
+        Some(Ok(PeerMessage::PeerHello(h))) => h,
+        _ => return Err("peer did not answer with a hello".to_owned()),
+    };
+    let state = state.clone();
+    tokio::spawn(run_link(state, sink, source, theirs, true));
+    Ok(())
+}
+
+/// Keeps a link to `url` up: dials, and when the link closes (or dialing
+/// fails) dials again after a jittered, growing delay. Ends with the node.
+pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
+    let mut delay = BACKOFF_START;
+    let addr = url_addr(&url);
+    loop {
+        let linked_already = addr.is_some_and(|a| state.cluster.linked(a));
+        if !linked_already {
+            match dial(&state, &url).await {
+                Ok(()) => delay = BACKOFF_START,
+                Err(e) => tracing::debug!(peer = %url, error = %e, "cannot link to peer yet"),
+            }
+        }
+        // Wait for a change, or the backoff, before checking again.
+        let jitter = Duration::from_millis(random_below(delay.as_millis() as usize / 2 + 1) as u64);
+        let mut changes = state.cluster.subscribe();
+        let _ = tokio::time::timeout(delay + jitter, changes.changed()).await;
+        if !addr.is_some_and(|a| state.cluster.linked(a)) {
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// The socket address of a `ws://host:port` URL, when it names one directly.
+pub(crate) fn url_addr(url: &str) -> Option<SocketAddr> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))?;
+    let hostport = rest.split('/').next()?;
+    hostport.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_addresses() {
+        assert_eq!(
+            url_addr("ws://127.0.0.1:7773/"),
+            Some("127.0.0.1:7773".parse().expect("addr"))
+        );
+        assert_eq!(
+            url_addr("ws://[::1]:1"),
+            Some("[::1]:1".parse().expect("addr"))
+        );
+        assert_eq!(url_addr("ws://localhost:1"), None);
+        assert_eq!(url_addr("http://127.0.0.1:1"), None);
+    }
+
+    fn hello(addr: &str, generation: u64) -> Hello {
+        Hello {
+            protocol: PEER_PROTOCOL,
+            name: addr.into(),
+            addr: Some(addr.parse().expect("addr")),
+            generation,
+            catalog: Catalog::default(),
+        }
+    }
+
+    fn link() -> Link {
+        Link::new("x".into(), mpsc::channel(1).0)
+    }
+
+    #[test]
+    fn duplicate_links_keep_the_one_dialed_by_the_lower_address() {
+        let low: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let high: SocketAddr = "127.0.0.1:2000".parse().expect("addr");
+        // On the low node: its own dial first, then the high node's dial.
+        let on_low = Cluster::default();
+        let mine = link();
+        assert!(
+            on_low
+                .register(Some(low), hello("127.0.0.1:2000", 1), mine.clone(), true)
+                .is_some()
+        );
+        assert!(
+            on_low
+                .register(Some(low), hello("127.0.0.1:2000", 1), link(), false)
+                .is_none()
+        );
+        assert!(!mine.is_closed());
+        // On the high node, in the other order: the low node's dial wins.
+        let on_high = Cluster::default();
+        let own = link();
+        assert!(
+            on_high
+                .register(Some(high), hello("127.0.0.1:1000", 1), own.clone(), true)
+                .is_some()
+        );
+        assert!(
+            on_high
+                .register(Some(high), hello("127.0.0.1:1000", 1), link(), false)
+                .is_some()
+        );
+        assert!(own.is_closed());
+        assert_eq!(on_high.read_peers().len(), 1);
+    }
+
+    #[test]
+    fn restarted_node_replaces_its_old_self() {
+        let me: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let c = Cluster::default();
+        let old = link();
+        assert!(
+            c.register(Some(me), hello("127.0.0.1:2000", 1), old.clone(), false)
+                .is_some()
+        );
+        assert!(
+            c.register(Some(me), hello("127.0.0.1:2000", 2), link(), false)
+                .is_some()
+        );
+        assert!(old.is_closed());
+        // An older generation never replaces a newer one.
+        assert!(
+            c.register(Some(me), hello("127.0.0.1:2000", 1), link(), false)
+                .is_none()
+        );
+        assert_eq!(c.read_peers().len(), 1);
+    }
+}

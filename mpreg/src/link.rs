@@ -1,0 +1,470 @@
+//! Peer links: one multiplexed WebSocket between two nodes, on the same port
+//! as clients. Jobs carry ids; replies may come back in any order, so a slow
+//! job never blocks a fast one. Either side may send jobs.
+//!
+//! The first message on a link is a [`Hello`] from each side (the dialer
+//! speaks first). After that, messages are [`PeerMessage`]s; see
+//! `docs/PROTOCOL.md` ("Node to node").
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorCode, RpcError};
+use crate::exec::Job;
+use crate::plan::Step;
+
+/// Version of the node-to-node protocol spoken here.
+pub(crate) const PEER_PROTOCOL: u32 = 1;
+
+/// One function a node offers: its name, every dataset it has there, and
+/// whether it is safe to retry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct Ability {
+    pub(crate) fun: String,
+    pub(crate) datasets: BTreeSet<String>,
+    #[serde(default)]
+    pub(crate) idempotent: bool,
+}
+
+/// Everything a node offers, with a version that grows on every change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Catalog {
+    pub(crate) version: u64,
+    pub(crate) functions: Vec<Ability>,
+}
+
+/// The first message of each side of a link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) protocol: u32,
+    pub(crate) name: String,
+    /// Where the sender listens (also its membership address); `None` for
+    /// a node that only dials out (a leaf, served through this link).
+    pub(crate) addr: Option<SocketAddr>,
+    /// Grows at each start of the sender.
+    pub(crate) generation: u64,
+    pub(crate) catalog: Catalog,
+}
+
+/// A message between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "kebab-case")]
+pub(crate) enum PeerMessage {
+    /// Opens a link (see [`Hello`]).
+    PeerHello(Hello),
+    /// The sender's abilities changed.
+    Catalog(Catalog),
+    /// Run these steps here and answer with `Done` carrying `outputs`.
+    Run {
+        id: u64,
+        steps: Vec<Step>,
+        outputs: Vec<usize>,
+        /// What is left of the request's deadline.
+        timeout_ms: u64,
+    },
+    /// The answer to `Run`: `values` (one per output) or `error`.
+    Done {
+        id: u64,
+        #[serde(default)]
+        values: Option<Vec<Value>>,
+        #[serde(default)]
+        error: Option<RpcError>,
+    },
+    /// The sender no longer needs the answer to `Run { id }`: stop it.
+    Cancel { id: u64 },
+}
+
+impl PeerMessage {
+    pub(crate) fn encode(&self) -> Message {
+        // Only strings, numbers and JSON values: encoding cannot fail.
+        Message::text(serde_json::to_string(self).unwrap_or_default())
+    }
+
+    pub(crate) fn decode(message: &Message) -> Option<Result<Self, serde_json::Error>> {
+        match message {
+            Message::Text(text) => Some(serde_json::from_str(text.as_str())),
+            Message::Binary(bytes) => Some(serde_json::from_slice(bytes)),
+            _ => None,
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Vec<Value>, RpcError>>;
+
+/// The sending side of a link, shared by everyone who sends jobs over it.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    inner: Arc<LinkInner>,
+}
+
+#[derive(Debug)]
+struct LinkInner {
+    /// The peer's name, for error messages.
+    peer: String,
+    outgoing: mpsc::Sender<Message>,
+    /// Callers waiting for `Done`, by job id; `None` once the link is gone.
+    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    /// Jobs sent and not answered yet: the load the router sees.
+    inflight: AtomicUsize,
+    /// Jobs sent over the link in total.
+    jobs_sent: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl Link {
+    /// A link sending through `outgoing` (drained by a writer task).
+    pub(crate) fn new(peer: String, outgoing: mpsc::Sender<Message>) -> Self {
+        Self {
+            inner: Arc::new(LinkInner {
+                peer,
+                outgoing,
+                pending: Mutex::new(Some(HashMap::new())),
+                next_id: AtomicU64::new(1),
+                inflight: AtomicUsize::new(0),
+                jobs_sent: AtomicU64::new(0),
+                closed: CancellationToken::new(),
+            }),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<HashMap<u64, Waiter>>> {
+        // Held only for map operations, which cannot panic.
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lost(&self) -> RpcError {
+        RpcError::new(
+            ErrorCode::NodeLost,
+            format!("lost the link to node '{}'", self.inner.peer),
+        )
+    }
+
+    /// Jobs in flight over this link.
+    pub(crate) fn load(&self) -> usize {
+        self.inner.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Jobs sent over this link so far.
+    pub(crate) fn jobs_sent(&self) -> u64 {
+        self.inner.jobs_sent.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Closes the link: every waiting job fails with `node_lost`.
+    pub(crate) fn close(&self) {
+        self.inner.closed.cancel();
+        // Dropping the waiters wakes their callers with an error.
+        self.pending().take();
+    }
+
+    /// Queues a message; false when the link is gone.
+    pub(crate) async fn send(&self, message: &PeerMessage) -> bool {
+        !self.is_closed() && self.inner.outgoing.send(message.encode()).await.is_ok()
+    }
+
+    /// Runs `job` on the peer and waits for its outputs. Dropping the future
+    /// before the answer tells the peer to stop the job.
+    pub(crate) async fn run_job(
+        &self,
+        job: Job,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, RpcError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.pending().as_mut() {
+            Some(p) => p.insert(id, tx),
+            None => return Err(self.lost()),
+        };
+        let mut guard = InFlight {
+            link: self,
+            id,
+            answered: false,
+        };
+        self.inner.inflight.fetch_add(1, Ordering::Relaxed);
+        let run = PeerMessage::Run {
+            id,
+            steps: job.steps,
+            outputs: job.outputs,
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        if !self.send(&run).await {
+            guard.answered = true;
+            return Err(self.lost());
+        }
+        self.inner.jobs_sent.fetch_add(1, Ordering::Relaxed);
+        let answer = rx.await;
+        guard.answered = true;
+        answer.unwrap_or_else(|_| Err(self.lost()))
+    }
+
+    /// Hands `Done { id }` to the job's caller.
+    fn complete(&self, id: u64, answer: Result<Vec<Value>, RpcError>) {
+        let waiter = self.pending().as_mut().and_then(|p| p.remove(&id));
+        if let Some(waiter) = waiter {
+            // The caller may have stopped waiting.
+            let _ = waiter.send(answer);
+        }
+    }
+}
+
+/// A job in flight: keeps the load count, and cancels the job on the peer
+/// if its caller stops waiting.
+struct InFlight<'a> {
+    link: &'a Link,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.link.inner.inflight.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered {
+            if let Some(p) = self.link.pending().as_mut() {
+                p.remove(&self.id);
+            }
+            // Best effort: when the queue is full or the link gone, the
+            // peer's own deadline still ends the job.
+            let _ = self
+                .link
+                .inner
+                .outgoing
+                .try_send(PeerMessage::Cancel { id: self.id }.encode());
+        }
+    }
+}
+
+/// What the receiving side of a link does with what the peer sends.
+pub(crate) trait LinkHandler: Send + Sync + 'static {
+    /// Runs a job the peer sent; resolves to its outputs.
+    fn run(
+        &self,
+        job: Job,
+        timeout: Duration,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    /// The peer's abilities changed.
+    fn catalog(&self, catalog: Catalog);
+}
+
+/// Reads the peer's messages until the link closes: answers `Run`, hands
+/// `Done` to waiting callers, stops cancelled jobs. A message that is not
+/// a valid peer message closes the link: a peer sending garbage is not
+/// trusted. When this returns, the link is closed and its jobs stopped.
+pub(crate) async fn read_loop<S, H>(link: &Link, mut source: S, handler: H)
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+    H: LinkHandler,
+{
+    let handler = Arc::new(handler);
+    let mut jobs: JoinSet<u64> = JoinSet::new();
+    let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = link.inner.closed.cancelled() => break,
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                if let Ok(id) = done {
+                    running.remove(&id);
+                }
+                continue;
+            }
+            message = source.next() => message,
+        };
+        let message = match message {
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(m)) => m,
+        };
+        let decoded = match PeerMessage::decode(&message) {
+            None => continue, // ping, pong
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(peer = %link.inner.peer, error = %e, "peer sent an invalid message; closing the link");
+                break;
+            }
+        };
+        match decoded {
+            PeerMessage::Run {
+                id,
+                steps,
+                outputs,
+                timeout_ms,
+            } => {
+                let work = handler.run(Job { steps, outputs }, Duration::from_millis(timeout_ms));
+                let link = link.clone();
+                let abort = jobs.spawn(async move {
+                    let done = match crate::exec::guarded(work).await {
+                        Ok(values) => PeerMessage::Done {
+                            id,
+                            values: Some(values),
+                            error: None,
+                        },
+                        Err(error) => PeerMessage::Done {
+                            id,
+                            values: None,
+                            error: Some(error),
+                        },
+                    };
+                    link.send(&done).await;
+                    id
+                });
+                running.insert(id, abort);
+            }
+            PeerMessage::Done { id, values, error } => {
+                let answer = match (error, values) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(values)) => Ok(values),
+                    (None, None) => Err(RpcError::new(
+                        ErrorCode::Internal,
+                        "peer answered with neither values nor error",
+                    )),
+                };
+                link.complete(id, answer);
+            }
+            PeerMessage::Cancel { id } => {
+                if let Some(job) = running.remove(&id) {
+                    job.abort();
+                }
+            }
+            PeerMessage::Catalog(catalog) => handler.catalog(catalog),
+            PeerMessage::PeerHello(_) => {
+                tracing::debug!(peer = %link.inner.peer, "ignoring a second hello");
+            }
+        }
+    }
+    link.close();
+    jobs.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Arg;
+    use serde_json::json;
+
+    #[test]
+    fn messages_round_trip_and_keep_values_apart_from_references() {
+        let run = PeerMessage::Run {
+            id: 7,
+            steps: vec![Step {
+                name: "a".into(),
+                fun: "echo".into(),
+                args: vec![Arg::Value(json!("b")), Arg::Ref(0)],
+                kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+                locs: vec!["d".into()],
+                deps: vec![0],
+            }],
+            outputs: vec![0],
+            timeout_ms: 5,
+        };
+        let text = serde_json::to_string(&run).expect("encode");
+        assert!(text.contains(r#""role":"run""#), "{text}");
+        assert!(
+            text.contains(r#"{"value":"b"}"#) && text.contains(r#"{"ref":0}"#),
+            "{text}"
+        );
+        let back: PeerMessage = serde_json::from_str(&text).expect("decode");
+        // `deps` is not sent: it is recomputed by the receiver.
+        let PeerMessage::Run { steps, .. } = back else {
+            panic!("not a run: {back:?}");
+        };
+        assert!(steps[0].deps.is_empty());
+        assert_eq!(steps[0].args[1], Arg::Ref(0));
+    }
+
+    #[test]
+    fn hello_shape() {
+        let hello = PeerMessage::PeerHello(Hello {
+            protocol: PEER_PROTOCOL,
+            name: "n".into(),
+            addr: None,
+            generation: 3,
+            catalog: Catalog::default(),
+        });
+        let v: Value = serde_json::to_value(&hello).expect("encode");
+        assert_eq!(v["role"], "peer-hello");
+        assert_eq!(v["addr"], Value::Null);
+        let decoded = PeerMessage::decode(&hello.encode())
+            .expect("text")
+            .expect("valid");
+        assert_eq!(decoded, hello);
+    }
+
+    #[tokio::test]
+    async fn closing_fails_waiting_jobs_with_node_lost() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let link = Link::new("peer-x".into(), tx);
+        let job = Job {
+            steps: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let waiting = tokio::spawn({
+            let link = link.clone();
+            async move { link.run_job(job, Duration::from_secs(60)).await }
+        });
+        // The Run message went out; the answer never comes.
+        let sent = rx.recv().await.expect("run sent");
+        assert!(matches!(
+            PeerMessage::decode(&sent),
+            Some(Ok(PeerMessage::Run { .. }))
+        ));
+        assert_eq!(link.jobs_sent(), 1);
+        link.close();
+        let e = waiting.await.expect("join").expect_err("lost");
+        assert_eq!(e.code, ErrorCode::NodeLost);
+        assert!(e.message.contains("peer-x"));
+        assert_eq!(link.load(), 0);
+        // A closed link refuses new jobs at once.
+        let e = link
+            .run_job(
+                Job {
+                    steps: Vec::new(),
+                    outputs: Vec::new(),
+                },
+                Duration::from_secs(1),
+            )
+            .await
+            .expect_err("closed");
+        assert_eq!(e.code, ErrorCode::NodeLost);
+    }
+
+    #[tokio::test]
+    async fn dropping_a_waiting_job_sends_cancel() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let link = Link::new("p".into(), tx);
+        let job = Job {
+            steps: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let fut = link.run_job(job, Duration::from_secs(60));
+        // Poll until the Run is queued, then drop the caller.
+        let _ = tokio::time::timeout(Duration::from_millis(50), fut).await;
+        let first = rx.recv().await.expect("run");
+        let second = rx.recv().await.expect("cancel");
+        let (
+            Some(Ok(PeerMessage::Run { id, .. })),
+            Some(Ok(PeerMessage::Cancel { id: cancelled })),
+        ) = (PeerMessage::decode(&first), PeerMessage::decode(&second))
+        else {
+            panic!("expected run then cancel");
+        };
+        assert_eq!(id, cancelled);
+        assert_eq!(link.load(), 0);
+    }
+}

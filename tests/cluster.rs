@@ -1,0 +1,210 @@
+//! Several nodes in one process, joined over loopback: routing by function
+//! and datasets, forwarding through a balancer, chains shipped as one job,
+//! leaves, and what happens when a node goes away.
+
+mod common;
+
+use std::time::Duration;
+
+use common::guard;
+use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle, Request};
+use serde_json::{Value, json};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A node for cluster tests: loopback, port 0, no linked functions.
+fn node(name: &str) -> mpreg::NodeBuilder {
+    Node::builder()
+        .name(name)
+        .listen("127.0.0.1:0")
+        .without_linked_functions()
+        .diagnostics(true)
+}
+
+fn url(node: &NodeHandle) -> String {
+    node.url().expect("node listens")
+}
+
+/// Names of the nodes this node sees (itself included).
+fn seen(view: &Value) -> Vec<String> {
+    let mut names: Vec<String> = view["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Waits until `node` sees exactly the named nodes.
+async fn converge(node: &NodeHandle, names: &[&str]) {
+    let mut want: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    let ok = node.wait_for(CONVERGE, |view| seen(view) == want).await;
+    assert!(
+        ok,
+        "{} sees {:?}, wanted {want:?}",
+        node.name(),
+        seen(&node.cluster_view())
+    );
+}
+
+async fn whoami(client: &Client, locs: &[&str]) -> Result<String, mpreg::Error> {
+    client
+        .call_command(Command::new("w", "mpreg.whoami").datasets(locs.iter().copied()))
+        .await
+}
+
+/// A (balancer), B (model-a, model-b) and C (model-c), B and C joined
+/// through A.
+async fn three() -> (NodeHandle, NodeHandle, NodeHandle) {
+    let a = node("A").start().await.expect("start A");
+    let b = node("B")
+        .datasets(["model-a", "model-b"])
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("start B");
+    let c = node("C")
+        .datasets(["model-c"])
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("start C");
+    converge(&a, &["A", "B", "C"]).await;
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancer_routes_by_datasets() {
+    let (a, b, c) = three().await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+
+    assert_eq!(
+        guard("a", whoami(&client, &["model-a"]))
+            .await
+            .expect("B runs it"),
+        "B"
+    );
+    assert_eq!(
+        guard("ab", whoami(&client, &["model-a", "model-b"]))
+            .await
+            .expect("B"),
+        "B"
+    );
+    assert_eq!(
+        guard("c", whoami(&client, &["model-c"]))
+            .await
+            .expect("C runs it"),
+        "C"
+    );
+
+    let e = guard("ac", whoami(&client, &["model-a", "model-c"]))
+        .await
+        .expect_err("no node has both");
+    let mpreg::Error::Rpc(e) = e else {
+        panic!("expected an rpc error, got {e:?}");
+    };
+    assert_eq!(e.code, ErrorCode::NoNodeForDatasets);
+    assert_eq!(e.command.as_deref(), Some("w"));
+
+    let e = guard("unknown", client.call::<Value>("no.such.fun", ()))
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::UnknownFunction),
+        "{e:?}"
+    );
+
+    // The five reference examples through the balancer.
+    for example in mpreg::demo::reference_examples() {
+        let results = guard("example", client.send(example.request))
+            .await
+            .expect("runs");
+        assert_eq!(Value::Object(results.into_map()), example.expected);
+    }
+
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_request_runs_on_several_nodes_and_returns_through_the_balancer() {
+    let (a, b, c) = three().await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let request = Request::new()
+        .cmd(Command::new("on_b", "mpreg.whoami").dataset("model-a"))
+        .cmd(Command::new("on_c", "mpreg.whoami").dataset("model-c"))
+        .cmd(
+            Command::new("both", "echos")
+                .arg("on_b")
+                .arg("on_c")
+                .dataset("model-b"),
+        )
+        .cmd(Command::new("tail", "echo").arg("both").dataset("model-c"));
+    let results = guard(
+        "mixed",
+        client.send(request.return_intermediate_results(true)),
+    )
+    .await
+    .expect("runs");
+    assert_eq!(results.get::<String>("on_b").expect("on_b"), "B");
+    assert_eq!(results.get::<String>("on_c").expect("on_c"), "C");
+    assert_eq!(results.value("tail"), Some(&json!(["B", "C"])));
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_on_a_remote_node_is_one_job() {
+    let a = node("A").start().await.expect("start A");
+    let upper = Function::new("upper", |args: mpreg::Args| async move {
+        let s = args
+            .positional()
+            .first()
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_uppercase();
+        Ok(Value::String(s))
+    });
+    let b = node("B")
+        .function(upper)
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("start B");
+    converge(&a, &["A", "B"]).await;
+    let jobs_to_b = |view: &Value| -> u64 {
+        view["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == "B"))
+            .and_then(|n| n["jobs_sent"].as_u64())
+            .unwrap_or(u64::MAX)
+    };
+    let before = jobs_to_b(&a.cluster_view());
+
+    let mut request = Request::new().cmd(Command::new("s0", "upper").arg("abc"));
+    for i in 1..8 {
+        request = request.cmd(Command::new(format!("s{i}"), "upper").arg(format!("s{}", i - 1)));
+    }
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let results = guard("chain", client.send(request)).await.expect("runs");
+    assert_eq!(results.get::<String>("s7").expect("s7"), "ABC");
+    // Eight commands, one message to B.
+    assert_eq!(jobs_to_b(&a.cluster_view()) - before, 1);
+
+    b.shutdown().await;
+    a.shutdown().await;
+}
