@@ -208,3 +208,228 @@ async fn chain_on_a_remote_node_is_one_job() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A function that sleeps `ms` and returns the name of the node it ran on.
+fn slow(node_name: &str, idempotent: bool) -> Function {
+    let name = node_name.to_owned();
+    let f = Function::new("slow", move |args: mpreg::Args| {
+        let name = name.clone();
+        async move {
+            let ms = args
+                .positional()
+                .first()
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Value::String(name))
+        }
+    })
+    .datasets(["model-a"]);
+    if idempotent { f.idempotent() } else { f }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_out_only_node_is_served_through_its_gateway() {
+    let a = node("A").start().await.expect("start A");
+    let b = node("B").peers([url(&a)]).start().await.expect("start B");
+    let leaf_fn = Function::new("leaf.hello", |_args: mpreg::Args| async {
+        Ok(Value::String("hello from the leaf".into()))
+    });
+    let leaf = node("L")
+        .dial_out_only()
+        .function(leaf_fn)
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("start leaf");
+    assert_eq!(leaf.url(), None, "a dial-out-only node does not listen");
+    converge(&a, &["A", "B", "L"]).await;
+    let offers_leaf_fn = |view: &Value| view.to_string().contains("leaf.hello");
+    assert!(
+        b.wait_for(CONVERGE, offers_leaf_fn).await,
+        "B learns the leaf's function from A"
+    );
+
+    // Through the gateway, and through another member (B → A → L).
+    for entry in [&a, &b] {
+        let client = guard("connect", Client::connect(&url(entry)))
+            .await
+            .expect("connect");
+        let said: String = guard("leaf call", client.call("leaf.hello", ()))
+            .await
+            .expect("runs on L");
+        assert_eq!(said, "hello from the leaf");
+        let who: String = guard(
+            "leaf whoami",
+            client.call_command(
+                Command::new("w", "mpreg.whoami")
+                    .dataset("no-such")
+                    .kwarg("x", 1),
+            ),
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .unwrap_or_else(|e| e);
+        assert!(who.contains("no_node_for_datasets"), "{who}");
+    }
+
+    // The leaf goes away: its function disappears from the gateway's catalog.
+    leaf.shutdown().await;
+    assert!(a.wait_for(CONVERGE, |v| !offers_leaf_fn(v)).await);
+    assert!(b.wait_for(CONVERGE, |v| !offers_leaf_fn(v)).await);
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_fails_its_calls_with_node_lost_and_leaves_the_routes() {
+    let a = node("A").start().await.expect("start A");
+    let b = node("B")
+        .function(slow("B", false))
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("start B");
+    converge(&a, &["A", "B"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_command::<String>(Command::new("s", "slow").arg(60_000).dataset("model-a"))
+                .await
+        }
+    });
+    // Wait until the call is running on B, then crash B.
+    assert!(
+        a.wait_for(CONVERGE, |v| v["nodes"].as_array().is_some_and(|ns| ns
+            .iter()
+            .any(|n| n["name"] == "B" && n["load"] == 1)))
+            .await
+    );
+    b.kill().await;
+    let e = guard("call on a killed node", call)
+        .await
+        .expect("join")
+        .expect_err("node lost");
+    let mpreg::Error::Rpc(e) = e else {
+        panic!("expected an rpc error, got {e:?}");
+    };
+    assert_eq!(e.code, ErrorCode::NodeLost);
+    assert_eq!(e.command.as_deref(), Some("s"));
+    converge(&a, &["A"]).await;
+    let e = guard(
+        "after",
+        client.call_command::<String>(Command::new("s", "slow").arg(0).dataset("model-a")),
+    )
+    .await
+    .expect_err("no node has it now");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::UnknownFunction),
+        "{e:?}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_call_is_retried_on_another_node() {
+    let a = node("A").start().await.expect("start A");
+    let b1 = node("B1")
+        .function(slow("B1", true))
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("B1");
+    let b2 = node("B2")
+        .function(slow("B2", true))
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("B2");
+    converge(&a, &["A", "B1", "B2"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_command::<String>(Command::new("s", "slow").arg(1500).dataset("model-a"))
+                .await
+        }
+    });
+    let running_on = |v: &Value| {
+        v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["load"] == 1 && n["name"] != "A"))
+            .and_then(|n| n["name"].as_str().map(str::to_owned))
+    };
+    let mut first = None;
+    assert!(
+        a.wait_for(CONVERGE, |v| {
+            first = running_on(v);
+            first.is_some()
+        })
+        .await
+    );
+    let first = first.expect("running somewhere");
+    let (victim, survivor) = if first == "B1" { (b1, b2) } else { (b2, b1) };
+    victim.kill().await;
+    let ran_on = guard("retried call", call)
+        .await
+        .expect("join")
+        .expect("retried");
+    assert_eq!(
+        ran_on,
+        survivor.name(),
+        "the call was retried on the other node"
+    );
+    survivor.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_becomes_routable_and_seeds_may_come_later() {
+    // B is told about A before A exists: it keeps trying.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("reserve a port");
+    let a_addr = reserved.local_addr().expect("addr");
+    drop(reserved);
+    let b = node("B")
+        .datasets(["model-b"])
+        .peers([format!("ws://{a_addr}")])
+        .start()
+        .await
+        .expect("start B");
+    let a = node("A")
+        .listen(a_addr.to_string())
+        .start()
+        .await
+        .expect("start A later");
+    converge(&a, &["A", "B"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    assert_eq!(
+        guard("b", whoami(&client, &["model-b"])).await.expect("B"),
+        "B"
+    );
+
+    // C joins last, and is routable from A at once.
+    let c = node("C")
+        .datasets(["model-c"])
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("C");
+    converge(&a, &["A", "B", "C"]).await;
+    assert_eq!(
+        guard("c", whoami(&client, &["model-c"])).await.expect("C"),
+        "C"
+    );
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}

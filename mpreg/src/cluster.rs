@@ -517,8 +517,14 @@ fn hello(state: &NodeState) -> Hello {
 
 /// Runs a link whose hellos were exchanged: registers the peer, reads until
 /// the link closes, then forgets the peer.
-async fn run_link<Si, St>(state: Arc<NodeState>, sink: Si, source: St, theirs: Hello, dialed: bool)
-where
+async fn run_link<Si, St>(
+    state: Arc<NodeState>,
+    sink: Si,
+    source: St,
+    theirs: Hello,
+    dialed: bool,
+    sent_version: u64,
+) where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
         + Unpin
         + Send
@@ -543,6 +549,23 @@ where
     };
     tracing::info!(node = %state.name, peer = %name, leaf, "peer linked");
     state.routing_changed(leaf);
+    // Our catalog may have changed since our hello went out, before this
+    // peer was registered to hear about changes.
+    let catalog = state.cluster.catalog(&state.registry());
+    if catalog.version != sent_version {
+        link.send(&PeerMessage::Catalog(catalog)).await;
+    }
+    // Whatever ends this link (the peer, an error, or this future being
+    // dropped at shutdown), its callers hear `node_lost` and it leaves the
+    // routes.
+    let _unlink = Unlink {
+        state: state.clone(),
+        key,
+        link: link.clone(),
+        leaf,
+        name: name.clone(),
+        writer,
+    };
     link::read_loop(
         &link,
         source,
@@ -552,11 +575,27 @@ where
         },
     )
     .await;
-    if state.cluster.remove(key).is_some() {
-        tracing::info!(node = %state.name, peer = %name, "peer link closed");
-        state.routing_changed(leaf);
+}
+
+/// Forgets a peer when its link ends.
+struct Unlink {
+    state: Arc<NodeState>,
+    key: PeerKey,
+    link: Link,
+    leaf: bool,
+    name: String,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        self.link.close();
+        self.writer.abort();
+        if self.state.cluster.remove(self.key).is_some() {
+            tracing::info!(node = %self.state.name, peer = %self.name, "peer link closed");
+            self.state.routing_changed(self.leaf);
+        }
     }
-    writer.abort();
 }
 
 /// Serves a link a peer opened to us (its first message was `hello`).
@@ -570,11 +609,16 @@ where
 {
     use futures_util::SinkExt;
     let mut sink = sink;
-    let ours = PeerMessage::PeerHello(hello(&state));
-    if sink.send(ours.encode()).await.is_err() {
+    let ours = hello(&state);
+    let sent_version = ours.catalog.version;
+    if sink
+        .send(PeerMessage::PeerHello(ours).encode())
+        .await
+        .is_err()
+    {
         return;
     }
-    run_link(state, sink, source, theirs, false).await;
+    run_link(state, sink, source, theirs, false, sent_version).await;
 }
 
 /// Dials a peer, exchanges hellos, and serves the link on a new task.
@@ -588,7 +632,9 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let (mut sink, mut source) = stream.split();
-    sink.send(PeerMessage::PeerHello(hello(state)).encode())
+    let ours = hello(state);
+    let sent_version = ours.catalog.version;
+    sink.send(PeerMessage::PeerHello(ours).encode())
         .await
         .map_err(|e| e.to_string())?;
     let first = tokio::time::timeout(HELLO_TIMEOUT, source.next())
@@ -603,7 +649,7 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         _ => return Err("peer did not answer with a hello".to_owned()),
     };
     let state = state.clone();
-    tokio::spawn(run_link(state, sink, source, theirs, true));
+    tokio::spawn(run_link(state, sink, source, theirs, true, sent_version));
     Ok(())
 }
 

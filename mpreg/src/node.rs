@@ -218,6 +218,7 @@ impl NodeBuilder {
             advertise: local_addr,
             generation: new_generation(),
             local_load: AtomicUsize::new(0),
+            killed: CancellationToken::new(),
         });
         let _ = cluster_view.set(Arc::downgrade(&state));
         state.routing_changed(false);
@@ -351,6 +352,22 @@ impl NodeHandle {
         self.local_addr.map(|a| format!("ws://{a}"))
     }
 
+    /// Stops the node at once, as if its process died: connections and
+    /// links are dropped, requests in flight are cancelled without replies,
+    /// and peers are not told. For testing how a cluster copes with a crash;
+    /// use [`shutdown`](Self::shutdown) to stop a node cleanly.
+    pub async fn kill(self) {
+        self.state.killed.cancel();
+        self.shutdown.cancel();
+        if let Some(server) = self.server {
+            server.abort();
+        }
+        self.state.cluster.close_all();
+        self.tracker.close();
+        self.tracker.wait().await;
+        tracing::info!(name = %self.name, "node killed");
+    }
+
     /// The cluster as this node sees it: the value `mpreg.cluster` returns.
     pub fn cluster_view(&self) -> Value {
         self.state.cluster.view(&self.state)
@@ -358,7 +375,8 @@ impl NodeHandle {
 
     /// Waits until `ready` holds for this node's view of the cluster, or
     /// until `timeout`; returns whether it held. Checks again at every
-    /// change of the node's routing (peers, catalogs), not on a timer.
+    /// change of the node's routing (peers, catalogs), and every 20 ms for
+    /// what changes without notice (load).
     ///
     /// ```no_run
     /// # async fn doc(node: mpreg::NodeHandle) {
@@ -376,8 +394,9 @@ impl NodeHandle {
                 if ready(&self.cluster_view()) {
                     return;
                 }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
         };
@@ -414,6 +433,8 @@ pub(crate) struct NodeState {
     pub(crate) generation: u64,
     /// Jobs running on this node now: its load, as the router sees it.
     local_load: AtomicUsize,
+    /// Cancelled when the node is killed: nothing drains, nothing waits.
+    pub(crate) killed: CancellationToken,
 }
 
 impl NodeState {
@@ -438,7 +459,11 @@ impl NodeState {
             self.cluster.bump_version();
             let catalog = self.cluster.catalog(&registry);
             let links = self.cluster.member_links();
-            tokio::spawn(async move {
+            // Also called from drop handlers: there may be no runtime left.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(async move {
                 let message = crate::link::PeerMessage::Catalog(catalog);
                 for link in links {
                     link.send(&message).await;

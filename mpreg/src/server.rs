@@ -165,13 +165,19 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         }
     }
 
-    // On shutdown, requests already accepted still get their answers.
+    // On shutdown, requests already accepted still get their answers
+    // (unless the node is killed).
     let drain = async { while requests.join_next().await.is_some() {} };
-    if tokio::time::timeout(state.config.shutdown_grace(), drain)
-        .await
-        .is_err()
-    {
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(state.config.shutdown_grace(), drain) => drained.is_ok(),
+        _ = state.killed.cancelled() => false,
+    };
+    if !drained {
         requests.abort_all();
+    }
+    if state.killed.is_cancelled() {
+        writer.abort();
+        return;
     }
     // A client that stopped reading can block the writer for good: give it
     // the grace period, then drop the connection.
