@@ -66,6 +66,9 @@ pub mod config;
 pub mod demo;
 mod error;
 mod exec;
+// Wired in by the cluster module.
+#[allow(dead_code)]
+mod membership;
 mod node;
 mod plan;
 mod protocol;
