@@ -19,6 +19,7 @@ fn node(name: &str) -> mpreg::NodeBuilder {
         .listen("127.0.0.1:0")
         .without_linked_functions()
         .diagnostics(true)
+        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
 }
 
 fn url(node: &NodeHandle) -> String {
@@ -428,6 +429,112 @@ async fn late_joiner_becomes_routable_and_seeds_may_come_later() {
     assert_eq!(
         guard("c", whoami(&client, &["model-c"])).await.expect("C"),
         "C"
+    );
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_learn_each_other_through_gossip() {
+    let (a, b, c) = three().await;
+    // B and C were only told about A.
+    converge(&b, &["A", "B", "C"]).await;
+    converge(&c, &["A", "B", "C"]).await;
+    let client = guard("connect", Client::connect(&url(&b)))
+        .await
+        .expect("connect");
+    assert_eq!(
+        guard("c from b", whoami(&client, &["model-c"]))
+            .await
+            .expect("C"),
+        "C"
+    );
+    // A graceful shutdown is seen by every member.
+    c.shutdown().await;
+    converge(&a, &["A", "B"]).await;
+    converge(&b, &["A", "B"]).await;
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_nodes_converge() {
+    let started = std::time::Instant::now();
+    let first = node("n00").dataset("d00").start().await.expect("start");
+    let seed = url(&first);
+    let mut nodes = vec![first];
+    for i in 1..16 {
+        let n = node(&format!("n{i:02}"))
+            .dataset(format!("d{i:02}"))
+            .peers([seed.clone()])
+            .start()
+            .await
+            .expect("start");
+        nodes.push(n);
+    }
+    // Every node sees every node, and every ability: each dataset.
+    let mut want: Vec<String> = (0..16).map(|i| format!("n{i:02}")).collect();
+    want.sort();
+    let complete = |view: &Value| {
+        let text = view.to_string();
+        seen(view) == want && (0..16).all(|i| text.contains(&format!("\"d{i:02}\"")))
+    };
+    for n in &nodes {
+        assert!(
+            n.wait_for(CONVERGE, complete).await,
+            "{} sees {:?}",
+            n.name(),
+            seen(&n.cluster_view())
+        );
+    }
+    println!("16 nodes converged in {:?}", started.elapsed());
+    let client = guard("connect", Client::connect(&url(&nodes[7])))
+        .await
+        .expect("connect");
+    assert_eq!(
+        guard("d15", whoami(&client, &["d15"])).await.expect("n15"),
+        "n15"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_is_routable_again() {
+    let (a, b, c) = three().await;
+    let b_addr = b.local_addr().expect("B listens");
+    b.kill().await;
+    converge(&a, &["A", "C"]).await;
+    converge(&c, &["A", "C"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let e = guard("b gone", whoami(&client, &["model-a"]))
+        .await
+        .expect_err("B is gone");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::NoNodeForDatasets),
+        "{e:?}"
+    );
+
+    // Same address, new generation.
+    let b = node("B")
+        .listen(b_addr.to_string())
+        .datasets(["model-a", "model-b"])
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("restart B");
+    converge(&a, &["A", "B", "C"]).await;
+    converge(&c, &["A", "B", "C"]).await;
+    assert_eq!(
+        guard("b back", whoami(&client, &["model-a"]))
+            .await
+            .expect("B"),
+        "B"
     );
     for n in [c, b, a] {
         n.shutdown().await;

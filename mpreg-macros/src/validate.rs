@@ -112,13 +112,13 @@ pub(crate) fn signature(args: &RpcArgs, f: &ItemFn) -> syn::Result<()> {
             }
         }
     }
-    if let syn::ReturnType::Type(_, ty) = &sig.output {
-        if let Some(impl_trait) = find_impl_trait(ty) {
-            errors.add(
-                impl_trait,
-                "#[mpreg::rpc] functions cannot return `impl Trait`: use a concrete type",
-            );
-        }
+    if let syn::ReturnType::Type(_, ty) = &sig.output
+        && let Some(impl_trait) = find_impl_trait(ty)
+    {
+        errors.add(
+            impl_trait,
+            "#[mpreg::rpc] functions cannot return `impl Trait`: use a concrete type",
+        );
     }
     errors.finish()
 }

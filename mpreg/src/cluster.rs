@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::{Dispatch, Job, Wanted, execute};
 use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCOL, PeerMessage};
+use crate::membership::MemberEvent;
 use crate::node::{NodeState, run_local};
 use crate::plan::{Plan, Step};
 use crate::registry::Registry;
@@ -94,6 +95,9 @@ pub(crate) struct Cluster {
     version: AtomicU64,
     /// Bumped on every change of routes (tests and tools wait on it).
     changes: watch::Sender<u64>,
+    /// Addresses being dialed now, so one node never dials the same peer
+    /// twice at once.
+    dialing: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Default for Cluster {
@@ -104,6 +108,7 @@ impl Default for Cluster {
             next_key: AtomicU64::new(1),
             version: AtomicU64::new(1),
             changes: watch::Sender::new(0),
+            dialing: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 }
@@ -345,6 +350,12 @@ impl Cluster {
     pub(crate) fn view(&self, state: &NodeState) -> Value {
         let registry = state.registry();
         let own = self.catalog(&registry);
+        let gossip = state.membership.as_ref().map(|m| {
+            json!({
+                "identity_version": m.id().version,
+                "dropped_packets": m.dropped_packets(),
+            })
+        });
         let mut nodes = vec![json!({
             "name": state.name,
             "addr": state.advertise,
@@ -352,6 +363,7 @@ impl Cluster {
             "generation": state.generation,
             "load": state.local_load(),
             "functions": own.functions,
+            "gossip": gossip,
         })];
         let mut peers: Vec<Value> = self
             .read_peers()
@@ -649,31 +661,132 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         _ => return Err("peer did not answer with a hello".to_owned()),
     };
     let state = state.clone();
-    tokio::spawn(run_link(state, sink, source, theirs, true, sent_version));
+    state.spawn(run_link(
+        state.clone(),
+        sink,
+        source,
+        theirs,
+        true,
+        sent_version,
+    ));
     Ok(())
 }
 
-/// Keeps a link to `url` up: dials, and when the link closes (or dialing
-/// fails) dials again after a jittered, growing delay. Ends with the node.
+/// Keeps a configured peer (`url`) joined. A member announces itself to
+/// the peer over UDP until the peer is a member (membership then links
+/// them, the lower address dialing); a leaf, which is no member, keeps a
+/// link to the peer itself. Retries after a jittered, growing delay; ends
+/// with the node.
 pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
     let mut delay = BACKOFF_START;
     let addr = url_addr(&url);
     loop {
-        let linked_already = addr.is_some_and(|a| state.cluster.linked(a));
-        if !linked_already {
-            match dial(&state, &url).await {
-                Ok(()) => delay = BACKOFF_START,
-                Err(e) => tracing::debug!(peer = %url, error = %e, "cannot link to peer yet"),
+        let done = match (&state.membership, addr) {
+            (Some(m), Some(a)) => {
+                let member = m.members().await.iter().any(|id| id.addr == a);
+                if !member {
+                    m.announce(a);
+                }
+                member
+            }
+            // A leaf, or a peer named by host name: keep a link ourselves.
+            _ => {
+                let linked = addr.is_some_and(|a| state.cluster.linked(a));
+                if !linked && let Err(e) = dial(&state, &url).await {
+                    tracing::debug!(peer = %url, error = %e, "cannot link to peer yet");
+                }
+                addr.is_some_and(|a| state.cluster.linked(a))
+            }
+        };
+        // Joined: look again on a change, or now and then. Not yet: back
+        // off, with jitter so restarted nodes do not retry in step.
+        let wait = if done {
+            delay = BACKOFF_START;
+            BACKOFF_MAX
+        } else {
+            let jitter = random_below(delay.as_millis() as usize / 2 + 1) as u64;
+            let wait = delay + Duration::from_millis(jitter);
+            delay = (delay * 2).min(BACKOFF_MAX);
+            wait
+        };
+        let mut changes = state.cluster.subscribe();
+        let _ = tokio::time::timeout(wait, changes.changed()).await;
+    }
+}
+
+/// Follows membership: dials members that come up (the lower address dials
+/// at once; anyone still unlinked is dialed at the next tick), and drops
+/// the links of members that fail, leave or restart.
+pub(crate) async fn follow_membership(
+    state: Arc<NodeState>,
+    mut events: mpsc::Receiver<MemberEvent>,
+) {
+    let me = state.advertise;
+    let tick = Duration::from_millis(state.config.probe_interval_ms.max(50));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = ticker.tick() => {
+                let Some(m) = &state.membership else { return };
+                for member in m.members().await {
+                    if me.is_some_and(|me| me < member.addr) && !state.cluster.linked(member.addr) {
+                        spawn_dial(&state, member.addr);
+                    }
+                }
+                continue;
+            }
+        };
+        tracing::debug!(node = %state.name, ?event, "membership");
+        match event {
+            MemberEvent::Up(id) => {
+                if me.is_some_and(|me| me < id.addr) && !state.cluster.linked(id.addr) {
+                    spawn_dial(&state, id.addr);
+                }
+            }
+            MemberEvent::Down(id) => state.cluster.drop_member(id.addr, id.generation),
+            MemberEvent::Changed { old, new } => {
+                if new.generation != old.generation {
+                    // Restarted: the old link (if any) is dead.
+                    state.cluster.drop_member(old.addr, old.generation);
+                    if me.is_some_and(|me| me < new.addr) {
+                        spawn_dial(&state, new.addr);
+                    }
+                }
+                // A new version alone: the catalog comes over the link.
             }
         }
-        // Wait for a change, or the backoff, before checking again.
-        let jitter = Duration::from_millis(random_below(delay.as_millis() as usize / 2 + 1) as u64);
-        let mut changes = state.cluster.subscribe();
-        let _ = tokio::time::timeout(delay + jitter, changes.changed()).await;
-        if !addr.is_some_and(|a| state.cluster.linked(a)) {
-            delay = (delay * 2).min(BACKOFF_MAX);
-        }
     }
+}
+
+/// Dials a member on a new task, unless this node is dialing it already.
+fn spawn_dial(state: &Arc<NodeState>, addr: SocketAddr) {
+    let fresh = state
+        .cluster
+        .dialing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(addr);
+    if !fresh {
+        return;
+    }
+    let task_state = state.clone();
+    state.spawn(async move {
+        let state = task_state;
+        if let Err(e) = dial(&state, &format!("ws://{addr}")).await {
+            tracing::debug!(peer = %addr, error = %e, "cannot link to member yet");
+        }
+        state
+            .cluster
+            .dialing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&addr);
+    });
 }
 
 /// The socket address of a `ws://host:port` URL, when it names one directly.

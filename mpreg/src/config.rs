@@ -53,6 +53,12 @@ pub struct Config {
     /// On shutdown, how long requests in flight may take to finish, and
     /// then how long replies may take to be written, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Failure detection: how often a random member is probed, in
+    /// milliseconds.
+    pub probe_interval_ms: u64,
+    /// Failure detection: how long a member that stopped answering probes
+    /// has to prove it is alive before it is declared down, in milliseconds.
+    pub suspect_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -68,6 +74,8 @@ impl Default for Config {
             max_inflight_per_connection: DEFAULT_MAX_INFLIGHT,
             max_commands_per_request: DEFAULT_MAX_COMMANDS,
             shutdown_grace_ms: 10_000,
+            probe_interval_ms: 1_000,
+            suspect_timeout_ms: 3_000,
         }
     }
 }

@@ -153,10 +153,10 @@ pub(crate) async fn execute<D: Dispatch>(
     }
     for (i, step) in steps.iter().enumerate() {
         for arg in step.all_args() {
-            if let Arg::Ref(j) = *arg {
-                if unit_of[j] != unit_of[i] {
-                    reads_left[j] += 1;
-                }
+            if let Arg::Ref(j) = *arg
+                && unit_of[j] != unit_of[i]
+            {
+                reads_left[j] += 1;
             }
         }
     }

@@ -68,6 +68,7 @@ pub mod demo;
 mod error;
 mod exec;
 mod link;
+mod membership;
 mod node;
 mod plan;
 mod protocol;

@@ -18,6 +18,7 @@ use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Wanted, execute};
+use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::plan::{Arg, Plan};
 use crate::protocol::{IncomingRequest, Rejected, Reply, parse_request};
 use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
@@ -170,6 +171,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Failure detection timings: how often a random member is probed, and
+    /// how long a silent member has before it is declared down (defaults
+    /// 1 s and 3 s). A crashed node is noticed within roughly
+    /// `probe_interval + suspect_timeout`.
+    pub fn failure_detection(
+        mut self,
+        probe_interval: Duration,
+        suspect_timeout: Duration,
+    ) -> Self {
+        self.config.probe_interval_ms = probe_interval.as_millis().try_into().unwrap_or(u64::MAX);
+        self.config.suspect_timeout_ms = suspect_timeout.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
     /// Most requests in flight on one connection; more get `overloaded`.
     pub fn max_inflight_per_connection(mut self, n: usize) -> Self {
         self.config.max_inflight_per_connection = n;
@@ -209,22 +224,38 @@ impl NodeBuilder {
         let datasets: BTreeSet<String> = config.datasets.iter().cloned().collect();
         let registry = Registry::new(functions, &datasets);
         let peers = config.peers.clone();
+        let generation = new_generation();
+        let (membership, events) = match local_addr {
+            Some(addr) => {
+                let id = MemberId {
+                    addr,
+                    generation,
+                    version: 1,
+                };
+                let (m, events) = Membership::start(id, membership_config(&config)).await?;
+                (Some(m), Some(events))
+            }
+            None => (None, None),
+        };
 
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
         let state = Arc::new(NodeState {
+            stopping: shutdown.clone(),
+            tasks: tracker.clone(),
             name: name.clone(),
             config,
             registry: RwLock::new(Arc::new(registry)),
             cluster: Cluster::default(),
             advertise: local_addr,
-            generation: new_generation(),
+            generation,
+            membership,
             local_load: AtomicUsize::new(0),
             killed: CancellationToken::new(),
         });
         let _ = cluster_view.set(Arc::downgrade(&state));
         state.routing_changed(false);
 
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let server = listener.map(|listener| {
             tokio::spawn(crate::server::serve(
                 listener,
@@ -233,15 +264,11 @@ impl NodeBuilder {
                 tracker.clone(),
             ))
         });
+        if let Some(events) = events {
+            state.spawn(crate::cluster::follow_membership(state.clone(), events));
+        }
         for url in peers {
-            let state = state.clone();
-            let stop = shutdown.clone();
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = crate::cluster::keep_linked(state, url) => {}
-                }
-            });
+            state.spawn(crate::cluster::keep_linked(state.clone(), url));
         }
         match local_addr {
             Some(addr) => tracing::info!(%name, %addr, "node listening"),
@@ -357,6 +384,9 @@ impl NodeHandle {
     /// and peers are not told. For testing how a cluster copes with a crash;
     /// use [`shutdown`](Self::shutdown) to stop a node cleanly.
     pub async fn kill(self) {
+        if let Some(m) = self.state.membership.clone() {
+            m.kill().await;
+        }
         self.state.killed.cancel();
         self.shutdown.cancel();
         if let Some(server) = self.server {
@@ -406,6 +436,10 @@ impl NodeHandle {
     /// Stops accepting connections, lets requests in flight finish (up to a
     /// grace period), closes every connection and waits for all of it.
     pub async fn shutdown(self) {
+        // Tell the cluster first, so nobody routes here while we drain.
+        if let Some(m) = self.state.membership.clone() {
+            m.leave().await;
+        }
         self.shutdown.cancel();
         // The accept loop ends at once on cancellation; it never panics.
         if let Some(server) = self.server {
@@ -431,10 +465,17 @@ pub(crate) struct NodeState {
     /// Distinguishes this run of the node from earlier ones at the same
     /// address.
     pub(crate) generation: u64,
+    /// Gossip membership and failure detection (`None` for a dial-out-only
+    /// node, which is not a member: its link is its liveness).
+    pub(crate) membership: Option<Membership>,
     /// Jobs running on this node now: its load, as the router sees it.
     local_load: AtomicUsize,
     /// Cancelled when the node is killed: nothing drains, nothing waits.
     pub(crate) killed: CancellationToken,
+    /// Cancelled when the node stops (shutdown or kill).
+    stopping: CancellationToken,
+    /// The node's background tasks, which shutdown waits for.
+    tasks: TaskTracker,
 }
 
 impl NodeState {
@@ -444,6 +485,23 @@ impl NodeState {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Runs `work` in the background until it ends or the node stops.
+    pub(crate) fn spawn<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stopping = self.stopping.clone();
+        if stopping.is_cancelled() {
+            return;
+        }
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stopping.cancelled() => {}
+                _ = work => {}
+            }
+        });
     }
 
     pub(crate) fn local_load(&self) -> usize {
@@ -458,6 +516,9 @@ impl NodeState {
         if ours {
             self.cluster.bump_version();
             let catalog = self.cluster.catalog(&registry);
+            if let Some(m) = &self.membership {
+                m.set_version(catalog.version);
+            }
             let links = self.cluster.member_links();
             // Also called from drop handlers: there may be no runtime left.
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -470,6 +531,17 @@ impl NodeState {
                 }
             });
         }
+    }
+}
+
+/// Failure detection timings from the config.
+fn membership_config(config: &Config) -> MembershipConfig {
+    let probe = Duration::from_millis(config.probe_interval_ms.max(10));
+    MembershipConfig {
+        probe_period: probe,
+        probe_rtt: probe / 3,
+        suspect_to_down: Duration::from_millis(config.suspect_timeout_ms.max(1)),
+        gossip_interval: (probe / 5).max(Duration::from_millis(10)),
     }
 }
 

@@ -100,12 +100,11 @@ impl Plan {
         // A string naming *another* command is a reference; a command's own
         // name is a plain value (there is no result to substitute yet).
         let resolve = |me: usize, v: Value| -> Arg {
-            if let Value::String(s) = &v {
-                if let Some(&j) = index.get(s.as_str()) {
-                    if j != me {
-                        return Arg::Ref(j);
-                    }
-                }
+            if let Value::String(s) = &v
+                && let Some(&j) = index.get(s.as_str())
+                && j != me
+            {
+                return Arg::Ref(j);
             }
             Arg::Value(v)
         };

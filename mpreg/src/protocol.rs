@@ -198,14 +198,14 @@ pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
     let Value::Object(mut outer) = value else {
         return Err(reject(Value::Null, "message is not a JSON object".into()));
     };
-    if let Some(role) = outer.get("role") {
-        if role != "rpc" {
-            let u = read_id(&outer).unwrap_or(Value::Null);
-            return Err(reject(
-                u,
-                format!("unsupported role {role}; expected \"rpc\""),
-            ));
-        }
+    if let Some(role) = outer.get("role")
+        && role != "rpc"
+    {
+        let u = read_id(&outer).unwrap_or(Value::Null);
+        return Err(reject(
+            u,
+            format!("unsupported role {role}; expected \"rpc\""),
+        ));
     }
     // First-release envelope: the request sits under `rpc`.
     let mut body = match outer.remove("rpc") {

@@ -36,10 +36,10 @@ pub(crate) fn choose<T>(
     } else {
         a
     };
-    if let Some(local) = candidates.iter().position(|c| c.local) {
-        if candidates[local].load <= candidates[pick].load {
-            pick = local;
-        }
+    if let Some(local) = candidates.iter().position(|c| c.local)
+        && candidates[local].load <= candidates[pick].load
+    {
+        pick = local;
     }
     Some(pick)
 }

@@ -84,14 +84,14 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         _ = shutdown.cancelled() => return,
         first = source.next() => first,
     };
-    if let Some(Ok(message)) = &first {
-        if let Some(Ok(PeerMessage::PeerHello(hello))) = PeerMessage::decode(message) {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = crate::cluster::accept(state, sink, source, hello) => {}
-            }
-            return;
+    if let Some(Ok(message)) = &first
+        && let Some(Ok(PeerMessage::PeerHello(hello))) = PeerMessage::decode(message)
+    {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = crate::cluster::accept(state, sink, source, hello) => {}
         }
+        return;
     }
     let mut pending_first = first;
     let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);

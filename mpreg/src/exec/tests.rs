@@ -15,11 +15,14 @@ enum Where {
     Node(char),
 }
 
+/// Jobs seen: where each went and the names of its steps.
+type JobLog = Arc<Mutex<Vec<(Where, Vec<String>)>>>;
+
 /// Test functions, a log of calls and of jobs, and a gate for `wait`.
 #[derive(Default, Clone)]
 struct TestFns {
     calls: Arc<Mutex<Vec<String>>>,
-    jobs: Arc<Mutex<Vec<(Where, Vec<String>)>>>,
+    jobs: JobLog,
     gate: Arc<Notify>,
     in_flight: Arc<AtomicUsize>,
 }

@@ -1,0 +1,1119 @@
+//! Cluster membership and failure detection: SWIM (via `foca`) over UDP.
+//!
+//! `foca` is a sans-IO state machine: it never touches a socket or a clock.
+//! This module is the thin driver around it: one tokio task owns the `Foca`
+//! instance, the UDP socket (same port number as the node's WebSocket
+//! listener, so failure detection never queues behind large RPC payloads on a
+//! TCP link), an [`AccumulatingRuntime`] and the timers foca asks for. After
+//! every interaction with foca the task drains the runtime: packets go out on
+//! the socket, timers go into a heap, and notifications become
+//! [`MemberEvent`]s for the cluster manager.
+//!
+//! The gossiped identity ([`MemberId`]) is small on purpose: address,
+//! generation (one per process start) and catalog version. The catalog itself
+//! is fetched over the WebSocket link when a member's version changes.
+//!
+//! # Events
+//!
+//! Events describe how the set of *up* members changes, as seen by this node
+//! (see [`MemberView`]):
+//! - first contact with a member: `Up(id)`;
+//! - a member leaves (`leave()`): `Down(id)` at once, without suspicion;
+//! - a member crashes: `Down(id)` once suspicion times out;
+//! - a member changes its catalog version (`set_version`): foca reports a
+//!   rename, which becomes `Changed { old, new }` (never `Down` + `Up`);
+//! - a member restarts (same address, new generation): `Changed { old, new }`
+//!   if the old identity was still up here, or `Up(new)` if it had already
+//!   been reported `Down` (foca then reports a rename of a down member plus
+//!   `MemberUp`, and a rename of a member that is not up is not an event).
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    io,
+    net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use foca::{
+    AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec,
+    Timer,
+};
+use rand::{SeedableRng, rngs::SmallRng};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::{Instant, sleep_until},
+};
+use tracing::Instrument;
+
+/// Largest packet foca produces and accepts: below a typical Ethernet MTU, so
+/// gossip datagrams are not fragmented.
+const MAX_PACKET_SIZE: NonZeroUsize = match NonZeroUsize::new(1400) {
+    Some(size) => size,
+    None => unreachable!(),
+};
+
+/// Cluster size foca's LAN preset is tuned for (it sets how many times an
+/// update is retransmitted). A few tens of nodes is the expected scale.
+const EXPECTED_CLUSTER_SIZE: NonZeroU32 = match NonZeroU32::new(16) {
+    Some(size) => size,
+    None => unreachable!(),
+};
+
+/// How long a down identity is remembered. An identity that is forgotten
+/// could be resurrected by stale gossip; restarts use a new generation, so a
+/// long memory costs nothing but one entry per address.
+const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(60 * 60);
+
+/// Capacity of the events channel. The cluster manager consumes it promptly;
+/// when it is full the membership task waits.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Capacity of the command channel from the handles to the task.
+const COMMANDS_CAPACITY: usize = 64;
+
+/// Upper bound on [`Membership::leave`].
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// After a version change foca forgets it is connected until a member talks
+/// to it; announcing to this many known members gets it back at once.
+const REANNOUNCE_AFTER_CHANGE: usize = 3;
+
+/// A member's identity as gossiped: small, fits a UDP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MemberId {
+    /// The node's address: its WebSocket TCP port and, with the same number,
+    /// its UDP gossip port.
+    pub(crate) addr: SocketAddr,
+    /// Bumped at each start of the node (e.g. from the wall clock in ms or a
+    /// random u64), so a restarted node wins over its previous incarnation.
+    /// Real nodes use a generation above 0 (0 is the placeholder used when
+    /// announcing to an address).
+    pub(crate) generation: u64,
+    /// Bumped whenever the node's catalog of functions changes (and by foca's
+    /// renew on rejoin), telling the others to fetch the catalog again.
+    pub(crate) version: u64,
+}
+
+impl MemberId {
+    /// The identity we announce to when only an address is known (a seed).
+    /// foca accepts an announce for any identity with the receiver's address.
+    fn placeholder(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            generation: 0,
+            version: 0,
+        }
+    }
+}
+
+impl foca::Identity for MemberId {
+    type Addr = SocketAddr;
+
+    /// Opts in to foca's automatic rejoin: when the cluster declares us down
+    /// (a false positive, e.g. after a long pause), foca switches to this
+    /// newer identity instead of staying defunct.
+    fn renew(&self) -> Option<Self> {
+        self.version
+            .checked_add(1)
+            .map(|version| Self { version, ..*self })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Of two identities at one address, the later start wins, then the later
+    /// catalog version.
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        (self.generation, self.version) > (adversary.generation, adversary.version)
+    }
+}
+
+/// A change in the set of members considered up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MemberEvent {
+    /// A member is up (first seen, or back after being down).
+    Up(MemberId),
+    /// A member is down (failed or left). Its abilities must disappear.
+    Down(MemberId),
+    /// A member with the same address now has a new identity (restart: new
+    /// generation; catalog change: new version). `old` was up.
+    Changed {
+        /// The identity that was up until now.
+        old: MemberId,
+        /// The identity that replaces it.
+        new: MemberId,
+    },
+}
+
+/// Timings of the failure detector.
+#[derive(Debug, Clone)]
+pub(crate) struct MembershipConfig {
+    /// How often a random member is probed. Also sets the periodic announce
+    /// (every 5 probe periods, to one member) that helps discovery.
+    pub(crate) probe_period: Duration,
+    /// How long to wait for a direct ack before asking others to probe
+    /// indirectly. Must be shorter than `probe_period`.
+    pub(crate) probe_rtt: Duration,
+    /// How long a suspected member has to refute before it is declared down.
+    pub(crate) suspect_to_down: Duration,
+    /// How often pending updates are gossiped, on top of those piggybacked on
+    /// probes.
+    pub(crate) gossip_interval: Duration,
+}
+
+impl Default for MembershipConfig {
+    /// Values for a LAN: a crash is noticed within a few seconds.
+    fn default() -> Self {
+        Self {
+            probe_period: Duration::from_secs(1),
+            probe_rtt: Duration::from_millis(300),
+            suspect_to_down: Duration::from_secs(3),
+            gossip_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl MembershipConfig {
+    /// Fast timings for tests on loopback.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(80),
+            suspect_to_down: Duration::from_millis(600),
+            gossip_interval: Duration::from_millis(50),
+        }
+    }
+
+    /// foca's LAN preset with our timings. Rejects timings foca cannot work
+    /// with (zero, or a probe round trip not shorter than the probe period).
+    fn foca_config(&self) -> io::Result<foca::Config> {
+        let zero = [
+            self.probe_period,
+            self.probe_rtt,
+            self.suspect_to_down,
+            self.gossip_interval,
+        ]
+        .contains(&Duration::ZERO);
+        if zero || self.probe_rtt >= self.probe_period {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid membership timings: {self:?}"),
+            ));
+        }
+        let mut config = foca::Config::new_lan(EXPECTED_CLUSTER_SIZE);
+        config.probe_period = self.probe_period;
+        config.probe_rtt = self.probe_rtt;
+        config.suspect_to_down_after = self.suspect_to_down;
+        config.remove_down_after = Some(REMOVE_DOWN_AFTER);
+        config.max_packet_size = MAX_PACKET_SIZE;
+        config.notify_down_members = true;
+        config.periodic_announce = Some(PeriodicParams {
+            frequency: self.probe_period.saturating_mul(5),
+            num_members: NonZeroUsize::MIN,
+        });
+        config.periodic_gossip = Some(PeriodicParams {
+            frequency: self.gossip_interval,
+            num_members: config.num_indirect_probes,
+        });
+        Ok(config)
+    }
+}
+
+/// The foca instance this module drives: postcard on the wire, no custom
+/// broadcasts (the catalog travels over WebSocket, not gossip).
+type SwimFoca = Foca<MemberId, PostcardCodec, SmallRng, NoCustomBroadcast>;
+
+/// The members this node considers up, keyed by address, and the translation
+/// of foca's notifications into [`MemberEvent`]s against it.
+///
+/// foca keeps one entry per address, and reports a rename (`Rename(old,
+/// new)`) before the liveness change it may come with (`MemberUp(new)` or
+/// `MemberDown(new)`). Tracking the up set makes the events simple for the
+/// consumer: `Changed` only replaces an up member, and a rename of a member
+/// that is not up is silent (the `Up` that follows it says everything).
+#[derive(Debug, Default)]
+struct MemberView {
+    /// Up members (alive or suspect), by address.
+    up: HashMap<SocketAddr, MemberId>,
+}
+
+impl MemberView {
+    /// Applies one notification; returns the event it amounts to, if any.
+    fn apply(&mut self, notification: OwnedNotification<MemberId>) -> Option<MemberEvent> {
+        match notification {
+            OwnedNotification::MemberUp(id) => match self.up.insert(id.addr, id) {
+                None => Some(MemberEvent::Up(id)),
+                Some(old) if old == id => None,
+                Some(old) => Some(MemberEvent::Changed { old, new: id }),
+            },
+            OwnedNotification::MemberDown(id) => {
+                if self.up.get(&id.addr) == Some(&id) {
+                    self.up.remove(&id.addr);
+                    Some(MemberEvent::Down(id))
+                } else {
+                    tracing::debug!(?id, "down notification for a member not up");
+                    None
+                }
+            }
+            OwnedNotification::Rename(old, new) => match self.up.get_mut(&old.addr) {
+                Some(current) if *current == old => {
+                    *current = new;
+                    Some(MemberEvent::Changed { old, new })
+                }
+                _ => None,
+            },
+            other => {
+                tracing::debug!(notification = ?other, "membership notification");
+                None
+            }
+        }
+    }
+
+    /// The members currently up.
+    fn members(&self) -> Vec<MemberId> {
+        self.up.values().copied().collect()
+    }
+}
+
+/// Requests from the handles to the membership task.
+#[derive(Debug)]
+enum Command {
+    /// Ask the node at this address to let us in.
+    Announce(SocketAddr),
+    /// Reply with the members currently up.
+    Members(tokio::sync::oneshot::Sender<Vec<MemberId>>),
+    /// Leave the cluster and stop.
+    Leave,
+}
+
+/// Handle to the running membership task. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Membership {
+    /// Commands to the task.
+    commands: mpsc::Sender<Command>,
+    /// Our identity, as wanted by the handles (`set_version`) or chosen by
+    /// foca (renew on rejoin). The task watches it and applies changes; a
+    /// watch coalesces them, so `set_version` never blocks nor gets lost.
+    identity: Arc<watch::Sender<MemberId>>,
+    /// Packets foca rejected (malformed, too big, misaddressed).
+    dropped: Arc<AtomicU64>,
+    /// The task, taken by the first `leave` to wait for the socket to close.
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Membership {
+    /// Binds UDP on `id.addr` and starts the membership task. Events arrive on
+    /// the returned receiver.
+    ///
+    /// `id.addr` must be the address other nodes reach us at, with a real port
+    /// (the one of the WebSocket listener, which keeps the number taken).
+    pub(crate) async fn start(
+        id: MemberId,
+        config: MembershipConfig,
+    ) -> io::Result<(Membership, mpsc::Receiver<MemberEvent>)> {
+        if id.addr.port() == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "membership needs the node's real port, not 0",
+            ));
+        }
+        let foca_config = config.foca_config()?;
+        let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
+        let socket = UdpSocket::bind(id.addr).await?;
+
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
+        let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);
+        let (identity_tx, identity_rx) = watch::channel(id);
+        let identity = Arc::new(identity_tx);
+        let dropped = Arc::new(AtomicU64::new(0));
+
+        let driver = Driver {
+            foca: Foca::new(id, foca_config, rng, PostcardCodec),
+            runtime: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            view: MemberView::default(),
+            events: events_tx,
+            identity: Arc::clone(&identity),
+            dropped: Arc::clone(&dropped),
+        };
+        let span = tracing::debug_span!("membership", addr = %id.addr);
+        let task = tokio::spawn(
+            driver
+                .run(socket, commands_rx, identity_rx)
+                .instrument(span),
+        );
+        let membership = Membership {
+            commands: commands_tx,
+            identity,
+            dropped,
+            task: Arc::new(Mutex::new(Some(task))),
+        };
+        Ok((membership, events_rx))
+    }
+
+    /// Asks the node at `addr` (UDP, same port number as its WebSocket) to let
+    /// us in. Safe to call repeatedly: the caller retries seeds with backoff,
+    /// so an announce that cannot be queued is dropped.
+    pub(crate) fn announce(&self, addr: SocketAddr) {
+        if let Err(error) = self.commands.try_send(Command::Announce(addr)) {
+            tracing::debug!(%addr, %error, "announce not queued");
+        }
+    }
+
+    /// Changes our identity's version (catalog changed); other members see
+    /// `Changed`. The version only moves forward: if `version` is not above
+    /// the current one (foca's renew may have bumped it), the current one
+    /// plus one is used. [`Membership::id`] tells the result.
+    pub(crate) fn set_version(&self, version: u64) {
+        self.identity.send_modify(|id| {
+            id.version = version.max(id.version.saturating_add(1));
+        });
+    }
+
+    /// The members currently considered up (not including ourselves). Empty
+    /// once the task has stopped.
+    pub(crate) async fn members(&self) -> Vec<MemberId> {
+        let (reply, members) = tokio::sync::oneshot::channel();
+        if self.commands.send(Command::Members(reply)).await.is_err() {
+            return Vec::new();
+        }
+        members.await.unwrap_or_default()
+    }
+
+    /// Our current identity (including a version set by `set_version` that
+    /// the task may not have gossiped yet).
+    pub(crate) fn id(&self) -> MemberId {
+        *self.identity.borrow()
+    }
+
+    /// Packets dropped because foca rejected them (garbage, too big, meant
+    /// for a previous identity of ours).
+    pub(crate) fn dropped_packets(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Leaves the cluster gracefully (others see `Down` at once, not after
+    /// suspicion), then stops the task and closes the socket. Takes at most
+    /// [`LEAVE_TIMEOUT`]; past it the task is aborted.
+    pub(crate) async fn leave(self) {
+        let mut task = self.take_task();
+        let stopped = tokio::time::timeout(LEAVE_TIMEOUT, async {
+            // An error means the task is already gone: nothing to leave.
+            let _ = self.commands.send(Command::Leave).await;
+            match task.as_mut() {
+                Some(task) => {
+                    let _ = task.await;
+                }
+                // Another handle is leaving; wait until the task is gone.
+                None => self.commands.closed().await,
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            // E.g. stuck on a full events channel nobody reads.
+            tracing::warn!("membership task did not leave in time; aborting it");
+            if let Some(task) = task {
+                task.abort();
+            }
+        }
+    }
+
+    /// Takes the task's join handle (only one caller gets it).
+    fn take_task(&self) -> Option<JoinHandle<()>> {
+        // A poisoned lock only means another thread panicked while taking the
+        // handle; the Option inside is still valid.
+        match self.task.lock() {
+            Ok(mut task) => task.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Stops the task without leaving, as a crash would: the others must
+    /// notice through probes and suspicion. Returns once the socket is closed.
+    pub(crate) async fn kill(self) {
+        if let Some(task) = self.take_task() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// What woke the membership task.
+enum Wake {
+    /// A datagram arrived (its length and sender), or receiving failed.
+    Packet(io::Result<(usize, SocketAddr)>),
+    /// A command, or `None` once every handle is gone.
+    Command(Option<Command>),
+    /// The wanted identity changed (`Err` if its sender is gone).
+    Identity(Result<(), watch::error::RecvError>),
+    /// The earliest timer is due.
+    Timer,
+}
+
+/// The state owned by the membership task.
+///
+/// Timers live in a min-heap polled by the task's own `select!` with one
+/// `sleep_until` for the earliest deadline. This spawns no task per timer, and
+/// timers due at the same instant come out in foca's `Timer` order (which
+/// puts an indirect probe before the next probe, as foca needs).
+struct Driver {
+    /// The SWIM state machine.
+    foca: SwimFoca,
+    /// Collects what foca wants done after each call; drained by `flush`.
+    runtime: AccumulatingRuntime<MemberId>,
+    /// Pending timers, earliest first.
+    timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
+    /// Members up, for `members()` and to shape events.
+    view: MemberView,
+    /// Events to the cluster manager.
+    events: mpsc::Sender<MemberEvent>,
+    /// Shared identity, updated when foca renews ours.
+    identity: Arc<watch::Sender<MemberId>>,
+    /// Shared count of rejected packets.
+    dropped: Arc<AtomicU64>,
+}
+
+impl Driver {
+    /// The task's loop: runs until `leave` or until every handle is dropped
+    /// (then it leaves too, so a node that forgets to leave still departs
+    /// cleanly).
+    async fn run(
+        mut self,
+        socket: UdpSocket,
+        mut commands: mpsc::Receiver<Command>,
+        mut wanted: watch::Receiver<MemberId>,
+    ) {
+        // One byte more than foca accepts, so an oversized datagram is seen as
+        // such (truncated to this length) and rejected, not cut and parsed.
+        let mut buf = vec![0u8; MAX_PACKET_SIZE.get() + 1];
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let wake = tokio::select! {
+                received = socket.recv_from(&mut buf) => Wake::Packet(received),
+                command = commands.recv() => Wake::Command(command),
+                changed = wanted.changed() => Wake::Identity(changed),
+                () = sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
+                    Wake::Timer
+                }
+            };
+            match wake {
+                Wake::Packet(Ok((len, from))) => {
+                    let packet = buf.get(..len).unwrap_or(&buf);
+                    if let Err(error) = self.foca.handle_data(packet, &mut self.runtime) {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%from, len, %error, "dropped a membership packet");
+                    }
+                    self.flush(&socket).await;
+                }
+                Wake::Packet(Err(error)) => {
+                    tracing::debug!(%error, "receiving a membership packet failed");
+                }
+                Wake::Command(Some(Command::Announce(addr))) => {
+                    if addr == self.foca.identity().addr {
+                        tracing::debug!(%addr, "not announcing to ourselves");
+                        continue;
+                    }
+                    let seed = MemberId::placeholder(addr);
+                    if let Err(error) = self.foca.announce(seed, &mut self.runtime) {
+                        tracing::debug!(%addr, %error, "announce failed");
+                    }
+                    self.flush(&socket).await;
+                }
+                Wake::Command(Some(Command::Members(reply))) => {
+                    let _ = reply.send(self.view.members());
+                }
+                Wake::Identity(Ok(())) => {
+                    let id = *wanted.borrow_and_update();
+                    self.change_identity(id, &socket).await;
+                }
+                Wake::Timer => self.fire_due_timers(&socket).await,
+                Wake::Command(Some(Command::Leave) | None) | Wake::Identity(Err(_)) => {
+                    if let Err(error) = self.foca.leave_cluster(&mut self.runtime) {
+                        tracing::debug!(%error, "leaving the cluster failed");
+                    }
+                    self.flush(&socket).await;
+                    tracing::debug!("left the cluster");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Switches foca to the identity the handles want (new version).
+    async fn change_identity(&mut self, id: MemberId, socket: &UdpSocket) {
+        if id == *self.foca.identity() {
+            return;
+        }
+        match self.foca.change_identity(id, &mut self.runtime) {
+            Ok(()) => {
+                // foca gossiped the change; it now waits for a member to talk
+                // to the new identity before it probes again. Announcing to a
+                // few members brings a reply right away.
+                let peers: Vec<MemberId> = self
+                    .foca
+                    .iter_members()
+                    .take(REANNOUNCE_AFTER_CHANGE)
+                    .map(|member| *member.id())
+                    .collect();
+                for peer in peers {
+                    if let Err(error) = self.foca.announce(peer, &mut self.runtime) {
+                        tracing::debug!(?peer, %error, "announce after change failed");
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(?id, %error, "changing identity failed"),
+        }
+        self.flush(socket).await;
+    }
+
+    /// Hands every due timer to foca, in deadline (then foca's) order.
+    async fn fire_due_timers(&mut self, socket: &UdpSocket) {
+        let now = Instant::now();
+        while self
+            .timers
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            let Some(Reverse((_, timer))) = self.timers.pop() else {
+                break;
+            };
+            if let Err(error) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!(%error, "membership timer failed");
+            }
+            self.flush(socket).await;
+        }
+    }
+
+    /// Does what foca asked for in its last call: sends packets, schedules
+    /// timers, turns notifications into events.
+    async fn flush(&mut self, socket: &UdpSocket) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            if let Err(error) = socket.send_to(&data, to.addr).await {
+                tracing::debug!(to = %to.addr, %error, "sending a membership packet failed");
+            }
+        }
+        let now = Instant::now();
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            // Delays come from our config; saturate rather than overflow.
+            let at = now.checked_add(after).unwrap_or(now + REMOVE_DOWN_AFTER);
+            self.timers.push(Reverse((at, timer)));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            if let OwnedNotification::Rejoin(id) = &notification {
+                // The cluster declared us down and foca renewed our identity.
+                tracing::info!(?id, "rejoined the cluster with a renewed identity");
+                let renewed = *id;
+                self.identity.send_if_modified(|wanted| {
+                    let newer = renewed.version > wanted.version;
+                    if newer {
+                        *wanted = renewed;
+                    }
+                    newer
+                });
+            }
+            if let Some(event) = self.view.apply(notification) {
+                tracing::debug!(?event, "membership event");
+                // An error means nobody listens any more; keep the cluster
+                // view running for `members()`.
+                let _ = self.events.send(event).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use tokio::time::timeout;
+
+    /// Only to stop a broken test from hanging; nothing is timed with it.
+    const HANG_GUARD: Duration = Duration::from_secs(30);
+
+    // ---- sans-IO: foca instances wired through memory ----
+
+    /// One foca with its runtime and the view/events our driver would derive.
+    struct SimNode {
+        foca: SwimFoca,
+        runtime: AccumulatingRuntime<MemberId>,
+        view: MemberView,
+        events: Vec<MemberEvent>,
+    }
+
+    impl SimNode {
+        fn new(id: MemberId, seed: u64) -> Self {
+            let config = MembershipConfig::for_tests().foca_config().expect("valid");
+            Self {
+                foca: Foca::new(id, config, SmallRng::seed_from_u64(seed), PostcardCodec),
+                runtime: AccumulatingRuntime::new(),
+                view: MemberView::default(),
+                events: Vec::new(),
+            }
+        }
+
+        /// Announces to `addr`, as `Membership::announce` does.
+        fn announce(&mut self, addr: SocketAddr) {
+            let seed = MemberId::placeholder(addr);
+            self.foca
+                .announce(seed, &mut self.runtime)
+                .expect("announce");
+        }
+
+        /// Drains the runtime: returns the packets; timers are not fired.
+        fn drain(&mut self) -> Vec<(MemberId, Vec<u8>)> {
+            while self.runtime.to_schedule().is_some() {}
+            while let Some(notification) = self.runtime.to_notify() {
+                self.events.extend(self.view.apply(notification));
+            }
+            std::iter::from_fn(|| self.runtime.to_send())
+                .map(|(to, data)| (to, data.to_vec()))
+                .collect()
+        }
+    }
+
+    /// Delivers packets between the nodes until none is left.
+    fn settle(nodes: &mut [&mut SimNode]) {
+        for _ in 0..64 {
+            let packets: Vec<_> = nodes.iter_mut().flat_map(|node| node.drain()).collect();
+            if packets.is_empty() {
+                return;
+            }
+            for (to, data) in packets {
+                if let Some(node) = nodes.iter_mut().find(|n| n.foca.identity().addr == to.addr) {
+                    // Like the driver: a rejected packet is only dropped.
+                    let _ = node.foca.handle_data(&data, &mut node.runtime);
+                }
+            }
+        }
+        panic!("the nodes kept talking without timers");
+    }
+
+    fn sim_id(port: u16, generation: u64) -> MemberId {
+        MemberId {
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            generation,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn sans_io_announce_gossip_and_leave() {
+        let (a_id, b_id, c_id) = (sim_id(1, 1), sim_id(2, 1), sim_id(3, 1));
+        let (mut a, mut b, mut c) = (
+            SimNode::new(a_id, 1),
+            SimNode::new(b_id, 2),
+            SimNode::new(c_id, 3),
+        );
+
+        a.announce(b_id.addr);
+        settle(&mut [&mut a, &mut b, &mut c]);
+        assert_eq!(a.events, [MemberEvent::Up(b_id)]);
+        assert_eq!(b.events, [MemberEvent::Up(a_id)]);
+
+        // c joins through a; the feed tells c about b, gossip tells b about c.
+        c.announce(a_id.addr);
+        settle(&mut [&mut a, &mut b, &mut c]);
+        a.foca.gossip(&mut a.runtime).expect("gossip");
+        settle(&mut [&mut a, &mut b, &mut c]);
+        for (node, others) in [(&a, [b_id, c_id]), (&b, [a_id, c_id]), (&c, [a_id, b_id])] {
+            let mut members = node.view.members();
+            members.sort_by_key(|m| m.addr);
+            assert_eq!(members, others);
+        }
+
+        b.foca.leave_cluster(&mut b.runtime).expect("leave");
+        settle(&mut [&mut a, &mut b, &mut c]);
+        assert_eq!(a.events.last(), Some(&MemberEvent::Down(b_id)));
+        assert_eq!(c.events.last(), Some(&MemberEvent::Down(b_id)));
+        assert_eq!(a.view.members(), [c_id]);
+    }
+
+    #[test]
+    fn sans_io_version_change_is_seen_as_changed() {
+        let (a_id, b_id) = (sim_id(1, 1), sim_id(2, 1));
+        let (mut a, mut b) = (SimNode::new(a_id, 1), SimNode::new(b_id, 2));
+        b.announce(a_id.addr);
+        settle(&mut [&mut a, &mut b]);
+
+        let b2 = MemberId { version: 2, ..b_id };
+        b.foca.change_identity(b2, &mut b.runtime).expect("change");
+        settle(&mut [&mut a, &mut b]);
+        // foca reports Rename(old, new) only: no Down, no Up.
+        assert_eq!(
+            a.events,
+            [
+                MemberEvent::Up(b_id),
+                MemberEvent::Changed { old: b_id, new: b2 }
+            ]
+        );
+        assert_eq!(a.view.members(), [b2]);
+    }
+
+    #[test]
+    fn sans_io_restart_is_changed_or_up_after_down() {
+        let (a_id, b_id) = (sim_id(1, 1), sim_id(2, 1));
+        let mut a = SimNode::new(a_id, 1);
+        let mut b = SimNode::new(b_id, 2);
+        b.announce(a_id.addr);
+        settle(&mut [&mut a, &mut b]);
+
+        // Restarted before anyone noticed: the new generation replaces the old.
+        let b2 = MemberId {
+            generation: 2,
+            ..b_id
+        };
+        let mut b = SimNode::new(b2, 3);
+        b.announce(a_id.addr);
+        settle(&mut [&mut a, &mut b]);
+        assert_eq!(
+            a.events.last(),
+            Some(&MemberEvent::Changed { old: b_id, new: b2 })
+        );
+
+        // Down first (here: it left), then restarted: just Up, no Changed.
+        b.foca.leave_cluster(&mut b.runtime).expect("leave");
+        settle(&mut [&mut a, &mut b]);
+        let b3 = MemberId {
+            generation: 3,
+            ..b_id
+        };
+        let mut b = SimNode::new(b3, 4);
+        b.announce(a_id.addr);
+        settle(&mut [&mut a, &mut b]);
+        assert_eq!(
+            a.events[2..],
+            [MemberEvent::Down(b2), MemberEvent::Up(b3)],
+            "all events: {:?}",
+            a.events
+        );
+        assert_eq!(a.view.members(), [b3]);
+    }
+
+    #[test]
+    fn view_tracks_the_up_set() {
+        use OwnedNotification as N;
+        let (x, y) = (sim_id(1, 1), sim_id(2, 1));
+        let x2 = MemberId { version: 2, ..x };
+        let mut view = MemberView::default();
+        assert_eq!(view.apply(N::MemberUp(x)), Some(MemberEvent::Up(x)));
+        assert_eq!(view.apply(N::MemberUp(x)), None);
+        assert_eq!(
+            view.apply(N::Rename(x, x2)),
+            Some(MemberEvent::Changed { old: x, new: x2 })
+        );
+        assert_eq!(view.apply(N::MemberDown(x)), None, "stale id");
+        assert_eq!(view.apply(N::MemberDown(x2)), Some(MemberEvent::Down(x2)));
+        assert_eq!(
+            view.apply(N::Rename(x2, x)),
+            None,
+            "rename of a down member"
+        );
+        assert_eq!(view.apply(N::MemberUp(y)), Some(MemberEvent::Up(y)));
+        assert_eq!(view.apply(N::Idle), None);
+        assert_eq!(view.members(), [y]);
+    }
+
+    #[test]
+    fn newer_generation_then_version_wins() {
+        use foca::Identity;
+        let old = sim_id(1, 5);
+        let newer_version = MemberId { version: 9, ..old };
+        let newer_generation = MemberId {
+            generation: 6,
+            version: 0,
+            ..old
+        };
+        assert!(newer_version.win_addr_conflict(&old));
+        assert!(!old.win_addr_conflict(&newer_version));
+        assert!(newer_generation.win_addr_conflict(&newer_version));
+        assert_eq!(old.renew(), Some(MemberId { version: 2, ..old }));
+        assert!(!MemberId::placeholder(old.addr).win_addr_conflict(&old));
+    }
+
+    #[test]
+    fn bad_timings_are_rejected() {
+        let mut config = MembershipConfig::for_tests();
+        config.probe_rtt = config.probe_period;
+        assert!(config.foca_config().is_err());
+        assert!(MembershipConfig::default().foca_config().is_ok());
+    }
+
+    // ---- real UDP sockets on loopback ----
+
+    /// A node's membership, on the port of a TCP listener it keeps open (as a
+    /// node's WebSocket listener would).
+    struct TestNode {
+        membership: Membership,
+        events: mpsc::Receiver<MemberEvent>,
+        _tcp: TcpListener,
+    }
+
+    impl TestNode {
+        async fn start(generation: u64) -> Self {
+            let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+            Self::start_on(tcp, generation).await
+        }
+
+        async fn start_on(tcp: TcpListener, generation: u64) -> Self {
+            let addr = tcp.local_addr().expect("local addr");
+            let id = MemberId {
+                addr,
+                generation,
+                version: 1,
+            };
+            let (membership, events) = Membership::start(id, MembershipConfig::for_tests())
+                .await
+                .expect("start membership");
+            Self {
+                membership,
+                events,
+                _tcp: tcp,
+            }
+        }
+
+        fn id(&self) -> MemberId {
+            self.membership.id()
+        }
+
+        fn addr(&self) -> SocketAddr {
+            self.membership.id().addr
+        }
+
+        /// Waits for an event matching `wanted`; returns it and those skipped.
+        async fn expect_event(
+            &mut self,
+            what: &str,
+            wanted: impl Fn(&MemberEvent) -> bool,
+        ) -> (MemberEvent, Vec<MemberEvent>) {
+            let mut skipped = Vec::new();
+            let found = timeout(HANG_GUARD, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(event) if wanted(&event) => return event,
+                        Some(event) => skipped.push(event),
+                        None => panic!("events closed while waiting for {what}"),
+                    }
+                }
+            })
+            .await;
+            match found {
+                Ok(event) => (event, skipped),
+                Err(_) => panic!("no {what} within {HANG_GUARD:?}; saw {skipped:?}"),
+            }
+        }
+    }
+
+    fn sorted(mut ids: Vec<MemberId>) -> Vec<MemberId> {
+        ids.sort_by_key(|m| (m.addr, m.generation, m.version));
+        ids
+    }
+
+    /// Polls `members()` until it is exactly `want`.
+    async fn eventually_members(node: &Membership, want: &[MemberId]) {
+        let want = sorted(want.to_vec());
+        let mut last = Vec::new();
+        let reached = timeout(HANG_GUARD, async {
+            loop {
+                last = sorted(node.members().await);
+                if last == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "members never became {want:?}; last {last:?}"
+        );
+    }
+
+    /// Announces to `seed` again and again (as the node's seed retry does)
+    /// until `node` knows a member at that address.
+    async fn join_via(node: &Membership, seed: SocketAddr) {
+        let joined = timeout(HANG_GUARD, async {
+            loop {
+                node.announce(seed);
+                for _ in 0..10 {
+                    if node.members().await.iter().any(|m| m.addr == seed) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        })
+        .await;
+        assert!(joined.is_ok(), "never joined via {seed}");
+    }
+
+    /// Three nodes joined through `a`, each seeing the other two.
+    async fn three_nodes() -> (TestNode, TestNode, TestNode) {
+        let a = TestNode::start(1).await;
+        let b = TestNode::start(1).await;
+        let c = TestNode::start(1).await;
+        join_via(&b.membership, a.addr()).await;
+        join_via(&c.membership, a.addr()).await;
+        eventually_members(&a.membership, &[b.id(), c.id()]).await;
+        eventually_members(&b.membership, &[a.id(), c.id()]).await;
+        eventually_members(&c.membership, &[a.id(), b.id()]).await;
+        (a, b, c)
+    }
+
+    #[tokio::test]
+    async fn udp_join_version_change_and_leave() {
+        let (mut a, mut b, mut c) = three_nodes().await;
+        let (b_old, c_id) = (b.id(), c.id());
+
+        b.membership.set_version(7);
+        let b_new = MemberId {
+            version: 7,
+            ..b_old
+        };
+        assert_eq!(b.id(), b_new);
+        for node in [&mut a, &mut c] {
+            let changed = MemberEvent::Changed {
+                old: b_old,
+                new: b_new,
+            };
+            let (_, skipped) = node.expect_event("Changed(b)", |e| *e == changed).await;
+            assert!(
+                skipped.iter().all(|e| *e != MemberEvent::Down(b_old)),
+                "a version change is not a Down: {skipped:?}"
+            );
+        }
+        eventually_members(&a.membership, &[b_new, c_id]).await;
+
+        // A version that is not newer still moves forward.
+        b.membership.set_version(3);
+        assert_eq!(b.id().version, 8);
+
+        c.membership.leave().await;
+        for node in [&mut a, &mut b] {
+            node.expect_event("Down(c)", |e| *e == MemberEvent::Down(c_id))
+                .await;
+        }
+        eventually_members(&a.membership, &[b.id()]).await;
+    }
+
+    #[tokio::test]
+    async fn udp_crash_is_detected_and_restart_comes_back_up() {
+        let (mut a, mut b, c) = three_nodes().await;
+        let c_old = c.id();
+        let TestNode {
+            membership,
+            _tcp: c_tcp,
+            ..
+        } = c;
+        membership.kill().await;
+        for node in [&mut a, &mut b] {
+            node.expect_event("Down(c) after suspicion", |e| {
+                *e == MemberEvent::Down(c_old)
+            })
+            .await;
+        }
+
+        // Restarted after it was declared down: a plain Up of the new identity.
+        let c = TestNode::start_on(c_tcp, 2).await;
+        let c_new = c.id();
+        join_via(&c.membership, a.addr()).await;
+        for node in [&mut a, &mut b] {
+            let (_, skipped) = node
+                .expect_event("Up(c new)", |e| *e == MemberEvent::Up(c_new))
+                .await;
+            assert!(
+                skipped
+                    .iter()
+                    .all(|e| !matches!(e, MemberEvent::Changed { .. })),
+                "{skipped:?}"
+            );
+        }
+        eventually_members(&a.membership, &[b.id(), c_new]).await;
+        eventually_members(&c.membership, &[a.id(), b.id()]).await;
+    }
+
+    #[tokio::test]
+    async fn udp_quick_restart_replaces_the_old_identity() {
+        let (mut a, b, c) = three_nodes().await;
+        let c_old = c.id();
+        let TestNode {
+            membership,
+            _tcp: c_tcp,
+            ..
+        } = c;
+        membership.kill().await;
+        let c = TestNode::start_on(c_tcp, 2).await;
+        let c_new = c.id();
+        join_via(&c.membership, a.addr()).await;
+
+        // Typically `Changed { old, new }` (a has not suspected c yet). If
+        // the old identity was declared down first, it is `Down` then `Up`.
+        let (event, skipped) = a
+            .expect_event("Changed(c) or Up(c new)", |e| {
+                *e == MemberEvent::Changed {
+                    old: c_old,
+                    new: c_new,
+                } || *e == MemberEvent::Up(c_new)
+            })
+            .await;
+        if event == MemberEvent::Up(c_new) {
+            assert!(skipped.contains(&MemberEvent::Down(c_old)), "{skipped:?}");
+        }
+        eventually_members(&a.membership, &[b.id(), c_new]).await;
+        eventually_members(&b.membership, &[a.id(), c_new]).await;
+    }
+
+    #[tokio::test]
+    async fn udp_announce_before_the_seed_is_up() {
+        let seed_tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let seed_addr = seed_tcp.local_addr().expect("local addr");
+        let b = TestNode::start(1).await;
+        b.membership.announce(seed_addr); // nobody listens yet: lost
+        assert!(b.membership.members().await.is_empty());
+
+        let a = TestNode::start_on(seed_tcp, 1).await;
+        join_via(&b.membership, seed_addr).await;
+        eventually_members(&a.membership, &[b.id()]).await;
+        eventually_members(&b.membership, &[a.id()]).await;
+    }
+
+    #[tokio::test]
+    async fn udp_garbage_is_dropped_and_counted() {
+        let mut a = TestNode::start(1).await;
+        let b = TestNode::start(1).await;
+        join_via(&b.membership, a.addr()).await;
+
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let garbage: [&[u8]; 4] = [b"", b"hello", &[0xff; 64], &[7; 2000]];
+        for packet in garbage {
+            sender.send_to(packet, a.addr()).expect("send garbage");
+        }
+        let counted = timeout(HANG_GUARD, async {
+            while a.membership.dropped_packets() < 4 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            counted.is_ok(),
+            "dropped: {}",
+            a.membership.dropped_packets()
+        );
+
+        // Still working: a new node joins.
+        let c = TestNode::start(1).await;
+        join_via(&c.membership, a.addr()).await;
+        a.expect_event("Up(c)", |e| *e == MemberEvent::Up(c.id()))
+            .await;
+        eventually_members(&a.membership, &[b.id(), c.id()]).await;
+    }
+}
