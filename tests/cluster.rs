@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::guard;
+use common::{RawWs, guard};
 use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle, Request};
 use serde_json::{Value, json};
 
@@ -539,4 +539,67 @@ async fn restarted_node_is_routable_again() {
     for n in [c, b, a] {
         n.shutdown().await;
     }
+}
+
+/// The next `done` answer on a raw peer link (skipping catalog pushes).
+async fn done(ws: &mut RawWs) -> Value {
+    for _ in 0..100 {
+        let message = ws.recv_json().await;
+        if message["role"] == "done" {
+            return message;
+        }
+    }
+    panic!("no done message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_links_check_what_peers_send() {
+    let a = node("A").start().await.expect("start A");
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(&json!({
+        "role": "peer-hello", "protocol": 1, "name": "fake", "addr": null, "generation": 1,
+        "catalog": {"version": 1, "functions": []}
+    }))
+    .await;
+    let hello = ws.recv_json().await;
+    assert_eq!(hello["role"], "peer-hello");
+    assert_eq!(hello["name"], "A");
+
+    // A job whose output names no step.
+    let bad_output = json!({"role": "run", "id": 1, "timeout_ms": 5000, "outputs": [5],
+        "steps": [{"name": "s", "fun": "echo", "args": [{"value": 1}]}]});
+    ws.send_json(&bad_output).await;
+    let answer = done(&mut ws).await;
+    assert_eq!(answer["id"], 1);
+    assert_eq!(answer["error"]["code"], "bad_request");
+
+    // A good two-step job: typed values are never read as references.
+    let good = json!({"role": "run", "id": 2, "timeout_ms": 5000, "outputs": [1],
+    "steps": [
+        {"name": "s0", "fun": "echo", "args": [{"value": "s1"}]},
+        {"name": "s1", "fun": "echos", "args": [{"ref": 0}, {"value": "s0"}]}
+    ]});
+    ws.send_json(&good).await;
+    let answer = done(&mut ws).await;
+    assert_eq!(answer["id"], 2);
+    assert_eq!(answer["values"], json!([["s1", "s0"]]));
+
+    // A reference to a step that does not exist.
+    let dangling = json!({"role": "run", "id": 3, "timeout_ms": 5000, "outputs": [0],
+        "steps": [{"name": "s", "fun": "echo", "args": [{"ref": 9}]}]});
+    ws.send_json(&dangling).await;
+    let answer = done(&mut ws).await;
+    assert_eq!(answer["error"]["code"], "bad_request");
+
+    // Garbage closes the link, and only the link.
+    ws.send_text("this is not a peer message").await;
+    ws.expect_closed().await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let n: i64 = guard("still serving", client.call("echo", (5,)))
+        .await
+        .expect("echo");
+    assert_eq!(n, 5);
+    a.shutdown().await;
 }

@@ -488,6 +488,12 @@ impl LinkHandler for Served {
             deadline: Instant::now() + timeout,
         };
         Box::pin(async move {
+            if let Some(bad) = job.outputs.iter().find(|&&o| o >= job.steps.len()) {
+                return Err(RpcError::bad_request(format!(
+                    "job output {bad} names no step (the job has {})",
+                    job.steps.len()
+                )));
+            }
             let plan = Plan::from_steps(job.steps)?;
             let run = execute(plan, &placer, Wanted::These(job.outputs));
             match tokio::time::timeout(timeout, run).await {
@@ -679,8 +685,12 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
 /// with the node.
 pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
     let mut delay = BACKOFF_START;
-    let addr = url_addr(&url);
+    let mut addr = url_addr(&url);
     loop {
+        if addr.is_none() {
+            // A host name: resolve it (it may not resolve yet).
+            addr = resolve(&url).await;
+        }
         let done = match (&state.membership, addr) {
             (Some(m), Some(a)) => {
                 let member = m.members().await.iter().any(|id| id.addr == a);
@@ -689,8 +699,9 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
                 }
                 member
             }
-            // A leaf, or a peer named by host name: keep a link ourselves.
-            _ => {
+            (Some(_), None) => false,
+            // A leaf keeps a link to its gateway itself.
+            (None, _) => {
                 let linked = addr.is_some_and(|a| state.cluster.linked(a));
                 if !linked && let Err(e) = dial(&state, &url).await {
                     tracing::debug!(peer = %url, error = %e, "cannot link to peer yet");
@@ -789,6 +800,15 @@ fn spawn_dial(state: &Arc<NodeState>, addr: SocketAddr) {
     });
 }
 
+/// The first address a `ws://host:port` URL's host name resolves to.
+async fn resolve(url: &str) -> Option<SocketAddr> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))?;
+    let hostport = rest.split('/').next()?;
+    tokio::net::lookup_host(hostport).await.ok()?.next()
+}
+
 /// The socket address of a `ws://host:port` URL, when it names one directly.
 pub(crate) fn url_addr(url: &str) -> Option<SocketAddr> {
     let rest = url
@@ -801,6 +821,16 @@ pub(crate) fn url_addr(url: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn host_names_resolve() {
+        let addr = resolve("ws://localhost:7773/")
+            .await
+            .expect("localhost resolves");
+        assert!(addr.ip().is_loopback());
+        assert_eq!(addr.port(), 7773);
+        assert_eq!(resolve("not a url").await, None);
+    }
 
     #[test]
     fn url_addresses() {
