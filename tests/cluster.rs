@@ -22,6 +22,27 @@ fn node(name: &str) -> mpreg::NodeBuilder {
         .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
 }
 
+/// A node for cluster tests that joins through `seed`.
+fn joining(name: &str, seed: &NodeHandle) -> mpreg::NodeBuilder {
+    node(name).peers([url(seed)])
+}
+
+/// Waits until `entry` has a call in flight on some peer; returns its name.
+async fn busy_peer(entry: &NodeHandle) -> String {
+    let mut busy = None;
+    let found = entry
+        .wait_for(CONVERGE, |view| {
+            busy = view["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["status"] != "self" && n["load"] == 1))
+                .and_then(|n| n["name"].as_str().map(str::to_owned));
+            busy.is_some()
+        })
+        .await;
+    assert!(found, "no call in flight on any peer of {}", entry.name());
+    busy.unwrap_or_default()
+}
+
 fn url(node: &NodeHandle) -> String {
     node.url().expect("node listens")
 }
@@ -64,15 +85,13 @@ async fn whoami(client: &Client, locs: &[&str]) -> Result<String, mpreg::Error> 
 /// through A.
 async fn three() -> (NodeHandle, NodeHandle, NodeHandle) {
     let a = node("A").start().await.expect("start A");
-    let b = node("B")
+    let b = joining("B", &a)
         .datasets(["model-a", "model-b"])
-        .peers([url(&a)])
         .start()
         .await
         .expect("start B");
-    let c = node("C")
+    let c = joining("C", &a)
         .datasets(["model-c"])
-        .peers([url(&a)])
         .start()
         .await
         .expect("start C");
@@ -178,9 +197,8 @@ async fn chain_on_a_remote_node_is_one_job() {
             .to_uppercase();
         Ok(Value::String(s))
     });
-    let b = node("B")
+    let b = joining("B", &a)
         .function(upper)
-        .peers([url(&a)])
         .start()
         .await
         .expect("start B");
@@ -232,7 +250,7 @@ fn slow(node_name: &str, idempotent: bool) -> Function {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_out_only_node_is_served_through_its_gateway() {
     let a = node("A").start().await.expect("start A");
-    let b = node("B").peers([url(&a)]).start().await.expect("start B");
+    let b = joining("B", &a).start().await.expect("start B");
     let leaf_fn = Function::new("leaf.hello", |_args: mpreg::Args| async {
         Ok(Value::String("hello from the leaf".into()))
     });
@@ -286,9 +304,8 @@ async fn dial_out_only_node_is_served_through_its_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_fails_its_calls_with_node_lost_and_leaves_the_routes() {
     let a = node("A").start().await.expect("start A");
-    let b = node("B")
+    let b = joining("B", &a)
         .function(slow("B", false))
-        .peers([url(&a)])
         .start()
         .await
         .expect("start B");
@@ -338,15 +355,13 @@ async fn killed_node_fails_its_calls_with_node_lost_and_leaves_the_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_call_is_retried_on_another_node() {
     let a = node("A").start().await.expect("start A");
-    let b1 = node("B1")
+    let b1 = joining("B1", &a)
         .function(slow("B1", true))
-        .peers([url(&a)])
         .start()
         .await
         .expect("B1");
-    let b2 = node("B2")
+    let b2 = joining("B2", &a)
         .function(slow("B2", true))
-        .peers([url(&a)])
         .start()
         .await
         .expect("B2");
@@ -362,21 +377,7 @@ async fn idempotent_call_is_retried_on_another_node() {
                 .await
         }
     });
-    let running_on = |v: &Value| {
-        v["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["load"] == 1 && n["name"] != "A"))
-            .and_then(|n| n["name"].as_str().map(str::to_owned))
-    };
-    let mut first = None;
-    assert!(
-        a.wait_for(CONVERGE, |v| {
-            first = running_on(v);
-            first.is_some()
-        })
-        .await
-    );
-    let first = first.expect("running somewhere");
+    let first = busy_peer(&a).await;
     let (victim, survivor) = if first == "B1" { (b1, b2) } else { (b2, b1) };
     victim.kill().await;
     let ran_on = guard("retried call", call)
@@ -419,9 +420,8 @@ async fn late_joiner_becomes_routable_and_seeds_may_come_later() {
     );
 
     // C joins last, and is routable from A at once.
-    let c = node("C")
+    let c = joining("C", &a)
         .datasets(["model-c"])
-        .peers([url(&a)])
         .start()
         .await
         .expect("C");
