@@ -1,68 +1,310 @@
-//! Starts a small mpreg cluster on loopback and runs the five reference
-//! requests of the original project through it, printing each request and its
-//! result as JSON.
+//! A real mpreg cluster in one process: a balancer and two workers on
+//! loopback, joined by gossip, driven by a client that talks to the balancer
+//! only.
 //!
 //! ```text
 //! cargo run --example echo_cluster
 //! ```
 //!
-//! Every node listens on its own OS-chosen port.
+//! What it does:
+//!
+//! 1. starts `balancer` (no datasets), `worker-ab` (datasets `model-a`,
+//!    `model-b`) and `worker-c` (dataset `model-c`), each on an OS-chosen
+//!    port; the workers know only the balancer's URL and find the rest by
+//!    gossip. It waits (bounded) until the balancer sees every node with its
+//!    datasets;
+//! 2. runs the five reference requests of the original project through the
+//!    balancer, printing each request and its result as JSON and checking
+//!    the result;
+//! 3. runs one request whose commands run on different nodes, chosen by
+//!    dataset, and prints where each ran and what flowed between them
+//!    (`mpreg.whoami` answers with the name of the node that ran it; a
+//!    command without datasets runs on the balancer itself unless it is
+//!    busier than the other nodes that could run it);
+//! 4. prints the cluster as the balancer sees it;
+//! 5. shuts every node down gracefully.
+//!
+//! It exits with status 1 and a message on stderr if the cluster does not
+//! form, a result is not the expected one, or anything takes too long.
 
-use mpreg::{Client, Command, Node, Request};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mpreg::{Client, Command, Node, NodeBuilder, NodeHandle, Request};
 use serde_json::{Value, json};
 
-/// Upper-cases a string: a function of this binary, served by every node.
-#[mpreg::rpc]
+/// How long the cluster may take to form.
+const CONVERGE: Duration = Duration::from_secs(10);
+/// Deadline of every request (the node enforces it; the client waits a
+/// little longer).
+const REQUEST: Duration = Duration::from_secs(5);
+/// Bound on any other single step (connecting, stopping a node).
+const STEP: Duration = Duration::from_secs(10);
+
+/// The error type of this example: any error, with a readable message.
+type BoxError = Box<dyn std::error::Error>;
+
+/// `greet(node)`: a greeting from `node`. Linked into this binary, so every
+/// node of this process serves it.
+#[mpreg::rpc(idempotent)]
+fn greet(node: String) -> String {
+    format!("hello from {node}")
+}
+
+/// `shout(text)`: upper-cases `text`. Also served by every node.
+#[mpreg::rpc(idempotent)]
 fn shout(text: String) -> String {
     text.to_uppercase()
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let nodes = [
-        Node::builder().name("balancer").start().await?,
-        Node::builder()
-            .name("worker-ab")
-            .datasets(["model-a", "model-b"])
-            .start()
-            .await?,
-        Node::builder()
-            .name("worker-c")
-            .datasets(["model-c"])
-            .start()
-            .await?,
-    ];
-    for node in &nodes {
-        println!(
-            "# node {} listening on {}",
-            node.name(),
-            node.url().expect("node listens")
-        );
-    }
-
-    let client = Client::connect(&nodes[0].url().expect("node listens")).await?;
-    for (i, example) in mpreg::demo::reference_examples().into_iter().enumerate() {
-        let shown = json!({ "cmds": example.request.cmds });
-        println!("request {}: {shown}", i + 1);
-        let results = Value::Object(client.send(example.request).await?.into_map());
-        println!("result  {}: {results}", i + 1);
-        if results != example.expected {
-            return Err(format!("expected {}", example.expected).into());
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo_cluster: error: {e}");
+            ExitCode::FAILURE
         }
     }
+}
 
-    // A request using a function of this binary and a dataset.
-    let worker = Client::connect(&nodes[1].url().expect("node listens")).await?;
-    let request = Request::new()
-        .cmd(Command::new("greeting", "echo").arg("hello from mpreg"))
-        .cmd(Command::new("loud", "shout").arg("greeting"))
-        .cmd(Command::new("where", "mpreg.whoami").dataset("model-a"));
-    println!("request 6: {}", json!({ "cmds": request.cmds }));
-    let results = Value::Object(worker.send(request).await?.into_map());
-    println!("result  6: {results}");
-
-    for node in nodes {
-        node.shutdown().await;
+/// Starts the cluster, runs the demo, and stops every node that started
+/// (whether the demo succeeded or not).
+async fn run() -> Result<(), BoxError> {
+    println!("== starting the cluster");
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    let outcome = async {
+        let balancer = start(node("balancer")).await?;
+        let seed = url(&balancer)?;
+        nodes.push(balancer);
+        nodes.push(
+            start(
+                node("worker-ab")
+                    .datasets(["model-a", "model-b"])
+                    .peers([&seed]),
+            )
+            .await?,
+        );
+        nodes.push(start(node("worker-c").datasets(["model-c"]).peers([&seed])).await?);
+        for n in &nodes {
+            println!("node {:<10} listening on {}", n.name(), url(n)?);
+        }
+        demo(&nodes[0]).await
     }
+    .await;
+
+    println!();
+    println!("== shutting down");
+    // Workers first, the balancer (their seed) last.
+    for n in nodes.into_iter().rev() {
+        let name = n.name().to_owned();
+        match tokio::time::timeout(STEP, n.shutdown()).await {
+            Ok(()) => println!("node {name} stopped"),
+            Err(_) => eprintln!("node {name} did not stop within {STEP:?}"),
+        }
+    }
+    outcome
+}
+
+/// A node of this demo: loopback, OS-chosen port, quick failure detection
+/// and a short shutdown grace (nothing here runs long).
+fn node(name: &str) -> NodeBuilder {
+    Node::builder()
+        .name(name)
+        .listen("127.0.0.1:0")
+        .failure_detection(Duration::from_millis(200), Duration::from_secs(1))
+        .shutdown_grace(Duration::from_secs(2))
+}
+
+async fn start(builder: NodeBuilder) -> Result<NodeHandle, BoxError> {
+    Ok(bounded("starting a node", builder.start()).await??)
+}
+
+fn url(node: &NodeHandle) -> Result<String, BoxError> {
+    node.url()
+        .ok_or_else(|| format!("node {} does not listen", node.name()).into())
+}
+
+/// Runs `fut`, failing instead of hanging if it takes longer than [`STEP`].
+async fn bounded<F: Future>(what: &str, fut: F) -> Result<F::Output, BoxError> {
+    tokio::time::timeout(STEP, fut)
+        .await
+        .map_err(|_| format!("{what} took longer than {STEP:?}").into())
+}
+
+/// Everything that happens while the cluster is up. `balancer` is the only
+/// node the client talks to.
+async fn demo(balancer: &NodeHandle) -> Result<(), BoxError> {
+    // 1. Wait until the balancer sees both workers, with their datasets.
+    let want = [
+        ("balancer", vec![]),
+        ("worker-ab", vec!["model-a", "model-b"]),
+        ("worker-c", vec!["model-c"]),
+    ];
+    let converged = balancer
+        .wait_for(CONVERGE, |view| {
+            want.iter().all(|(name, datasets)| {
+                node_datasets(view, name)
+                    .is_some_and(|have| datasets.iter().all(|d| have.contains(*d)))
+            })
+        })
+        .await;
+    if !converged {
+        return Err(format!(
+            "the cluster did not converge within {CONVERGE:?}; the balancer sees {}",
+            balancer.cluster_view()
+        )
+        .into());
+    }
+    println!("cluster converged: the balancer sees every node and its datasets");
+
+    let client = bounded(
+        "connecting to the balancer",
+        Client::builder().timeout(REQUEST).connect(&url(balancer)?),
+    )
+    .await??;
+
+    // 2. The five reference requests.
+    println!();
+    println!("== the five reference requests (through the balancer)");
+    for (i, example) in mpreg::demo::reference_examples().into_iter().enumerate() {
+        let n = i + 1;
+        println!("request {n}: {}", json!({ "cmds": example.request.cmds }));
+        let results = Value::Object(client.send(example.request).await?.into_map());
+        println!("result  {n}: {results}");
+        if results != example.expected {
+            return Err(format!(
+                "reference request {n}: got {results}, expected {}",
+                example.expected
+            )
+            .into());
+        }
+    }
+    println!("all five results are as expected");
+
+    // 3. One request, three nodes: routed by datasets.
+    println!();
+    println!("== one request across the cluster (return_intermediate_results)");
+    let request = Request::new()
+        .cmd(Command::new("where_a", "mpreg.whoami").dataset("model-a"))
+        .cmd(
+            Command::new("greeting", "greet")
+                .arg("where_a")
+                .dataset("model-a"),
+        )
+        .cmd(Command::new("where_c", "mpreg.whoami").dataset("model-c"))
+        .cmd(
+            Command::new("loud", "shout")
+                .arg("greeting")
+                .dataset("model-c"),
+        )
+        .cmd(Command::new("where_lb", "mpreg.whoami"))
+        .cmd(
+            Command::new("combined", "echos")
+                .arg("loud")
+                .arg("where_a")
+                .arg("where_c")
+                .arg("where_lb"),
+        )
+        .return_intermediate_results(true);
+    println!("request: {}", json!({ "cmds": request.cmds }));
+    let results = client.send(request.clone()).await?;
+    for cmd in &request.cmds {
+        let call = format!("{}({})", cmd.fun, render_args(&cmd.args));
+        let on = if cmd.locs.is_empty() {
+            "any node".to_owned()
+        } else {
+            format!("[{}]", cmd.locs.join(", "))
+        };
+        let value = results.value(&cmd.name).unwrap_or(&Value::Null);
+        println!("  {:<9} = {call:<42} @ {on:<10} -> {value}", cmd.name);
+    }
+    let where_a: String = results.get("where_a")?;
+    let where_c: String = results.get("where_c")?;
+    let where_lb: String = results.get("where_lb")?;
+    let loud: String = results.get("loud")?;
+    println!(
+        "the greeting was made on {where_a}, shouted on {where_c} and combined on {where_lb}: {loud:?}"
+    );
+    if where_a != "worker-ab" || where_c != "worker-c" || loud != "HELLO FROM WORKER-AB" {
+        return Err("commands did not run where their datasets are".into());
+    }
+
+    // 4. The cluster as the balancer sees it.
+    println!();
+    println!("== the cluster as the balancer sees it");
+    print_view(&balancer.cluster_view());
     Ok(())
+}
+
+/// A command's arguments as `a, "b", 3`: references appear as bare names.
+fn render_args(args: &[Value]) -> String {
+    args.iter()
+        .map(|a| match a {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every dataset node `name` has (over all its functions), if the view lists
+/// that node.
+fn node_datasets(view: &Value, name: &str) -> Option<BTreeSet<String>> {
+    let node = view["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)?;
+    Some(
+        node["functions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|f| f["datasets"].as_array().into_iter().flatten())
+            .filter_map(|d| d.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// One line per node: name, address, status, and its functions grouped by
+/// the datasets they have there.
+fn print_view(view: &Value) {
+    let empty = Vec::new();
+    for node in view["nodes"].as_array().unwrap_or(&empty) {
+        // Functions with the same datasets, together, in order of first
+        // appearance.
+        let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        for f in node["functions"].as_array().unwrap_or(&empty) {
+            let fun = f["fun"].as_str().unwrap_or("?").to_owned();
+            let datasets: Vec<String> = f["datasets"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect();
+            match groups.iter_mut().find(|(d, _)| *d == datasets) {
+                Some((_, funs)) => funs.push(fun),
+                None => groups.push((datasets, vec![fun])),
+            }
+        }
+        let functions = groups
+            .iter()
+            .map(|(datasets, funs)| {
+                if datasets.is_empty() {
+                    funs.join(", ")
+                } else {
+                    format!("{} @ [{}]", funs.join(", "), datasets.join(", "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!(
+            "  {:<10} {:<16} {:<5} {functions}",
+            node["name"].as_str().unwrap_or("?"),
+            node["addr"].as_str().unwrap_or("-"),
+            node["status"].as_str().unwrap_or("?"),
+        );
+    }
 }

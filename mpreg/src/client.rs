@@ -275,7 +275,7 @@ impl Client {
         .map_err(|_| Error::Closed)?;
         match (reply.error, reply.r) {
             (Some(e), _) => Err(Error::Rpc(e)),
-            (None, Some(results)) => Ok(Results(results)),
+            (None, Some(results)) => Ok(Results::new(results)),
             (None, None) => Err(Error::Protocol("reply has neither `r` nor `error`")),
         }
     }
@@ -287,6 +287,10 @@ impl Client {
 pub struct Results(Map<String, Value>);
 
 impl Results {
+    pub(crate) fn new(results: Map<String, Value>) -> Self {
+        Self(results)
+    }
+
     /// Decodes the result of command `name`.
     pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<T, Error> {
         let value = self.0.get(name).ok_or_else(|| Error::NoSuchResult {

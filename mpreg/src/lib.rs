@@ -81,6 +81,31 @@ mod ws;
 #[path = "private.rs"]
 pub mod __private;
 
+/// Internal costs for the benchmarks in `benches/`. Not a stable API.
+#[doc(hidden)]
+pub mod __bench {
+    use serde_json::{Map, Value};
+
+    use crate::{Command, RpcError};
+
+    /// Plans `commands` as a request would be; returns the number of sinks.
+    pub fn plan(commands: Vec<Command>) -> Result<usize, RpcError> {
+        crate::plan::Plan::new(commands, usize::MAX).map(|p| p.sinks.len())
+    }
+
+    /// Parses one client frame; returns its number of commands.
+    pub fn parse_frame(frame: &[u8]) -> Result<usize, RpcError> {
+        crate::protocol::parse_request(frame)
+            .map(|r| r.request.cmds.len())
+            .map_err(|r| r.error)
+    }
+
+    /// Encodes a successful reply.
+    pub fn encode_reply(u: Value, results: Map<String, Value>) -> String {
+        crate::protocol::Reply::ok(u, results).encode()
+    }
+}
+
 pub use client::{Client, ClientBuilder, Results};
 pub use config::Config;
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};

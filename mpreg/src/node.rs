@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::builtins;
+use crate::client::Results;
 use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Wanted, execute};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::plan::{Arg, Plan};
-use crate::protocol::{IncomingRequest, Rejected, Reply, parse_request};
+use crate::protocol::{IncomingRequest, Rejected, Reply, Request, parse_request};
 use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
 
 /// An mpreg node: serves its functions to clients and peers over WebSocket.
@@ -396,6 +397,39 @@ impl NodeHandle {
         self.tracker.close();
         self.tracker.wait().await;
         tracing::info!(name = %self.name, "node killed");
+    }
+
+    /// Runs a request through this node, without a connection: the same
+    /// planning, routing (to peers too) and execution as for a client, in
+    /// process. For applications that call their cluster from the node they
+    /// host, and for tests and benchmarks of handlers.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mpreg::Error> {
+    /// use mpreg::{Command, Request};
+    ///
+    /// let node = mpreg::Node::builder().start().await?;
+    /// let results = node
+    ///     .send(Request::new()
+    ///         .cmd(Command::new("first", "echo").arg("hi there!"))
+    ///         .cmd(Command::new("second", "echos").arg("first").arg("AND ME TOO")))
+    ///     .await?;
+    /// assert_eq!(results.get::<Vec<String>>("second")?, ["hi there!", "AND ME TOO"]);
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send(&self, request: Request) -> Result<Results, Error> {
+        let incoming = IncomingRequest {
+            u: Value::Null,
+            request,
+        };
+        let reply = handle(&self.state, incoming).await;
+        match (reply.error, reply.r) {
+            (Some(e), _) => Err(Error::Rpc(e)),
+            (None, Some(results)) => Ok(Results::new(results)),
+            (None, None) => Err(Error::Protocol("reply has neither results nor error")),
+        }
     }
 
     /// The cluster as this node sees it: the value `mpreg.cluster` returns.
