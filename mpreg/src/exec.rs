@@ -13,6 +13,7 @@
 //! client disconnects cancel work.
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
@@ -190,6 +191,17 @@ pub(crate) async fn execute<D: Dispatch>(
         running: JoinSet::new(),
         dispatcher,
     };
+    // One unit (a single command, or one chain for one peer): no
+    // scheduling and no task needed.
+    if let [unit] = &units[..] {
+        let first = unit.steps[0];
+        let call = run.prepare(0, unit, &outputs[0]);
+        let values = call.await.map_err(|e| e.with_command(run.name(first)))?;
+        for (&o, value) in outputs[0].iter().zip(values) {
+            run.results[o] = Some(value);
+        }
+        return run.finish(wanted);
+    }
     for u in 0..units.len() {
         if run.waiting[u] == 0 {
             run.start(u, &units[u], &outputs[u]);
@@ -271,8 +283,35 @@ impl<D: Dispatch> Dataflow<'_, D> {
         }
     }
 
-    /// Sends unit `u`, whose inputs are all ready, to its target.
+    /// The wanted results, with their command names.
+    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Value)>, RpcError> {
+        wanted
+            .into_iter()
+            .map(|w| {
+                let value = self.take(w);
+                let name = self.steps[w].take().map(|s| s.name).unwrap_or_default();
+                value
+                    .map(|v| (name, v))
+                    .ok_or_else(|| RpcError::new(ErrorCode::Internal, "a command never ran"))
+            })
+            .collect()
+    }
+
+    /// Sends unit `u`, whose inputs are all ready, to its target, on a task
+    /// of its own.
     fn start(&mut self, u: usize, unit: &Unit, outputs: &[usize]) {
+        let call = self.prepare(u, unit, outputs);
+        self.running.spawn(async move { (u, call.await) });
+    }
+
+    /// The call that runs unit `u` (inputs ready) at its target, with the
+    /// values of `outputs` as its result.
+    fn prepare(
+        &mut self,
+        u: usize,
+        unit: &Unit,
+        outputs: &[usize],
+    ) -> impl Future<Output = Result<Vec<Value>, RpcError>> + Send + 'static {
         let mut job_steps = Vec::with_capacity(unit.steps.len());
         for (pos, &s) in unit.steps.iter().enumerate() {
             self.position[s] = pos;
@@ -307,8 +346,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
             outputs: outputs.iter().map(|&o| self.position[o]).collect(),
         };
         let target = self.targets[unit.steps[0]].clone();
-        let call = guarded(self.dispatcher.run(target, job));
-        self.running.spawn(async move { (u, call.await) });
+        guarded(self.dispatcher.run(target, job))
     }
 
     /// An argument as seen from inside unit `u`: a reference into the unit
