@@ -142,6 +142,19 @@ async fn balancer_routes_by_datasets() {
         "{e:?}"
     );
 
+    // Node-local functions are not offered to peers.
+    let view = a.cluster_view();
+    let peer_b = view["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["name"] == "B"))
+        .cloned()
+        .unwrap_or_default();
+    let funs = peer_b["functions"].to_string();
+    assert!(
+        funs.contains("mpreg.whoami") && !funs.contains("mpreg.cluster"),
+        "{funs}"
+    );
+
     // The five reference examples through the balancer.
     for example in mpreg::demo::reference_examples() {
         let results = guard("example", client.send(example.request))

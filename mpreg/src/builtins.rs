@@ -66,7 +66,8 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
         })
         .returns("object")
         .doc("The cluster as the node that ran it sees it: nodes, addresses, status, functions with datasets, load.")
-        .idempotent(),
+        .idempotent()
+        .local_only(),
     );
     if diagnostics {
         fns.extend(diagnostic_functions());

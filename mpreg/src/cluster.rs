@@ -153,6 +153,7 @@ impl Cluster {
     pub(crate) fn catalog(&self, registry: &Registry) -> Catalog {
         let mut functions: Vec<Ability> = registry
             .iter()
+            .filter(|f| f.advertised)
             .map(|f| Ability {
                 fun: f.name.clone(),
                 datasets: f.datasets.clone(),
@@ -349,7 +350,14 @@ impl Cluster {
     /// The cluster as this node sees it (what `mpreg.cluster` returns).
     pub(crate) fn view(&self, state: &NodeState) -> Value {
         let registry = state.registry();
-        let own = self.catalog(&registry);
+        // Everything served here, local-only functions included.
+        let mut own = self.catalog(&registry).functions;
+        own.extend(registry.iter().filter(|f| !f.advertised).map(|f| Ability {
+            fun: f.name.clone(),
+            datasets: f.datasets.clone(),
+            idempotent: f.idempotent,
+        }));
+        own.sort();
         let gossip = state.membership.as_ref().map(|m| {
             json!({
                 "identity_version": m.id().version,
@@ -362,7 +370,7 @@ impl Cluster {
             "status": "self",
             "generation": state.generation,
             "load": state.local_load(),
-            "functions": own.functions,
+            "functions": own,
             "gossip": gossip,
         })];
         let mut peers: Vec<Value> = self

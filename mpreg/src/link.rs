@@ -291,10 +291,13 @@ where
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             Some(Ok(m)) => m,
         };
-        let decoded = match PeerMessage::decode(&message) {
-            None => continue, // ping, pong
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
+        let size = message.len();
+        let decoded = crate::ws::cpu_bound(size, move || PeerMessage::decode(&message)).await;
+        let decoded = match decoded {
+            None => break,          // the node is stopping
+            Some(None) => continue, // ping, pong
+            Some(Some(Ok(m))) => m,
+            Some(Some(Err(e))) => {
                 tracing::warn!(peer = %link.inner.peer, error = %e, "peer sent an invalid message; closing the link");
                 break;
             }

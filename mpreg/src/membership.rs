@@ -47,8 +47,9 @@ use foca::{
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::{
     net::UdpSocket,
+    sync::oneshot,
     sync::{mpsc, watch},
-    task::JoinHandle,
+    task::AbortHandle,
     time::{Instant, sleep_until},
 };
 use tracing::Instrument;
@@ -308,7 +309,26 @@ pub(crate) struct Membership {
     /// Packets foca rejected (malformed, too big, misaddressed).
     dropped: Arc<AtomicU64>,
     /// The task, taken by the first `leave` to wait for the socket to close.
-    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    task: Arc<Mutex<Option<Task>>>,
+}
+
+/// The membership task, which runs on a thread of its own (see `start`).
+#[derive(Debug)]
+struct Task {
+    abort: AbortHandle,
+    /// Resolves (with an error) once the thread has finished and the socket
+    /// is closed.
+    finished: oneshot::Receiver<()>,
+}
+
+impl Task {
+    fn abort(&self) {
+        self.abort.abort();
+    }
+
+    async fn wait(&mut self) {
+        let _ = (&mut self.finished).await;
+    }
 }
 
 impl Membership {
@@ -329,7 +349,8 @@ impl Membership {
         }
         let foca_config = config.foca_config()?;
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
-        let socket = UdpSocket::bind(id.addr).await?;
+        let socket = std::net::UdpSocket::bind(id.addr)?;
+        socket.set_nonblocking(true)?;
 
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);
@@ -347,11 +368,50 @@ impl Membership {
             dropped: Arc::clone(&dropped),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
-        let task = tokio::spawn(
-            driver
-                .run(socket, commands_rx, identity_rx)
-                .instrument(span),
-        );
+        // Failure detection runs on a thread and runtime of its own: a node
+        // whose workers are busy (decoding a huge message, a handler that
+        // blocks) still answers probes, so it is not declared dead.
+        let (ready_tx, ready_rx) = oneshot::channel::<io::Result<AbortHandle>>();
+        let (finished_tx, finished_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("mpreg-membership".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let socket = match UdpSocket::from_std(socket) {
+                        Ok(socket) => socket,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let task = tokio::spawn(
+                        driver
+                            .run(socket, commands_rx, identity_rx)
+                            .instrument(span),
+                    );
+                    let _ = ready_tx.send(Ok(task.abort_handle()));
+                    let _ = task.await;
+                });
+                // Dropping the runtime closed the socket: tell the waiters.
+                drop(finished_tx);
+            })?;
+        let abort = ready_rx
+            .await
+            .map_err(|_| io::Error::other("the membership thread stopped at start"))??;
+        let task = Task {
+            abort,
+            finished: finished_rx,
+        };
         let membership = Membership {
             commands: commands_tx,
             identity,
@@ -411,9 +471,7 @@ impl Membership {
             // An error means the task is already gone: nothing to leave.
             let _ = self.commands.send(Command::Leave).await;
             match task.as_mut() {
-                Some(task) => {
-                    let _ = task.await;
-                }
+                Some(task) => task.wait().await,
                 // Another handle is leaving; wait until the task is gone.
                 None => self.commands.closed().await,
             }
@@ -428,8 +486,8 @@ impl Membership {
         }
     }
 
-    /// Takes the task's join handle (only one caller gets it).
-    fn take_task(&self) -> Option<JoinHandle<()>> {
+    /// Takes the task's handle (only one caller gets it).
+    fn take_task(&self) -> Option<Task> {
         // A poisoned lock only means another thread panicked while taking the
         // handle; the Option inside is still valid.
         match self.task.lock() {
@@ -441,9 +499,9 @@ impl Membership {
     /// Stops the task without leaving, as a crash would: the others must
     /// notice through probes and suspicion. Returns once the socket is closed.
     pub(crate) async fn kill(self) {
-        if let Some(task) = self.take_task() {
+        if let Some(mut task) = self.take_task() {
             task.abort();
-            let _ = task.await;
+            task.wait().await;
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -587,11 +588,26 @@ fn new_generation() -> u64 {
         .map_or(1, |d| d.as_micros() as u64)
 }
 
-/// Answers one client frame.
-pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: &[u8]) -> Reply {
-    match parse_request(frame) {
-        Ok(incoming) => handle(state, incoming).await,
-        Err(Rejected { u, error }) => Reply::err(u, error),
+/// Answers one client frame with the encoded reply.
+pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String {
+    let size = frame.len();
+    let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
+    let reply = match parsed {
+        Some(Ok(incoming)) => handle(state, incoming).await,
+        Some(Err(Rejected { u, error })) => Reply::err(u, error),
+        None => Reply::err(
+            Value::Null,
+            RpcError::new(ErrorCode::Internal, "the node is stopping"),
+        ),
+    };
+    // A large request usually has a large reply.
+    match crate::ws::cpu_bound(size, move || reply.encode()).await {
+        Some(text) => text,
+        None => Reply::err(
+            Value::Null,
+            RpcError::new(ErrorCode::Internal, "the node is stopping"),
+        )
+        .encode(),
     }
 }
 

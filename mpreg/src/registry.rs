@@ -285,6 +285,8 @@ pub struct Function {
     pub(crate) returns: String,
     pub(crate) doc: String,
     pub(crate) idempotent: bool,
+    /// Offered to peers (false: only requests entering at this node run it).
+    pub(crate) advertised: bool,
     pub(crate) handler: Handler,
 }
 
@@ -312,6 +314,7 @@ impl Function {
             returns: String::new(),
             doc: String::new(),
             idempotent: false,
+            advertised: true,
             handler: Arc::new(move |args| Box::pin(handler(args))),
         }
     }
@@ -352,6 +355,14 @@ impl Function {
         self
     }
 
+    /// Serves the function only to requests that enter at this node: it is
+    /// not offered to peers, so a request is never routed elsewhere for it
+    /// (for functions that describe the node they run on).
+    pub fn local_only(mut self) -> Self {
+        self.advertised = false;
+        self
+    }
+
     /// The function's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -366,6 +377,7 @@ impl Function {
             returns: r.returns.to_owned(),
             doc: r.doc.to_owned(),
             idempotent: r.idempotent,
+            advertised: true,
             handler: Arc::new(handler),
         }
     }

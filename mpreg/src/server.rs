@@ -143,10 +143,9 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
                 let state = state.clone();
                 let outgoing = outgoing.clone();
                 requests.spawn(async move {
-                    let reply = crate::node::handle_frame(&state, &bytes).await;
-                    drop(bytes);
+                    let reply = crate::node::handle_frame(&state, bytes).await;
                     // Fails only when the connection is already gone.
-                    let _ = outgoing.send(Message::text(reply.encode())).await;
+                    let _ = outgoing.send(Message::text(reply)).await;
                     drop(permit);
                 });
             }

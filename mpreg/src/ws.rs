@@ -9,6 +9,24 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 /// (backpressure instead of an unbounded buffer).
 pub(crate) const OUTGOING_QUEUE: usize = 1024;
 
+/// Messages at least this large are parsed and encoded on tokio's blocking
+/// pool, so a few huge messages never hold every runtime worker at once.
+pub(crate) const LARGE_MESSAGE: usize = 256 << 10;
+
+/// Runs `work` inline when `size` is small, else on the blocking pool.
+/// `None` only if the pool could not run it (the runtime is stopping) or
+/// `work` panicked.
+pub(crate) async fn cpu_bound<T, F>(size: usize, work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if size < LARGE_MESSAGE {
+        return Some(work());
+    }
+    tokio::task::spawn_blocking(work).await.ok()
+}
+
 /// The WebSocket limits for a connection: one message (and one frame, since
 /// a client may send a whole message as one frame) up to `max_message_size`.
 pub(crate) fn config(max_message_size: usize) -> WebSocketConfig {

@@ -6,7 +6,14 @@
 //! mpreg client URL call FUN [JSON-ARG]... [--dataset D]...
 //! mpreg client URL request FILE
 //! mpreg client URL demo
+//! mpreg cluster URL [--json]
 //! ```
+//!
+//! `cluster` asks the node at URL for its view of the cluster (the built-in
+//! `mpreg.cluster`) and prints one row per node: name, address, status
+//! (`self`, `up` or `leaf`), load, jobs sent to it, and the functions it
+//! offers, each with its datasets in brackets when it has any. `--json`
+//! prints the view as returned instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +47,18 @@ enum Cmd {
         timeout_ms: Option<u64>,
         #[command(subcommand)]
         action: ClientCmd,
+    },
+    /// Show the cluster as a node sees it: its peers, their status and load,
+    /// and the functions (with datasets) each offers.
+    Cluster {
+        /// The node's URL, e.g. ws://127.0.0.1:7773
+        url: String,
+        /// Print the node's view as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Client-side deadline for the request, in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
     },
 }
 
@@ -113,15 +132,26 @@ fn main() -> ExitCode {
                 timeout_ms,
                 action,
             } => client(&url, timeout_ms, action).await,
+            Cmd::Cluster {
+                url,
+                json,
+                timeout_ms,
+            } => cluster(&url, json, timeout_ms).await,
         }
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            // Show each cause once: many errors already include theirs.
+            let mut shown = e.to_string();
             let mut source = std::error::Error::source(&*e);
             while let Some(s) = source {
-                eprintln!("  caused by: {s}");
+                let cause = s.to_string();
+                if !shown.contains(&cause) {
+                    eprintln!("  caused by: {cause}");
+                    shown.push_str(&cause);
+                }
                 source = s.source();
             }
             ExitCode::FAILURE
@@ -158,12 +188,16 @@ async fn server(args: ServerArgs) -> CliResult {
     Ok(())
 }
 
-async fn client(url: &str, timeout_ms: Option<u64>, action: ClientCmd) -> CliResult {
+async fn connect(url: &str, timeout_ms: Option<u64>) -> Result<Client, mpreg::Error> {
     let mut builder = Client::builder();
     if let Some(ms) = timeout_ms {
         builder = builder.timeout(Duration::from_millis(ms));
     }
-    let client = builder.connect(url).await?;
+    builder.connect(url).await
+}
+
+async fn client(url: &str, timeout_ms: Option<u64>, action: ClientCmd) -> CliResult {
+    let client = connect(url, timeout_ms).await?;
     match action {
         ClientCmd::Call {
             fun,
@@ -200,6 +234,100 @@ async fn client(url: &str, timeout_ms: Option<u64>, action: ClientCmd) -> CliRes
         }
     }
     Ok(())
+}
+
+async fn cluster(url: &str, json: bool, timeout_ms: Option<u64>) -> CliResult {
+    let client = connect(url, timeout_ms).await?;
+    let view: Value = client.call("mpreg.cluster", ()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", cluster_table(&view)?);
+    }
+    Ok(())
+}
+
+/// The `mpreg.cluster` view as a table: a title line naming the node that
+/// answered, a header, then one row per node (columns padded to their
+/// widest cell; the last column, functions, is not padded).
+fn cluster_table(view: &Value) -> Result<String, String> {
+    const HEADER: [&str; 6] = ["NAME", "ADDR", "STATUS", "LOAD", "JOBS SENT", "FUNCTIONS"];
+    let nodes = view["nodes"]
+        .as_array()
+        .ok_or("unexpected answer from mpreg.cluster: no `nodes` list")?;
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows: Vec<[String; 6]> = vec![HEADER.map(str::to_owned)];
+    for node in nodes {
+        rows.push([
+            text(&node["name"]),
+            text(&node["addr"]),
+            text(&node["status"]),
+            text(&node["load"]),
+            text(&node["jobs_sent"]),
+            functions_cell(&node["functions"]),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = format!(
+        "cluster as seen by {} ({} nodes)\n",
+        text(&view["self"]),
+        nodes.len()
+    );
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// A node's functions, sorted: `echo, mpreg.whoami, predict[model-a,model-b]`
+/// (datasets in brackets only when there are some).
+fn functions_cell(functions: &Value) -> String {
+    let mut shown: Vec<String> = functions
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|f| {
+            let fun = f["fun"].as_str().unwrap_or("?");
+            let datasets: Vec<&str> = f["datasets"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            if datasets.is_empty() {
+                fun.to_owned()
+            } else {
+                format!("{fun}[{}]", datasets.join(","))
+            }
+        })
+        .collect();
+    shown.sort();
+    shown.dedup();
+    if shown.is_empty() {
+        "-".to_owned()
+    } else {
+        shown.join(", ")
+    }
 }
 
 /// A command-line argument as JSON, or as a plain string when it is not JSON
@@ -240,4 +368,44 @@ fn parse_request_file(text: &str) -> Result<Request, Box<dyn std::error::Error>>
             request.return_intermediate_results(return_intermediate_results)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cluster_table_has_a_row_per_node_with_sorted_functions() {
+        let view = json!({
+            "self": "A",
+            "nodes": [
+                {"name": "A", "addr": "127.0.0.1:7773", "status": "self", "generation": 1,
+                 "load": 0, "gossip": null,
+                 "functions": [{"fun": "mpreg.whoami", "datasets": [], "idempotent": true},
+                               {"fun": "echo", "datasets": [], "idempotent": true}]},
+                {"name": "leaf-1", "addr": null, "status": "leaf", "generation": 2,
+                 "load": 3, "jobs_sent": 12,
+                 "functions": [{"fun": "predict", "datasets": ["model-a", "model-b"], "idempotent": false},
+                               {"fun": "echo", "datasets": ["model-a", "model-b"], "idempotent": true}]},
+            ]
+        });
+        let table = cluster_table(&view).expect("a table");
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "cluster as seen by A (2 nodes)");
+        assert_eq!(
+            lines[1],
+            "NAME    ADDR            STATUS  LOAD  JOBS SENT  FUNCTIONS"
+        );
+        assert_eq!(
+            lines[2],
+            "A       127.0.0.1:7773  self    0     -          echo, mpreg.whoami"
+        );
+        assert_eq!(
+            lines[3],
+            "leaf-1  -               leaf    3     12         echo[model-a,model-b], predict[model-a,model-b]"
+        );
+        assert_eq!(lines.len(), 4);
+        assert!(cluster_table(&json!({"oops": 1})).is_err());
+    }
 }
