@@ -616,3 +616,44 @@ async fn peer_links_check_what_peers_send() {
     assert_eq!(n, 5);
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abilities_changed_at_runtime_are_seen_by_all() {
+    let (a, b, c) = three().await;
+    converge(&c, &["A", "B", "C"]).await;
+    let late = Function::new("late.fn", |_args: mpreg::Args| async {
+        Ok(Value::String("late".into()))
+    });
+    b.register(late);
+    let offers = |view: &Value| view.to_string().contains("late.fn");
+    assert!(a.wait_for(CONVERGE, offers).await, "A learns of late.fn");
+    assert!(c.wait_for(CONVERGE, offers).await, "C learns of late.fn");
+    let client = guard("connect", Client::connect(&url(&c)))
+        .await
+        .expect("connect");
+    let said: String = guard("late call", client.call("late.fn", ()))
+        .await
+        .expect("runs on B");
+    assert_eq!(said, "late");
+
+    assert!(b.unregister("late.fn"));
+    assert!(!b.unregister("late.fn"), "already gone");
+    assert!(
+        a.wait_for(CONVERGE, |v| !offers(v)).await,
+        "A forgets late.fn"
+    );
+    assert!(
+        c.wait_for(CONVERGE, |v| !offers(v)).await,
+        "C forgets late.fn"
+    );
+    let e = guard("gone", client.call::<Value>("late.fn", ()))
+        .await
+        .expect_err("gone");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::UnknownFunction),
+        "{e:?}"
+    );
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}

@@ -433,6 +433,37 @@ impl NodeHandle {
         }
     }
 
+    /// Starts serving `function` (replacing a function of the same name).
+    /// Every member of the cluster learns of it: the node's catalog version
+    /// grows, the catalog is pushed over its links and the version gossiped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mpreg::Error> {
+    /// use mpreg::{Function, RpcError};
+    /// use serde_json::json;
+    ///
+    /// let node = mpreg::Node::builder().start().await?;
+    /// node.register(Function::new("answer", |_| async { Ok::<_, RpcError>(json!(42)) }));
+    /// let n: i64 = node.send([mpreg::Command::new("a", "answer")].into_iter().collect()).await?.get("a")?;
+    /// assert_eq!(n, 42);
+    /// assert!(node.unregister("answer"));
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn register(&self, function: Function) {
+        let datasets: BTreeSet<String> = self.state.config.datasets.iter().cloned().collect();
+        self.state
+            .update_registry(|r| (r.with(function, &datasets), true));
+    }
+
+    /// Stops serving the function `name`; returns whether it was served.
+    /// The cluster learns of it as with [`register`](Self::register).
+    /// Calls already running finish.
+    pub fn unregister(&self, name: &str) -> bool {
+        self.state.update_registry(|r| r.without(name))
+    }
+
     /// The cluster as this node sees it: the value `mpreg.cluster` returns.
     pub fn cluster_view(&self) -> Value {
         self.state.cluster.view(&self.state)
@@ -537,6 +568,29 @@ impl NodeState {
                 _ = work => {}
             }
         });
+    }
+
+    /// Replaces the registry with `change(current).0`; when `.1` says it
+    /// changed, tells the cluster. Returns `.1`.
+    fn update_registry(
+        self: &Arc<Self>,
+        change: impl FnOnce(&Registry) -> (Registry, bool),
+    ) -> bool {
+        let changed = {
+            let mut registry = self
+                .registry
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (next, changed) = change(&registry);
+            if changed {
+                *registry = Arc::new(next);
+            }
+            changed
+        };
+        if changed {
+            self.routing_changed(true);
+        }
+        changed
     }
 
     pub(crate) fn local_load(&self) -> usize {

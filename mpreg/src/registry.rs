@@ -423,6 +423,22 @@ impl Registry {
         Self { functions }
     }
 
+    /// A copy with `function` added (replacing one of the same name), given
+    /// the node's datasets too.
+    pub(crate) fn with(&self, mut function: Function, node_datasets: &BTreeSet<String>) -> Self {
+        function.datasets.extend(node_datasets.iter().cloned());
+        let mut functions = self.functions.clone();
+        functions.insert(function.name.clone(), function);
+        Self { functions }
+    }
+
+    /// A copy without the function `name`, and whether it was there.
+    pub(crate) fn without(&self, name: &str) -> (Self, bool) {
+        let mut functions = self.functions.clone();
+        let removed = functions.remove(name).is_some();
+        (Self { functions }, removed)
+    }
+
     /// All functions, by name.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Function> {
         self.functions.values()
