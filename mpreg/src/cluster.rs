@@ -599,6 +599,7 @@ async fn run_link<Si, St>(
             state: state.clone(),
             key,
         },
+        state.config.keepalive(),
     )
     .await;
 }

@@ -53,6 +53,11 @@ pub struct Config {
     /// On shutdown, how long requests in flight may take to finish, and
     /// then how long replies may take to be written, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Peer links: how often to ping the peer, in milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// Peer links: how long a link may stay silent (no message, no pong)
+    /// before it is treated as lost, in milliseconds.
+    pub keepalive_timeout_ms: u64,
     /// Failure detection: how often a random member is probed, in
     /// milliseconds.
     pub probe_interval_ms: u64,
@@ -74,6 +79,8 @@ impl Default for Config {
             max_inflight_per_connection: DEFAULT_MAX_INFLIGHT,
             max_commands_per_request: DEFAULT_MAX_COMMANDS,
             shutdown_grace_ms: 10_000,
+            keepalive_interval_ms: 5_000,
+            keepalive_timeout_ms: 20_000,
             probe_interval_ms: 1_000,
             suspect_timeout_ms: 3_000,
         }
@@ -104,6 +111,13 @@ impl Config {
 
     fn parse(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    pub(crate) fn keepalive(&self) -> crate::link::Keepalive {
+        crate::link::Keepalive {
+            interval: Duration::from_millis(self.keepalive_interval_ms.max(1)),
+            timeout: Duration::from_millis(self.keepalive_timeout_ms.max(1)),
+        }
     }
 
     /// The shutdown grace period as a [`Duration`].

@@ -251,6 +251,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How a link checks that its peer is still there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Keepalive {
+    /// How often to ping.
+    pub(crate) interval: Duration,
+    /// Silence longer than this (no message, not even a pong) closes the
+    /// link.
+    pub(crate) timeout: Duration,
+}
+
 /// What the receiving side of a link does with what the peer sends.
 pub(crate) trait LinkHandler: Send + Sync + 'static {
     /// Runs a job the peer sent; resolves to its outputs.
@@ -267,7 +277,7 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 /// `Done` to waiting callers, stops cancelled jobs. A message that is not
 /// a valid peer message closes the link: a peer sending garbage is not
 /// trusted. When this returns, the link is closed and its jobs stopped.
-pub(crate) async fn read_loop<S, H>(link: &Link, mut source: S, handler: H)
+pub(crate) async fn read_loop<S, H>(link: &Link, mut source: S, handler: H, keepalive: Keepalive)
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
     H: LinkHandler,
@@ -275,6 +285,9 @@ where
     let handler = Arc::new(handler);
     let mut jobs: JoinSet<u64> = JoinSet::new();
     let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut ping = tokio::time::interval(keepalive.interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let message = tokio::select! {
             biased;
@@ -286,7 +299,19 @@ where
                 continue;
             }
             message = source.next() => message,
+            _ = ping.tick() => {
+                // A link can stall without closing (a peer frozen, a
+                // middlebox dropping packets): silence past the timeout,
+                // despite our pings, means it is lost.
+                if last_heard.elapsed() > keepalive.timeout {
+                    tracing::warn!(peer = %link.inner.peer, "peer link silent past the keepalive timeout; closing it");
+                    break;
+                }
+                let _ = link.inner.outgoing.try_send(Message::Ping(Default::default()));
+                continue;
+            }
         };
+        last_heard = tokio::time::Instant::now();
         let message = match message {
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             Some(Ok(m)) => m,

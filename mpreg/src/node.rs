@@ -187,6 +187,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Peer link keepalive: how often to ping, and how long a link may stay
+    /// silent before it is treated as lost (defaults 5 s and 20 s). Catches
+    /// links that stall without closing.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.keepalive_interval_ms = interval.as_millis().try_into().unwrap_or(u64::MAX);
+        self.config.keepalive_timeout_ms = timeout.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
     /// Most requests in flight on one connection; more get `overloaded`.
     pub fn max_inflight_per_connection(mut self, n: usize) -> Self {
         self.config.max_inflight_per_connection = n;

@@ -67,7 +67,11 @@ pub(crate) async fn serve(
 async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: CancellationToken) {
     let config = ws::config(state.config.max_message_size);
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(config));
-    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => done,
+    };
+    let ws = match handshake {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "WebSocket handshake failed");

@@ -1,0 +1,150 @@
+//! Faults a node must survive: links that stall without closing.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::guard;
+use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A TCP proxy on loopback that forwards to `target` until `stall` is set;
+/// then it stops forwarding in both directions but keeps every socket open
+/// (no FIN, no RST), like a frozen peer or a middlebox dropping packets.
+async fn stalling_proxy(
+    target: std::net::SocketAddr,
+    stall: Arc<AtomicBool>,
+) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(pump(ri, wo, stall.clone()));
+            tokio::spawn(pump(ro, wi, stall.clone()));
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to` until the proxy stalls; then holds both open.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        if stall.load(Ordering::SeqCst) {
+            // Swallow everything from now on, and keep the sockets open.
+            loop {
+                if matches!(from.read(&mut buf).await, Ok(0) | Err(_)) {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn fast(name: &str) -> mpreg::NodeBuilder {
+    Node::builder()
+        .name(name)
+        .listen("127.0.0.1:0")
+        .without_linked_functions()
+        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
+        .keepalive(Duration::from_millis(100), Duration::from_millis(600))
+}
+
+/// Waits until `node` has a call in flight on the peer named `peer`.
+async fn busy(node: &NodeHandle, peer: &str) {
+    let ok = node
+        .wait_for(WAIT, |v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|ns| ns.iter().any(|n| n["name"] == peer && n["load"] == 1))
+        })
+        .await;
+    assert!(ok, "{peer} never got the call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_link_is_detected_by_keepalive() {
+    let gateway = fast("G").start().await.expect("start gateway");
+    let stall = Arc::new(AtomicBool::new(false));
+    let proxy = stalling_proxy(gateway.local_addr().expect("listens"), stall.clone()).await;
+    let sleepy = Function::new("leaf.sleep", |args: mpreg::Args| async move {
+        let ms = args
+            .positional()
+            .first()
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(Value::from(ms))
+    });
+    let leaf = fast("L")
+        .dial_out_only()
+        .function(sleepy)
+        .peers([format!("ws://{proxy}")])
+        .start()
+        .await
+        .expect("start leaf");
+    let offers = |v: &Value| v.to_string().contains("leaf.sleep");
+    assert!(
+        gateway.wait_for(WAIT, offers).await,
+        "the gateway serves the leaf"
+    );
+
+    let client = guard("connect", Client::connect(&gateway.url().expect("listens")))
+        .await
+        .expect("connect");
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_command::<u64>(Command::new("s", "leaf.sleep").arg(60_000))
+                .await
+        }
+    });
+    busy(&gateway, "L").await;
+    stall.store(true, Ordering::SeqCst);
+
+    // No FIN, no RST: only keepalive can tell the link is gone.
+    let e = guard("call over a stalled link", call)
+        .await
+        .expect("join")
+        .expect_err("the link is lost");
+    let mpreg::Error::Rpc(e) = e else {
+        panic!("expected an rpc error, got {e:?}");
+    };
+    assert_eq!(e.code, ErrorCode::NodeLost);
+    assert!(
+        gateway.wait_for(WAIT, |v| !offers(v)).await,
+        "the leaf's function is gone"
+    );
+    // The gateway still serves everyone else.
+    let n: i64 = guard("echo", client.call("echo", (3,)))
+        .await
+        .expect("echo");
+    assert_eq!(n, 3);
+    leaf.kill().await;
+    gateway.shutdown().await;
+}
