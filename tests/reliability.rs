@@ -44,20 +44,14 @@ async fn pump(
     stall: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let Ok(n) = from.read(&mut buf).await else {
-            break;
-        };
+    while let Ok(n) = from.read(&mut buf).await {
         if n == 0 {
             break;
         }
         if stall.load(Ordering::SeqCst) {
             // Swallow everything from now on, and keep the sockets open.
-            loop {
-                if matches!(from.read(&mut buf).await, Ok(0) | Err(_)) {
-                    std::future::pending::<()>().await;
-                }
-            }
+            while !matches!(from.read(&mut buf).await, Ok(0) | Err(_)) {}
+            std::future::pending::<()>().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
