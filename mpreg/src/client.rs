@@ -53,10 +53,21 @@ pub struct Client {
 }
 
 /// Builds a [`Client`] with non-default settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     timeout: Option<Duration>,
     max_message_size: usize,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("timeout", &self.timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl Default for ClientBuilder {
@@ -64,6 +75,7 @@ impl Default for ClientBuilder {
         Self {
             timeout: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            token: None,
         }
     }
 }
@@ -83,16 +95,32 @@ impl ClientBuilder {
         self
     }
 
+    /// Presents `token` to nodes that require client tokens (sent as
+    /// `Authorization: Bearer TOKEN` when connecting).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
     /// Connects to the node at `url` (`ws://host:port`).
     pub async fn connect(self, url: &str) -> Result<Client, Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let failed = |e| Error::Connect {
+            url: url.to_owned(),
+            source: TransportError(e),
+        };
+        let mut request = url.into_client_request().map_err(failed)?;
+        if let Some(token) = &self.token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|e| failed(tokio_tungstenite::tungstenite::Error::HttpFormat(e.into())))?;
+            request.headers_mut().insert("authorization", value);
+        }
         let config = ws::config(self.max_message_size);
         let (stream, _response) =
-            tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+            tokio_tungstenite::connect_async_with_config(request, Some(config), true)
                 .await
-                .map_err(|e| Error::Connect {
-                    url: url.to_owned(),
-                    source: TransportError(e),
-                })?;
+                .map_err(failed)?;
         let (sink, source) = stream.split();
         let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
         let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::auth;
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::{Dispatch, Job, Wanted, execute};
 use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCOL, PeerMessage};
@@ -95,6 +96,8 @@ pub(crate) struct Cluster {
     version: AtomicU64,
     /// Bumped on every change of routes (tests and tools wait on it).
     changes: watch::Sender<u64>,
+    /// Peer links refused for failing the cluster secret check.
+    pub(crate) refused: AtomicU64,
     /// Addresses being dialed now, so one node never dials the same peer
     /// twice at once.
     dialing: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
@@ -109,6 +112,7 @@ impl Default for Cluster {
             version: AtomicU64::new(1),
             changes: watch::Sender::new(0),
             dialing: std::sync::Mutex::new(std::collections::HashSet::new()),
+            refused: AtomicU64::new(0),
         }
     }
 }
@@ -364,6 +368,9 @@ impl Cluster {
                 "dropped_packets": m.dropped_packets(),
             })
         });
+        let security = json!({
+            "refused_peer_links": self.refused.load(Ordering::Relaxed),
+        });
         let mut nodes = vec![json!({
             "name": state.name,
             "addr": state.advertise,
@@ -372,6 +379,7 @@ impl Cluster {
             "load": state.local_load(),
             "functions": own,
             "gossip": gossip,
+            "security": security,
         })];
         let mut peers: Vec<Value> = self
             .read_peers()
@@ -538,7 +546,18 @@ fn hello(state: &NodeState) -> Hello {
         addr: state.advertise,
         generation: state.generation,
         catalog: state.cluster.catalog(&state.registry()),
+        nonce: None,
+        proof: None,
     }
+}
+
+/// The nonce of a hello, decoded.
+fn their_nonce(hello: &Hello) -> Option<Vec<u8>> {
+    hello
+        .nonce
+        .as_deref()
+        .and_then(auth::unhex)
+        .filter(|n| n.len() == 32)
 }
 
 /// Runs a link whose hellos were exchanged: registers the peer, reads until
@@ -626,7 +645,9 @@ impl Drop for Unlink {
 }
 
 /// Serves a link a peer opened to us (its first message was `hello`).
-pub(crate) async fn accept<Si, St>(state: Arc<NodeState>, sink: Si, source: St, theirs: Hello)
+/// With a cluster secret, the peer must prove it knows the secret before
+/// anything else happens.
+pub(crate) async fn accept<Si, St>(state: Arc<NodeState>, sink: Si, mut source: St, theirs: Hello)
 where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
         + Unpin
@@ -636,14 +657,56 @@ where
 {
     use futures_util::SinkExt;
     let mut sink = sink;
-    let ours = hello(&state);
+    let refuse = |why: &str| {
+        state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %state.name, peer = %theirs.name, "peer link refused: {why}");
+    };
+    let mut ours = hello(&state);
     let sent_version = ours.catalog.version;
+    let challenge = match &state.secret {
+        None if state.tokens.required() => {
+            return refuse(
+                "this node requires client tokens and has no cluster secret to check peers with",
+            );
+        }
+        None => None,
+        Some(secret) => {
+            let Some(dialer_nonce) = their_nonce(&theirs) else {
+                return refuse("no challenge in its hello (is the cluster secret set there?)");
+            };
+            let Ok(acceptor_nonce) = auth::nonce() else {
+                return refuse("no random numbers available");
+            };
+            ours.nonce = Some(auth::hex(&acceptor_nonce));
+            ours.proof = Some(auth::hex(&secret.proof(
+                auth::Side::Acceptor,
+                &dialer_nonce,
+                &acceptor_nonce,
+            )));
+            Some((secret.clone(), dialer_nonce, acceptor_nonce))
+        }
+    };
     if sink
         .send(PeerMessage::PeerHello(ours).encode())
         .await
         .is_err()
     {
         return;
+    }
+    if let Some((secret, dialer_nonce, acceptor_nonce)) = challenge {
+        let answer = tokio::time::timeout(HELLO_TIMEOUT, source.next()).await;
+        let proof = match answer {
+            Ok(Some(Ok(m))) => match PeerMessage::decode(&m) {
+                Some(Ok(PeerMessage::Proof { proof })) => auth::unhex(&proof),
+                _ => None,
+            },
+            _ => None,
+        };
+        let valid = proof
+            .is_some_and(|p| secret.verify(auth::Side::Dialer, &dialer_nonce, &acceptor_nonce, &p));
+        if !valid {
+            return refuse("it did not prove the cluster secret");
+        }
     }
     run_link(state, sink, source, theirs, false, sent_version).await;
 }
@@ -659,8 +722,13 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let (mut sink, mut source) = stream.split();
-    let ours = hello(state);
+    let mut ours = hello(state);
     let sent_version = ours.catalog.version;
+    let our_nonce = match &state.secret {
+        Some(_) => Some(auth::nonce().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    ours.nonce = our_nonce.map(|n| auth::hex(&n));
     sink.send(PeerMessage::PeerHello(ours).encode())
         .await
         .map_err(|e| e.to_string())?;
@@ -673,9 +741,29 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         .and_then(PeerMessage::decode)
     {
         Some(Ok(PeerMessage::PeerHello(h))) => h,
-        _ => return Err("peer did not answer with a hello".to_owned()),
+        _ => {
+            return Err(
+                "peer did not answer with a hello (is the cluster secret the same?)".to_owned(),
+            );
+        }
     };
-    let state = state.clone();
+    if let (Some(secret), Some(our_nonce)) = (&state.secret, our_nonce) {
+        // The acceptor proves first; only then do we prove ourselves.
+        let their = their_nonce(&theirs);
+        let proof = theirs.proof.as_deref().and_then(auth::unhex);
+        let valid = match (&their, &proof) {
+            (Some(n), Some(p)) => secret.verify(auth::Side::Acceptor, &our_nonce, n, p),
+            _ => false,
+        };
+        let Some(their) = their.filter(|_| valid) else {
+            state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+            return Err("peer did not prove the cluster secret".to_owned());
+        };
+        let proof = auth::hex(&secret.proof(auth::Side::Dialer, &our_nonce, &their));
+        sink.send(PeerMessage::Proof { proof }.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     state.spawn(run_link(
         state.clone(),
         sink,
@@ -862,6 +950,8 @@ mod tests {
             addr: Some(addr.parse().expect("addr")),
             generation,
             catalog: Catalog::default(),
+            nonce: None,
+            proof: None,
         }
     }
 

@@ -27,7 +27,7 @@ pub const DEFAULT_MAX_COMMANDS: usize = 100_000;
 /// "#).unwrap();
 /// assert_eq!(config.datasets, ["model-a"]);
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct Config {
@@ -64,6 +64,47 @@ pub struct Config {
     /// Failure detection: how long a member that stopped answering probes
     /// has to prove it is alive before it is declared down, in milliseconds.
     pub suspect_timeout_ms: u64,
+    /// When set, peers must prove they know this secret to link (a
+    /// challenge and HMAC, never the secret in clear), and gossip packets
+    /// are authenticated with it.
+    pub cluster_secret: Option<String>,
+    /// When not empty, clients must present one of these tokens (in the
+    /// WebSocket upgrade request, `Authorization: Bearer TOKEN`, or in a
+    /// first message `{"role":"auth","token":"TOKEN"}`).
+    pub client_tokens: Vec<String>,
+}
+
+impl std::fmt::Debug for Config {
+    /// Like a derived `Debug`, but never shows the secret or the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("datasets", &self.datasets)
+            .field("diagnostics", &self.diagnostics)
+            .field("max_message_size", &self.max_message_size)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field(
+                "max_inflight_per_connection",
+                &self.max_inflight_per_connection,
+            )
+            .field("max_commands_per_request", &self.max_commands_per_request)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("keepalive_interval_ms", &self.keepalive_interval_ms)
+            .field("keepalive_timeout_ms", &self.keepalive_timeout_ms)
+            .field("probe_interval_ms", &self.probe_interval_ms)
+            .field("suspect_timeout_ms", &self.suspect_timeout_ms)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| "(set)"),
+            )
+            .field(
+                "client_tokens",
+                &format_args!("({} set)", self.client_tokens.len()),
+            )
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -83,6 +124,8 @@ impl Default for Config {
             keepalive_timeout_ms: 20_000,
             probe_interval_ms: 1_000,
             suspect_timeout_ms: 3_000,
+            cluster_secret: None,
+            client_tokens: Vec::new(),
         }
     }
 }
@@ -179,6 +222,18 @@ mod tests {
     fn unknown_setting_is_an_error_naming_it() {
         let e = Config::from_toml_str("nmae = \"n\"").expect_err("typo");
         assert!(e.to_string().contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let c = Config::from_toml_str("cluster_secret = \"hunter2\"\nclient_tokens = [\"tok-1\"]")
+            .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok-1"),
+            "{shown}"
+        );
+        assert!(shown.contains("cluster_secret: Some(\"(set)\")"), "{shown}");
     }
 
     #[test]

@@ -60,6 +60,7 @@
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
 
+mod auth;
 mod builtins;
 mod client;
 mod cluster;

@@ -55,6 +55,12 @@ pub(crate) struct Hello {
     /// Grows at each start of the sender.
     pub(crate) generation: u64,
     pub(crate) catalog: Catalog,
+    /// A fresh random challenge (hex), when the cluster has a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) nonce: Option<String>,
+    /// The acceptor's proof that it knows the secret (hex), in its hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) proof: Option<String>,
 }
 
 /// A message between nodes.
@@ -63,6 +69,9 @@ pub(crate) struct Hello {
 pub(crate) enum PeerMessage {
     /// Opens a link (see [`Hello`]).
     PeerHello(Hello),
+    /// The dialer's proof that it knows the cluster secret (hex), right
+    /// after the hellos.
+    Proof { proof: String },
     /// The sender's abilities changed.
     Catalog(Catalog),
     /// Run these steps here and answer with `Done` carrying `outputs`.
@@ -371,8 +380,8 @@ where
                 }
             }
             PeerMessage::Catalog(catalog) => handler.catalog(catalog),
-            PeerMessage::PeerHello(_) => {
-                tracing::debug!(peer = %link.inner.peer, "ignoring a second hello");
+            PeerMessage::PeerHello(_) | PeerMessage::Proof { .. } => {
+                tracing::debug!(peer = %link.inner.peer, "ignoring a repeated handshake message");
             }
         }
     }
@@ -424,6 +433,8 @@ mod tests {
             addr: None,
             generation: 3,
             catalog: Catalog::default(),
+            nonce: None,
+            proof: None,
         });
         let v: Value = serde_json::to_value(&hello).expect("encode");
         assert_eq!(v["role"], "peer-hello");

@@ -169,6 +169,9 @@ pub(crate) struct MembershipConfig {
     /// How often pending updates are gossiped, on top of those piggybacked on
     /// probes.
     pub(crate) gossip_interval: Duration,
+    /// When set, every packet carries an HMAC tag made with this secret;
+    /// packets without a valid tag are dropped and counted.
+    pub(crate) secret: Option<crate::auth::Secret>,
 }
 
 impl Default for MembershipConfig {
@@ -179,6 +182,7 @@ impl Default for MembershipConfig {
             probe_rtt: Duration::from_millis(300),
             suspect_to_down: Duration::from_secs(3),
             gossip_interval: Duration::from_millis(200),
+            secret: None,
         }
     }
 }
@@ -192,6 +196,7 @@ impl MembershipConfig {
             probe_rtt: Duration::from_millis(80),
             suspect_to_down: Duration::from_millis(600),
             gossip_interval: Duration::from_millis(50),
+            secret: None,
         }
     }
 
@@ -216,7 +221,12 @@ impl MembershipConfig {
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspect_to_down;
         config.remove_down_after = Some(REMOVE_DOWN_AFTER);
-        config.max_packet_size = MAX_PACKET_SIZE;
+        // Leave room for the tag when packets are authenticated.
+        config.max_packet_size = match self.secret {
+            Some(_) => NonZeroUsize::new(MAX_PACKET_SIZE.get() - crate::auth::TAG_LEN)
+                .unwrap_or(MAX_PACKET_SIZE),
+            None => MAX_PACKET_SIZE,
+        };
         config.notify_down_members = true;
         config.periodic_announce = Some(PeriodicParams {
             frequency: self.probe_period.saturating_mul(5),
@@ -366,6 +376,7 @@ impl Membership {
             events: events_tx,
             identity: Arc::clone(&identity),
             dropped: Arc::clone(&dropped),
+            secret: config.secret.clone(),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
         // Failure detection runs on a thread and runtime of its own: a node
@@ -539,6 +550,8 @@ struct Driver {
     identity: Arc<watch::Sender<MemberId>>,
     /// Shared count of rejected packets.
     dropped: Arc<AtomicU64>,
+    /// Authenticates packets, when the cluster has a secret.
+    secret: Option<crate::auth::Secret>,
 }
 
 impl Driver {
@@ -553,7 +566,7 @@ impl Driver {
     ) {
         // One byte more than foca accepts, so an oversized datagram is seen as
         // such (truncated to this length) and rejected, not cut and parsed.
-        let mut buf = vec![0u8; MAX_PACKET_SIZE.get() + 1];
+        let mut buf = vec![0u8; MAX_PACKET_SIZE.get() + crate::auth::TAG_LEN + 1];
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             let wake = tokio::select! {
@@ -566,7 +579,16 @@ impl Driver {
             };
             match wake {
                 Wake::Packet(Ok((len, from))) => {
-                    let packet = buf.get(..len).unwrap_or(&buf);
+                    let received = buf.get(..len).unwrap_or(&buf);
+                    let packet = match &self.secret {
+                        None => Some(received),
+                        Some(secret) => secret.open(received),
+                    };
+                    let Some(packet) = packet else {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%from, len, "dropped an unauthenticated membership packet");
+                        continue;
+                    };
                     if let Err(error) = self.foca.handle_data(packet, &mut self.runtime) {
                         self.dropped.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%from, len, %error, "dropped a membership packet");
@@ -656,6 +678,15 @@ impl Driver {
     /// timers, turns notifications into events.
     async fn flush(&mut self, socket: &UdpSocket) {
         while let Some((to, data)) = self.runtime.to_send() {
+            let data = match &self.secret {
+                None => data.to_vec(),
+                Some(secret) => {
+                    let mut tagged = Vec::with_capacity(data.len() + crate::auth::TAG_LEN);
+                    tagged.extend_from_slice(&data);
+                    tagged.extend_from_slice(&secret.tag(&data));
+                    tagged
+                }
+            };
             if let Err(error) = socket.send_to(&data, to.addr).await {
                 tracing::debug!(to = %to.addr, %error, "sending a membership packet failed");
             }

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Secret, Tokens};
 use crate::builtins;
 use crate::client::Results;
 use crate::cluster::{Cluster, Placer, Scope};
@@ -187,6 +188,30 @@ impl NodeBuilder {
         self
     }
 
+    /// Requires peers to prove they know `secret` to link with this node,
+    /// and authenticates gossip with it. Every node of a cluster needs the
+    /// same secret.
+    pub fn cluster_secret(mut self, secret: impl Into<String>) -> Self {
+        self.config.cluster_secret = Some(secret.into());
+        self
+    }
+
+    /// Requires clients to present one of `tokens` (see
+    /// [`ClientBuilder::token`](crate::ClientBuilder::token)). Set a
+    /// [`cluster_secret`](Self::cluster_secret) too: without one, a node
+    /// with client tokens refuses peer links (they could not prove
+    /// anything).
+    pub fn client_tokens<I, S>(mut self, tokens: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config
+            .client_tokens
+            .extend(tokens.into_iter().map(Into::into));
+        self
+    }
+
     /// Peer link keepalive: how often to ping, and how long a link may stay
     /// silent before it is treated as lost (defaults 5 s and 20 s). Catches
     /// links that stall without closing.
@@ -252,6 +277,8 @@ impl NodeBuilder {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let state = Arc::new(NodeState {
+            secret: config.cluster_secret.as_deref().map(Secret::new),
+            tokens: Tokens::new(&config.client_tokens),
             stopping: shutdown.clone(),
             tasks: tracker.clone(),
             name: name.clone(),
@@ -547,6 +574,10 @@ pub(crate) struct NodeState {
     local_load: AtomicUsize,
     /// Cancelled when the node is killed: nothing drains, nothing waits.
     pub(crate) killed: CancellationToken,
+    /// Peers must prove they know it (when set).
+    pub(crate) secret: Option<Secret>,
+    /// Clients must present one (when any are set).
+    pub(crate) tokens: Tokens,
     /// Cancelled when the node stops (shutdown or kill).
     stopping: CancellationToken,
     /// The node's background tasks, which shutdown waits for.
@@ -640,6 +671,7 @@ fn membership_config(config: &Config) -> MembershipConfig {
         probe_rtt: probe / 3,
         suspect_to_down: Duration::from_millis(config.suspect_timeout_ms.max(1)),
         gossip_interval: (probe / 5).max(Duration::from_millis(10)),
+        secret: config.cluster_secret.as_deref().map(Secret::new),
     }
 }
 

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
@@ -63,10 +64,52 @@ pub(crate) async fn serve(
     }
 }
 
+/// The token in an upgrade request: `Authorization: Bearer TOKEN`, or a
+/// `token` query parameter.
+fn request_token(request: &Request) -> Option<String> {
+    if let Some(value) = request.headers().get("authorization") {
+        let value = value.to_str().ok()?;
+        return value.strip_prefix("Bearer ").map(str::to_owned);
+    }
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token=").map(str::to_owned))
+}
+
+/// The token of a first message `{"role":"auth","token":"TOKEN"}`; else the
+/// message's request id (for the `unauthorized` reply), or `null`.
+fn auth_message(message: &Message) -> Result<String, Value> {
+    let value: Value = match message {
+        Message::Text(text) => serde_json::from_str(text.as_str()).unwrap_or(Value::Null),
+        Message::Binary(bytes) => serde_json::from_slice(bytes).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    match (&value["role"], &value["token"]) {
+        (Value::String(role), Value::String(token)) if role == "auth" => Ok(token.clone()),
+        _ => {
+            let u = match &value["u"] {
+                Value::Null => value["rpc"]["u"].clone(),
+                u => u.clone(),
+            };
+            Err(u)
+        }
+    }
+}
+
 /// Serves one client connection until it closes or the node shuts down.
 async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: CancellationToken) {
     let config = ws::config(state.config.max_message_size);
-    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(config));
+    // A token in the upgrade request authorizes the connection at once.
+    let mut token_in_request = false;
+    // The error type is the WebSocket library's callback signature.
+    #[allow(clippy::result_large_err)]
+    let check = |request: &Request, response: Response| {
+        token_in_request = request_token(request).is_some_and(|t| state.tokens.accepts(&t));
+        Ok(response)
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => done,
@@ -100,6 +143,37 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     let mut pending_first = first;
     let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
     let writer = tokio::spawn(ws::write_loop(sink, queue));
+    if state.tokens.required() && !token_in_request {
+        // Otherwise the first message must present a token.
+        let presented = match pending_first.take() {
+            Some(Ok(message)) => auth_message(&message),
+            _ => Err(Value::Null),
+        };
+        match presented {
+            Ok(token) if state.tokens.accepts(&token) => {
+                let ok = json!({"role": "auth", "ok": true}).to_string();
+                let _ = outgoing.send(Message::text(ok)).await;
+            }
+            Ok(_) | Err(_) => {
+                let u = presented.err().unwrap_or(Value::Null);
+                let error = RpcError::new(
+                    ErrorCode::Unauthorized,
+                    "a client token is required: send it as `Authorization: Bearer TOKEN` or in a first message {\"role\":\"auth\",\"token\":\"TOKEN\"}",
+                );
+                let _ = outgoing
+                    .send(Message::text(Reply::err(u, error).encode()))
+                    .await;
+                let close = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "unauthorized".into(),
+                };
+                let _ = outgoing.send(Message::Close(Some(close))).await;
+                drop(outgoing);
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, writer).await;
+                return;
+            }
+        }
+    }
     let inflight = Arc::new(Semaphore::new(state.config.max_inflight_per_connection));
     let mut requests: JoinSet<()> = JoinSet::new();
     let mut close_frame = None;

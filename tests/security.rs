@@ -1,0 +1,195 @@
+//! Who may talk to a node: client tokens and the cluster secret.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawWs, guard};
+use mpreg::{Client, ErrorCode, Node, NodeHandle};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn node(name: &str) -> mpreg::NodeBuilder {
+    Node::builder()
+        .name(name)
+        .listen("127.0.0.1:0")
+        .without_linked_functions()
+        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
+}
+
+fn url(node: &NodeHandle) -> String {
+    node.url().expect("node listens")
+}
+
+fn names(view: &Value) -> Vec<String> {
+    let mut names: Vec<String> = view["nodes"]
+        .as_array()
+        .map(|ns| {
+            ns.iter()
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn self_field(view: &Value, section: &str, field: &str) -> u64 {
+    view["nodes"][0][section][field].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tokens_are_required_when_configured() {
+    let a = node("A")
+        .cluster_secret("s3cret")
+        .client_tokens(["tok-1", "tok-2"])
+        .start()
+        .await
+        .expect("start");
+
+    // No token: the first request is refused, with its id, and the
+    // connection closes.
+    let anonymous = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let e = guard("call", anonymous.call::<i64>("echo", (1,)))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::Unauthorized),
+        "{e:?}"
+    );
+
+    // A token in the upgrade request.
+    let client = guard(
+        "connect",
+        Client::builder().token("tok-2").connect(&url(&a)),
+    )
+    .await
+    .expect("connect");
+    let n: i64 = guard("call", client.call("echo", (2,)))
+        .await
+        .expect("authorized");
+    assert_eq!(n, 2);
+    let wrong = guard(
+        "connect",
+        Client::builder().token("tok-3").connect(&url(&a)),
+    )
+    .await
+    .expect("connect");
+    assert!(
+        guard("call", wrong.call::<i64>("echo", (3,)))
+            .await
+            .is_err()
+    );
+
+    // A token in the query string.
+    let mut ws = RawWs::connect(&format!("{}/?token=tok-1", url(&a))).await;
+    let reply = ws
+        .request(&json!({"u": "q", "cmds": [{"name": "e", "fun": "echo", "args": [4]}]}))
+        .await;
+    assert_eq!(reply["r"]["e"], 4);
+
+    // A token in a first message.
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(&json!({"role": "auth", "token": "tok-1"}))
+        .await;
+    assert_eq!(ws.recv_json().await, json!({"role": "auth", "ok": true}));
+    let reply = ws
+        .request(&json!({"u": "m", "cmds": [{"name": "e", "fun": "echo", "args": [5]}]}))
+        .await;
+    assert_eq!(reply["r"]["e"], 5);
+
+    // A wrong token in a first message: unauthorized, then closed.
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(&json!({"role": "auth", "token": "nope"}))
+        .await;
+    let reply = ws.recv_json().await;
+    assert_eq!(reply["error"]["code"], "unauthorized");
+    assert_eq!(ws.expect_closed().await, Some(1008));
+
+    // A request without any token: refused with its own id.
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(
+        &json!({"role": "rpc", "u": "r1", "cmds": [{"name": "e", "fun": "echo", "args": [6]}]}),
+    )
+    .await;
+    let reply = ws.recv_json().await;
+    assert_eq!(reply["u"], "r1");
+    assert_eq!(reply["error"]["code"], "unauthorized");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_secret_admits_only_nodes_that_know_it() {
+    let a = node("A").cluster_secret("s3cret").start().await.expect("A");
+    let b = node("B")
+        .cluster_secret("s3cret")
+        .dataset("b")
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("B");
+    assert!(
+        a.wait_for(WAIT, |v| names(v) == ["A", "B"]).await,
+        "B joins"
+    );
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let who: String = guard(
+        "whoami",
+        client.call_command(mpreg::Command::new("w", "mpreg.whoami").dataset("b")),
+    )
+    .await
+    .expect("routed to B");
+    assert_eq!(who, "B");
+
+    // A node with another secret: its gossip is dropped and counted, and
+    // it never joins.
+    let c = node("C")
+        .cluster_secret("other")
+        .dataset("c")
+        .peers([url(&a)])
+        .start()
+        .await
+        .expect("C");
+    assert!(
+        a.wait_for(WAIT, |v| self_field(v, "gossip", "dropped_packets") > 0)
+            .await,
+        "A drops C's packets"
+    );
+    assert_eq!(names(&a.cluster_view()), ["A", "B"], "C is not a member");
+
+    // Peers that cannot prove the secret are refused on the link too.
+    let hello = |nonce: Option<&str>| {
+        let mut h = json!({"role": "peer-hello", "protocol": 1, "name": "intruder", "addr": null,
+            "generation": 1, "catalog": {"version": 1, "functions": []}});
+        if let Some(n) = nonce {
+            h["nonce"] = json!(n);
+        }
+        h
+    };
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(&hello(None)).await;
+    ws.expect_closed().await;
+    let mut ws = RawWs::connect(&url(&a)).await;
+    ws.send_json(&hello(Some(&"ab".repeat(32)))).await;
+    let theirs = ws.recv_json().await;
+    assert_eq!(theirs["role"], "peer-hello");
+    assert!(theirs["proof"].is_string() && theirs["nonce"].is_string());
+    assert!(
+        !theirs.to_string().contains("s3cret"),
+        "the secret never crosses the wire"
+    );
+    ws.send_json(&json!({"role": "proof", "proof": "00".repeat(32)}))
+        .await;
+    ws.expect_closed().await;
+    assert!(self_field(&a.cluster_view(), "security", "refused_peer_links") >= 2);
+    assert_eq!(names(&a.cluster_view()), ["A", "B"]);
+
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
