@@ -142,3 +142,111 @@ async fn stalled_link_is_detected_by_keepalive() {
     leaf.kill().await;
     gateway.shutdown().await;
 }
+
+/// Counts calls that started and handler futures that were dropped
+/// (finished or cancelled).
+#[derive(Default, Clone)]
+struct Held {
+    started: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct DropCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Held {
+    /// `held()`: waits a minute, unless its future is dropped first.
+    fn function(&self) -> Function {
+        let this = self.clone();
+        Function::new("held", move |_args: mpreg::Args| {
+            let this = this.clone();
+            async move {
+                this.started.fetch_add(1, Ordering::SeqCst);
+                let _count = DropCount(this.dropped.clone());
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(Value::Null)
+            }
+        })
+        .datasets(["b"])
+    }
+
+    async fn wait_dropped(&self) {
+        guard("the remote handler is cancelled", async {
+            while self.dropped.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A and B, B serving `held` with dataset "b".
+async fn pair(held: &Held) -> (NodeHandle, NodeHandle) {
+    let a = fast("A").start().await.expect("A");
+    let b = fast("B")
+        .function(held.function())
+        .peers([a.url().expect("listens")])
+        .start()
+        .await
+        .expect("B");
+    assert!(
+        a.wait_for(WAIT, |v| v.to_string().contains("\"held\""))
+            .await
+    );
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_cancels_work_on_the_remote_node() {
+    let held = Held::default();
+    let (a, b) = pair(&held).await;
+    let client = guard("connect", Client::connect(&a.url().expect("listens")))
+        .await
+        .expect("connect");
+    let request = mpreg::Request::new()
+        .cmd(Command::new("h", "held").dataset("b"))
+        .timeout(Duration::from_millis(300));
+    let e = guard("call", client.send(request))
+        .await
+        .expect_err("deadline");
+    assert!(
+        matches!(e, mpreg::Error::Rpc(ref e) if e.code == ErrorCode::Timeout),
+        "{e:?}"
+    );
+    assert_eq!(held.started.load(Ordering::SeqCst), 1, "it ran on B");
+    held.wait_dropped().await;
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_work_on_the_remote_node() {
+    let held = Held::default();
+    let (a, b) = pair(&held).await;
+    let client = guard("connect", Client::connect(&a.url().expect("listens")))
+        .await
+        .expect("connect");
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_command::<Value>(Command::new("h", "held").dataset("b"))
+                .await
+        }
+    });
+    busy(&a, "B").await;
+    // The client goes away with its call in flight.
+    call.abort();
+    drop(client);
+    held.wait_dropped().await;
+    assert_eq!(held.started.load(Ordering::SeqCst), 1);
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}
