@@ -569,40 +569,40 @@ async fn done(ws: &mut RawWs) -> Value {
 async fn peer_links_check_what_peers_send() {
     let a = node("A").start().await.expect("start A");
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&json!({
-        "role": "peer-hello", "protocol": 1, "name": "fake", "addr": null, "generation": 1,
+    ws.send_json(&json!({"role": "peer-hello", "body": {
+        "protocol": 1, "name": "fake", "addr": null, "generation": 1,
         "catalog": {"version": 1, "functions": []}
-    }))
+    }}))
     .await;
     let hello = ws.recv_json().await;
     assert_eq!(hello["role"], "peer-hello");
-    assert_eq!(hello["name"], "A");
+    assert_eq!(hello["body"]["name"], "A");
 
     // A job whose output names no step.
-    let bad_output = json!({"role": "run", "id": 1, "timeout_ms": 5000, "outputs": [5],
-        "steps": [{"name": "s", "fun": "echo", "args": [{"value": 1}]}]});
+    let bad_output = json!({"role": "run", "body": {"id": 1, "timeout_ms": 5000, "outputs": [5],
+        "steps": [{"name": "s", "fun": "echo", "args": [{"value": 1}]}]}});
     ws.send_json(&bad_output).await;
     let answer = done(&mut ws).await;
-    assert_eq!(answer["id"], 1);
-    assert_eq!(answer["error"]["code"], "bad_request");
+    assert_eq!(answer["body"]["id"], 1);
+    assert_eq!(answer["body"]["error"]["code"], "bad_request");
 
     // A good two-step job: typed values are never read as references.
-    let good = json!({"role": "run", "id": 2, "timeout_ms": 5000, "outputs": [1],
+    let good = json!({"role": "run", "body": {"id": 2, "timeout_ms": 5000, "outputs": [1],
     "steps": [
         {"name": "s0", "fun": "echo", "args": [{"value": "s1"}]},
         {"name": "s1", "fun": "echos", "args": [{"ref": 0}, {"value": "s0"}]}
-    ]});
+    ]}});
     ws.send_json(&good).await;
     let answer = done(&mut ws).await;
-    assert_eq!(answer["id"], 2);
-    assert_eq!(answer["values"], json!([["s1", "s0"]]));
+    assert_eq!(answer["body"]["id"], 2);
+    assert_eq!(answer["body"]["values"], json!([["s1", "s0"]]));
 
     // A reference to a step that does not exist.
-    let dangling = json!({"role": "run", "id": 3, "timeout_ms": 5000, "outputs": [0],
-        "steps": [{"name": "s", "fun": "echo", "args": [{"ref": 9}]}]});
+    let dangling = json!({"role": "run", "body": {"id": 3, "timeout_ms": 5000, "outputs": [0],
+        "steps": [{"name": "s", "fun": "echo", "args": [{"ref": 9}]}]}});
     ws.send_json(&dangling).await;
     let answer = done(&mut ws).await;
-    assert_eq!(answer["error"]["code"], "bad_request");
+    assert_eq!(answer["body"]["error"]["code"], "bad_request");
 
     // Garbage closes the link, and only the link.
     ws.send_text("this is not a peer message").await;

@@ -164,10 +164,10 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
 
     // Peers that cannot prove the secret are refused on the link too.
     let hello = |nonce: Option<&str>| {
-        let mut h = json!({"role": "peer-hello", "protocol": 1, "name": "intruder", "addr": null,
-            "generation": 1, "catalog": {"version": 1, "functions": []}});
+        let mut h = json!({"role": "peer-hello", "body": {"protocol": 1, "name": "intruder",
+            "addr": null, "generation": 1, "catalog": {"version": 1, "functions": []}}});
         if let Some(n) = nonce {
-            h["nonce"] = json!(n);
+            h["body"]["nonce"] = json!(n);
         }
         h
     };
@@ -178,12 +178,12 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     ws.send_json(&hello(Some(&"ab".repeat(32)))).await;
     let theirs = ws.recv_json().await;
     assert_eq!(theirs["role"], "peer-hello");
-    assert!(theirs["proof"].is_string() && theirs["nonce"].is_string());
+    assert!(theirs["body"]["proof"].is_string() && theirs["body"]["nonce"].is_string());
     assert!(
         !theirs.to_string().contains("s3cret"),
         "the secret never crosses the wire"
     );
-    ws.send_json(&json!({"role": "proof", "proof": "00".repeat(32)}))
+    ws.send_json(&json!({"role": "proof", "body": {"proof": "00".repeat(32)}}))
         .await;
     ws.expect_closed().await;
     assert!(self_field(&a.cluster_view(), "security", "refused_peer_links") >= 2);

@@ -191,59 +191,29 @@ pub(crate) async fn execute<D: Dispatch>(
         running: JoinSet::new(),
         dispatcher,
     };
-    // One unit (a single command, or one chain for one peer): no
-    // scheduling and no task needed.
-    if let [unit] = &units[..] {
-        let first = unit.steps[0];
-        let call = run.prepare(0, unit, &outputs[0]);
-        let values = call.await.map_err(|e| e.with_command(run.name(first)))?;
-        for (&o, value) in outputs[0].iter().zip(values) {
-            run.results[o] = Some(value);
+    // Units start when their inputs are ready. When exactly one unit is
+    // ready and nothing else runs (a single command, each link of a chain),
+    // it runs inline: no task, no scheduling. Otherwise each ready unit gets
+    // a task of its own, so independent work runs in parallel.
+    let mut ready: Vec<usize> = (0..units.len()).filter(|&u| run.waiting[u] == 0).collect();
+    loop {
+        while let ([u], true) = (&ready[..], run.running.is_empty()) {
+            let u = *u;
+            ready.clear();
+            let values = run.prepare(u, &units[u], &outputs[u]).await;
+            run.complete(&units[u], &outputs[u], values, &consumers, &mut ready)?;
         }
-        return run.finish(wanted);
-    }
-    for u in 0..units.len() {
-        if run.waiting[u] == 0 {
+        for u in ready.drain(..) {
             run.start(u, &units[u], &outputs[u]);
         }
-    }
-    while let Some(joined) = run.running.join_next().await {
+        let Some(joined) = run.running.join_next().await else {
+            break;
+        };
         let (u, outcome) = joined
             .map_err(|e| RpcError::new(ErrorCode::Internal, format!("command task failed: {e}")))?;
-        let first = units[u].steps[0];
-        let values = outcome.map_err(|e| e.with_command(run.name(first)))?;
-        if values.len() != outputs[u].len() {
-            return Err(RpcError::new(
-                ErrorCode::Internal,
-                format!(
-                    "expected {} results, got {}",
-                    outputs[u].len(),
-                    values.len()
-                ),
-            )
-            .with_command(run.name(first)));
-        }
-        for (&o, value) in outputs[u].iter().zip(values) {
-            run.results[o] = Some(value);
-            for &c in &consumers[o] {
-                run.waiting[c] -= 1;
-                if run.waiting[c] == 0 {
-                    run.start(c, &units[c], &outputs[c]);
-                }
-            }
-        }
+        run.complete(&units[u], &outputs[u], outcome, &consumers, &mut ready)?;
     }
-
-    wanted
-        .into_iter()
-        .map(|w| {
-            let value = run.take(w);
-            let name = run.steps[w].take().map(|s| s.name).unwrap_or_default();
-            value
-                .map(|v| (name, v))
-                .ok_or_else(|| RpcError::new(ErrorCode::Internal, "a command never ran"))
-        })
-        .collect()
+    run.finish(wanted)
 }
 
 /// The state of one execution.
@@ -281,6 +251,37 @@ impl<D: Dispatch> Dataflow<'_, D> {
         } else {
             self.results[j].clone()
         }
+    }
+
+    /// Records a unit's outcome; the units it was the last input of are
+    /// pushed on `ready`. An error names the unit's first command.
+    fn complete(
+        &mut self,
+        unit: &Unit,
+        outputs: &[usize],
+        outcome: Result<Vec<Value>, RpcError>,
+        consumers: &[Vec<usize>],
+        ready: &mut Vec<usize>,
+    ) -> Result<(), RpcError> {
+        let first = unit.steps[0];
+        let values = outcome.map_err(|e| e.with_command(self.name(first)))?;
+        if values.len() != outputs.len() {
+            return Err(RpcError::new(
+                ErrorCode::Internal,
+                format!("expected {} results, got {}", outputs.len(), values.len()),
+            )
+            .with_command(self.name(first)));
+        }
+        for (&o, value) in outputs.iter().zip(values) {
+            self.results[o] = Some(value);
+            for &c in &consumers[o] {
+                self.waiting[c] -= 1;
+                if self.waiting[c] == 0 {
+                    ready.push(c);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The wanted results, with their command names.

@@ -65,7 +65,10 @@ pub(crate) struct Hello {
 
 /// A message between nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "role", rename_all = "kebab-case")]
+// Adjacently tagged, tag first: serde then decodes the body straight into
+// its variant. (An internally tagged enum would first buffer the whole
+// message, payloads included, into an intermediate tree.)
+#[serde(tag = "role", content = "body", rename_all = "kebab-case")]
 pub(crate) enum PeerMessage {
     /// Opens a link (see [`Hello`]).
     PeerHello(Hello),
@@ -438,7 +441,7 @@ mod tests {
         });
         let v: Value = serde_json::to_value(&hello).expect("encode");
         assert_eq!(v["role"], "peer-hello");
-        assert_eq!(v["addr"], Value::Null);
+        assert_eq!(v["body"]["addr"], Value::Null);
         let decoded = PeerMessage::decode(&hello.encode())
             .expect("text")
             .expect("valid");

@@ -1,6 +1,7 @@
 //! Local functions: what `#[mpreg::rpc]` registers through `inventory`, what
 //! [`Function`] registers at runtime, and the table a node serves from.
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
@@ -90,7 +91,7 @@ impl Args {
     /// A missing argument decodes from `null`, so `Option<T>` parameters are
     /// optional; any other missing argument is a `bad_arguments` error.
     #[doc(hidden)]
-    pub fn __take<T: DeserializeOwned>(
+    pub fn __take<T: DeserializeOwned + 'static>(
         &mut self,
         index: usize,
         param: &Param,
@@ -99,6 +100,16 @@ impl Args {
             Some(v) => Some(v.take()),
             None => self.named.remove(param.name),
         };
+        // A `Value` parameter takes the argument as it is: decoding it
+        // through serde would rebuild the whole tree (costly for big ones).
+        if TypeId::of::<T>() == TypeId::of::<Value>() {
+            let boxed: Box<dyn Any> = Box::new(value.unwrap_or(Value::Null));
+            // The types are the same: the downcast cannot fail.
+            return boxed
+                .downcast::<T>()
+                .map(|v| *v)
+                .map_err(|_| RpcError::new(crate::ErrorCode::Internal, "argument type mismatch"));
+        }
         let present = value.is_some();
         serde_json::from_value(value.unwrap_or(Value::Null)).map_err(|e| {
             if present {
