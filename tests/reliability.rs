@@ -240,7 +240,14 @@ async fn client_disconnect_cancels_work_on_the_remote_node() {
                 .await
         }
     });
-    busy(&a, "B").await;
+    // Wait until the handler runs on B (not only until A has counted the
+    // call: the job may not have left A yet).
+    guard("the call starts on B", async {
+        while held.started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     // The client goes away with its call in flight.
     call.abort();
     drop(client);

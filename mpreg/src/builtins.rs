@@ -22,6 +22,11 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
     let mut fns = vec![
         Function::new("echo", |mut args: Args| async move {
             args.__check(ECHO_PARAMS)?;
+            if args.positional().is_empty() && args.named().is_empty() {
+                return Err(RpcError::bad_arguments(
+                    "missing argument `arg` (expected any JSON value)",
+                ));
+            }
             args.__take::<Value>(0, &ECHO_PARAMS[0])
         })
         .params(ECHO_PARAMS, "any JSON value")

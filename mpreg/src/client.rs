@@ -58,6 +58,8 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     max_message_size: usize,
     token: Option<String>,
+    /// PEM of the CA certificates to trust for `wss://`.
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("timeout", &self.timeout)
             .field("max_message_size", &self.max_message_size)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "(set)"))
             .finish()
     }
 }
@@ -76,6 +79,7 @@ impl Default for ClientBuilder {
             timeout: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             token: None,
+            tls_ca: None,
         }
     }
 }
@@ -102,7 +106,32 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects to the node at `url` (`ws://host:port`).
+    /// Trusts the CA certificates in `ca_pem` (PEM text) for `wss://` URLs:
+    /// the node's certificate must be issued by one of them and name the
+    /// URL's host (an IP address or a DNS name). No root store is bundled,
+    /// so a `wss://` URL needs this.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), mpreg::Error> {
+    /// let ca = std::fs::read("ca.pem")?;
+    /// let client = mpreg::Client::builder()
+    ///     .tls_ca_pem(ca)
+    ///     .connect("wss://127.0.0.1:7773")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_ca_pem(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(ca_pem.into());
+        self
+    }
+
+    /// Connects to the node at `url` (`ws://host:port`, or `wss://host:port`
+    /// with [`tls_ca_pem`](Self::tls_ca_pem)).
+    ///
+    /// Fails with [`Error::Connect`] when the node cannot be reached or the
+    /// TLS or WebSocket handshake fails (an untrusted certificate, a
+    /// `wss://` URL without a CA), and with [`Error::Config`] when the CA
+    /// PEM cannot be used.
     pub async fn connect(self, url: &str) -> Result<Client, Error> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -117,10 +146,14 @@ impl ClientBuilder {
             request.headers_mut().insert("authorization", value);
         }
         let config = ws::config(self.max_message_size);
-        let (stream, _response) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-                .await
-                .map_err(failed)?;
+        let connector = self
+            .tls_ca
+            .as_deref()
+            .map(crate::tls::client_connector)
+            .transpose()?;
+        let (stream, _response) = crate::tls::connect(request, connector.as_ref(), config)
+            .await
+            .map_err(failed)?;
         let (sink, source) = stream.split();
         let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
         let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
@@ -167,18 +200,20 @@ where
 {
     while let Some(Ok(message)) = source.next().await {
         let reply: Reply = match &message {
+            // A reply that cannot be read cannot be matched to its caller,
+            // who would wait forever: end the connection, failing every call.
             Message::Text(text) => match serde_json::from_str(text.as_str()) {
                 Ok(reply) => reply,
                 Err(e) => {
-                    tracing::warn!(error = %e, "ignoring a message that is not a reply");
-                    continue;
+                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
+                    break;
                 }
             },
             Message::Binary(bytes) => match serde_json::from_slice(bytes) {
                 Ok(reply) => reply,
                 Err(e) => {
-                    tracing::warn!(error = %e, "ignoring a message that is not a reply");
-                    continue;
+                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
+                    break;
                 }
             },
             Message::Close(_) => break,
@@ -222,7 +257,8 @@ impl Drop for Forget<'_> {
 }
 
 impl Client {
-    /// Connects to the node at `url` (`ws://host:port`) with default settings.
+    /// Connects to the node at `url` (`ws://host:port`) with default settings
+    /// (for `wss://`, use [`ClientBuilder::tls_ca_pem`]).
     pub async fn connect(url: &str) -> Result<Self, Error> {
         ClientBuilder::default().connect(url).await
     }

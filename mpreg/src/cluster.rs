@@ -35,6 +35,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnection backoff: first delay, and the cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The cap of the backoff between announces to a seed.
+const ANNOUNCE_MAX: Duration = Duration::from_secs(1);
 
 /// A peer, as a key local to this node.
 pub(crate) type PeerKey = u64;
@@ -96,7 +98,10 @@ pub(crate) struct Cluster {
     version: AtomicU64,
     /// Bumped on every change of routes (tests and tools wait on it).
     changes: watch::Sender<u64>,
-    /// Peer links refused for failing the cluster secret check.
+    /// Peer links refused for failing the cluster secret check, or, with
+    /// TLS, for a certificate: one not from this node's CA (presented to
+    /// this node, or served by a peer it dialed), none from a peer that
+    /// dialed, or this node's own when the peer it dialed refused it.
     pub(crate) refused: AtomicU64,
     /// Addresses being dialed now, so one node never dials the same peer
     /// twice at once.
@@ -501,7 +506,7 @@ impl LinkHandler for Served {
         let placer = Placer {
             state: self.state.clone(),
             scope: Scope::Here,
-            deadline: Instant::now() + timeout,
+            deadline: crate::node::far_enough(timeout),
         };
         Box::pin(async move {
             if let Some(bad) = job.outputs.iter().find(|&&o| o >= job.steps.len()) {
@@ -711,16 +716,26 @@ where
     run_link(state, sink, source, theirs, false, sent_version).await;
 }
 
-/// Dials a peer, exchanges hellos, and serves the link on a new task.
+/// Dials a peer (`ws://` or, verifying its certificate against the node's
+/// `tls_ca`, `wss://`), exchanges hellos, and serves the link on a new task.
 /// Returns once the link is up (or failed to come up).
-pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String> {
+/// On success, returns the address the peer advertises (which may differ
+/// from the URL's, e.g. through a proxy or NAT).
+pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<SocketAddr>, String> {
     use futures_util::SinkExt;
     let config = ws::config(state.config.max_message_size);
-    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let connect = crate::tls::connect(url, state.tls.connector.as_ref(), config);
     let (stream, _) = tokio::time::timeout(HELLO_TIMEOUT, connect)
         .await
         .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            if crate::tls::rejected_certificate(&e) || crate::tls::certificate_refused(&e) {
+                state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %state.name, peer = %url, error = %e,
+                    "peer link refused: certificate not trusted");
+            }
+            e.to_string()
+        })?;
     let (mut sink, mut source) = stream.split();
     let mut ours = hello(state);
     let sent_version = ours.catalog.version;
@@ -764,6 +779,7 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
             .await
             .map_err(|e| e.to_string())?;
     }
+    let advertised = theirs.addr;
     state.spawn(run_link(
         state.clone(),
         sink,
@@ -772,7 +788,7 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
         true,
         sent_version,
     ));
-    Ok(())
+    Ok(advertised)
 }
 
 /// Keeps a configured peer (`url`) joined. A member announces itself to
@@ -783,6 +799,15 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<(), String
 pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
     let mut delay = BACKOFF_START;
     let mut addr = url_addr(&url);
+    // Announcing is one cheap UDP packet: retry it sooner than a dial.
+    let cap = if state.membership.is_some() {
+        ANNOUNCE_MAX
+    } else {
+        BACKOFF_MAX
+    };
+    // Where the peer says it listens, once a dial reached it: the URL may
+    // name another address (a proxy, NAT).
+    let mut advertised: Option<SocketAddr> = None;
     loop {
         if addr.is_none() {
             // A host name: resolve it (it may not resolve yet).
@@ -799,11 +824,23 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
             (Some(_), None) => false,
             // A leaf keeps a link to its gateway itself.
             (None, _) => {
-                let linked = addr.is_some_and(|a| state.cluster.linked(a));
-                if !linked && let Err(e) = dial(&state, &url).await {
-                    tracing::debug!(peer = %url, error = %e, "cannot link to peer yet");
+                let target = advertised.or(addr);
+                if target.is_some_and(|a| state.cluster.linked(a)) {
+                    true
+                } else {
+                    // A fresh link registers on its own task: count it as
+                    // done; the next look checks it under its real address.
+                    match dial(&state, &url).await {
+                        Ok(peer) => {
+                            advertised = peer.or(advertised);
+                            true
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %url, error = %e, "cannot link to peer yet");
+                            false
+                        }
+                    }
                 }
-                addr.is_some_and(|a| state.cluster.linked(a))
             }
         };
         // Joined: look again on a change, or now and then. Not yet: back
@@ -814,7 +851,7 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
         } else {
             let jitter = random_below(delay.as_millis() as usize / 2 + 1) as u64;
             let wait = delay + Duration::from_millis(jitter);
-            delay = (delay * 2).min(BACKOFF_MAX);
+            delay = (delay * 2).min(cap);
             wait
         };
         let mut changes = state.cluster.subscribe();
@@ -885,7 +922,8 @@ fn spawn_dial(state: &Arc<NodeState>, addr: SocketAddr) {
     let task_state = state.clone();
     state.spawn(async move {
         let state = task_state;
-        if let Err(e) = dial(&state, &format!("ws://{addr}")).await {
+        let scheme = state.tls.scheme();
+        if let Err(e) = dial(&state, &format!("{scheme}://{addr}")).await {
             tracing::debug!(peer = %addr, error = %e, "cannot link to member yet");
         }
         state
@@ -897,7 +935,8 @@ fn spawn_dial(state: &Arc<NodeState>, addr: SocketAddr) {
     });
 }
 
-/// The first address a `ws://host:port` URL's host name resolves to.
+/// The first address a `ws://host:port` (or `wss://`) URL's host name
+/// resolves to.
 async fn resolve(url: &str) -> Option<SocketAddr> {
     let rest = url
         .strip_prefix("ws://")
@@ -906,7 +945,8 @@ async fn resolve(url: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(hostport).await.ok()?.next()
 }
 
-/// The socket address of a `ws://host:port` URL, when it names one directly.
+/// The socket address of a `ws://host:port` (or `wss://`) URL, when it
+/// names one directly.
 pub(crate) fn url_addr(url: &str) -> Option<SocketAddr> {
     let rest = url
         .strip_prefix("ws://")
@@ -938,6 +978,10 @@ mod tests {
         assert_eq!(
             url_addr("ws://[::1]:1"),
             Some("[::1]:1".parse().expect("addr"))
+        );
+        assert_eq!(
+            url_addr("wss://127.0.0.1:7773"),
+            Some("127.0.0.1:7773".parse().expect("addr"))
         );
         assert_eq!(url_addr("ws://localhost:1"), None);
         assert_eq!(url_addr("http://127.0.0.1:1"), None);

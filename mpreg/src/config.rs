@@ -72,6 +72,19 @@ pub struct Config {
     /// WebSocket upgrade request, `Authorization: Bearer TOKEN`, or in a
     /// first message `{"role":"auth","token":"TOKEN"}`).
     pub client_tokens: Vec<String>,
+    /// TLS: this node's certificate chain (PEM file, leaf first). With
+    /// [`tls_key`](Self::tls_key), the node listens with TLS (`wss://`) and
+    /// presents this certificate to the peers it dials. Peers dial members
+    /// by IP address, so the certificate must name the address peers reach
+    /// the node at (an IP subject alternative name).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of [`tls_cert`](Self::tls_cert) (PEM file:
+    /// PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA certificates (PEM file) that peers' certificates must be
+    /// issued by, both when this node dials them over `wss://` and when they
+    /// dial it. Required with `tls_cert`, and to dial `wss://` peer URLs.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -103,6 +116,9 @@ impl std::fmt::Debug for Config {
                 "client_tokens",
                 &format_args!("({} set)", self.client_tokens.len()),
             )
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -126,6 +142,9 @@ impl Default for Config {
             suspect_timeout_ms: 3_000,
             cluster_secret: None,
             client_tokens: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -202,6 +221,29 @@ pub enum ConfigError {
         /// The setting's name.
         setting: &'static str,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A TLS certificate or key file (named by `setting`) could not be read.
+    #[error("cannot read `{setting}` file {}: {source}", path.display())]
+    TlsFile {
+        /// The setting: `tls_cert`, `tls_key` or `tls_ca`.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS certificates or a key that cannot be used: not PEM, none in the
+    /// file, or rejected (a key that does not match its certificate, a CA
+    /// certificate that does not parse).
+    #[error("unusable `{setting}`{}: {reason}", path.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    Tls {
+        /// The setting: `tls_cert`, `tls_key` or `tls_ca`.
+        setting: &'static str,
+        /// The file, when the PEM came from one.
+        path: Option<PathBuf>,
+        /// What is wrong.
         reason: String,
     },
 }

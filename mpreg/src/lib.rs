@@ -76,6 +76,7 @@ mod protocol;
 mod registry;
 mod route;
 mod server;
+mod tls;
 mod ws;
 
 #[doc(hidden)]

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -23,7 +24,9 @@ use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Wanted, execute};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::plan::{Arg, Plan};
-use crate::protocol::{IncomingRequest, Rejected, Reply, Request, parse_request};
+use crate::protocol::{
+    IncomingRequest, MAX_RESULT_DEPTH, Rejected, Reply, Request, deeper_than, parse_request,
+};
 use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
 
 /// An mpreg node: serves its functions to clients and peers over WebSocket.
@@ -59,6 +62,8 @@ pub struct NodeBuilder {
     functions: Vec<Function>,
     linked: bool,
     excluded: BTreeSet<String>,
+    /// TLS material given in memory (overrides the config's paths).
+    tls: crate::tls::Sources,
 }
 
 impl Default for NodeBuilder {
@@ -68,6 +73,7 @@ impl Default for NodeBuilder {
             functions: Vec::new(),
             linked: true,
             excluded: BTreeSet::new(),
+            tls: crate::tls::Sources::default(),
         }
     }
 }
@@ -221,6 +227,50 @@ impl NodeBuilder {
         self
     }
 
+    /// Listens with TLS (`wss://`), with the certificate chain and private
+    /// key in these PEM files, and presents this certificate to the peers
+    /// it dials. Needs [`tls_ca`](Self::tls_ca) too: peers are dialed over
+    /// `wss://` and verified against it. Peers dial members by IP address,
+    /// so the certificate must name that address (an IP subject
+    /// alternative name). See [`Config::tls_cert`].
+    pub fn tls(
+        mut self,
+        cert_pem_path: impl Into<PathBuf>,
+        key_pem_path: impl Into<PathBuf>,
+    ) -> Self {
+        self.config.tls_cert = Some(cert_pem_path.into());
+        self.config.tls_key = Some(key_pem_path.into());
+        self.tls.cert = None;
+        self.tls.key = None;
+        self
+    }
+
+    /// Like [`tls`](Self::tls), with the PEM text itself instead of files
+    /// (which it takes precedence over, also over those of a later
+    /// [`config`](Self::config)).
+    pub fn tls_pem(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.cert = Some(crate::tls::Pem::Memory(cert_pem.into()));
+        self.tls.key = Some(crate::tls::Pem::Memory(key_pem.into()));
+        self
+    }
+
+    /// The CA certificates (PEM file) that peers' certificates must be
+    /// issued by, whichever side dials: a node with a certificate from
+    /// another CA cannot link. Required with [`tls`](Self::tls), and to join
+    /// `wss://` peer URLs.
+    pub fn tls_ca(mut self, ca_pem_path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca = Some(ca_pem_path.into());
+        self.tls.ca = None;
+        self
+    }
+
+    /// Like [`tls_ca`](Self::tls_ca), with the PEM text itself (which takes
+    /// precedence over a file).
+    pub fn tls_ca_pem(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca = Some(crate::tls::Pem::Memory(ca_pem.into()));
+        self
+    }
+
     /// Most requests in flight on one connection; more get `overloaded`.
     pub fn max_inflight_per_connection(mut self, n: usize) -> Self {
         self.config.max_inflight_per_connection = n;
@@ -240,6 +290,7 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<NodeHandle, Error> {
         let config = self.config;
         validate(&config)?;
+        let tls = crate::tls::NodeTls::load(&config, &self.tls)?;
         let listener = match config.listen.as_str() {
             "" => None,
             addr => Some(TcpListener::bind(addr).await?),
@@ -279,6 +330,7 @@ impl NodeBuilder {
         let state = Arc::new(NodeState {
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
+            tls,
             stopping: shutdown.clone(),
             tasks: tracker.clone(),
             name: name.clone(),
@@ -411,10 +463,11 @@ impl NodeHandle {
         self.local_addr
     }
 
-    /// The URL clients connect to, `ws://HOST:PORT`; `None` for a
-    /// dial-out-only node.
+    /// The URL clients connect to, `ws://HOST:PORT` (`wss://` with TLS);
+    /// `None` for a dial-out-only node.
     pub fn url(&self) -> Option<String> {
-        self.local_addr.map(|a| format!("ws://{a}"))
+        let scheme = self.state.tls.scheme();
+        self.local_addr.map(|a| format!("{scheme}://{a}"))
     }
 
     /// Stops the node at once, as if its process died: connections and
@@ -578,6 +631,8 @@ pub(crate) struct NodeState {
     pub(crate) secret: Option<Secret>,
     /// Clients must present one (when any are set).
     pub(crate) tokens: Tokens,
+    /// How connections are accepted and peers dialed: TLS or not.
+    pub(crate) tls: crate::tls::NodeTls,
     /// Cancelled when the node stops (shutdown or kill).
     stopping: CancellationToken,
     /// The node's background tasks, which shutdown waits for.
@@ -724,7 +779,7 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
     let placer = Placer {
         state: state.clone(),
         scope: Scope::Cluster,
-        deadline: tokio::time::Instant::now() + deadline,
+        deadline: far_enough(deadline),
     };
     match tokio::time::timeout(deadline, execute(plan, &placer, wanted)).await {
         Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
@@ -780,8 +835,36 @@ pub(crate) fn run_local(
     Box::pin(async move {
         state.local_load.fetch_add(1, Ordering::Relaxed);
         let _done = LoadGuard(&state.local_load);
-        handler(args).await.map(|v| vec![v])
+        let value = handler(args).await?;
+        if deeper_than(&value, MAX_RESULT_DEPTH) {
+            dismantle(value);
+            return Err(RpcError::handler_failed(format!(
+                "the result nests deeper than {MAX_RESULT_DEPTH} arrays and objects"
+            )));
+        }
+        Ok(vec![value])
     })
+}
+
+/// The instant `after` from now; past what the clock can represent, a
+/// century from now (no deadline, in practice).
+pub(crate) fn far_enough(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Drops a value of any depth without recursing (a deep value's own drop
+/// would overflow the stack).
+fn dismantle(value: Value) {
+    let mut stack = vec![value];
+    while let Some(mut v) = stack.pop() {
+        match &mut v {
+            Value::Array(items) => stack.append(items),
+            Value::Object(map) => stack.extend(std::mem::take(map).into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
 }
 
 /// Decrements a load counter when dropped (finished, failed or cancelled).

@@ -237,6 +237,11 @@ fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
+            // serde would also read a struct from an array; the protocol
+            // says commands are objects.
+            if !c.is_object() {
+                return Err(format!("command #{i}: a command must be a JSON object"));
+            }
             serde_json::from_value::<Command>(c).map_err(|e| format!("command #{i}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -256,6 +261,28 @@ fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
         timeout,
         return_intermediate_results,
     })
+}
+
+/// The deepest nesting a result may have: what every JSON parser of the
+/// protocol accepts (serde_json's default limit), so every reply can be read.
+pub(crate) const MAX_RESULT_DEPTH: usize = 128;
+
+/// Whether `value` nests deeper than `limit` arrays and objects. Iterative:
+/// it must not itself overflow the stack on the values it rejects.
+pub(crate) fn deeper_than(value: &Value, limit: usize) -> bool {
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth + 1 > limit {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    false
 }
 
 /// A reply to one request.
@@ -385,6 +412,29 @@ mod tests {
         let deep = "[".repeat(100_000);
         let e = parse_request(deep.as_bytes()).expect_err("too deep");
         assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn nesting_depth() {
+        assert!(!deeper_than(&json!(1), 0));
+        assert!(deeper_than(&json!([1]), 0));
+        assert!(!deeper_than(&json!([[1], {"a": [2]}]), 3));
+        assert!(deeper_than(&json!([[1], {"a": [[2]]}]), 3));
+        let mut deep = json!(0);
+        for _ in 0..200 {
+            deep = Value::Array(vec![deep]);
+        }
+        assert!(deeper_than(&deep, MAX_RESULT_DEPTH));
+    }
+
+    #[test]
+    fn commands_must_be_objects() {
+        let e = parse(json!({"u": "x", "cmds": [["a", "echo", ["hi"]]]})).expect_err("array form");
+        assert!(
+            e.error.message.contains("must be a JSON object"),
+            "{}",
+            e.error.message
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! client goes away, its requests still running are cancelled.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -109,7 +110,12 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         token_in_request = request_token(request).is_some_and(|t| state.tokens.accepts(&t));
         Ok(response)
     };
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    // With TLS, the TLS handshake comes first, within the same deadline.
+    let acceptor = state.tls.acceptor.as_ref();
+    let handshake = async move {
+        let stream = crate::tls::accept(stream, acceptor).await?;
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+    };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => done,
@@ -117,7 +123,15 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     let ws = match handshake {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "WebSocket handshake failed");
+            if crate::tls::rejected_certificate(&e) {
+                // Only peers present certificates: one from another CA is
+                // a peer refused.
+                state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %state.name, error = %e,
+                    "connection refused: its certificate is not from this node's tls_ca");
+            } else {
+                tracing::debug!(error = %e, "TLS or WebSocket handshake failed");
+            }
             return;
         }
         Err(_) => {
@@ -125,6 +139,8 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
             return;
         }
     };
+    // With TLS, a peer link needs a certificate from the node's CA.
+    let certified = ws.get_ref().has_peer_certificate();
     let (sink, mut source) = ws.split();
     // A peer's first message is its hello: then this is a peer link.
     let first = tokio::select! {
@@ -134,6 +150,12 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     if let Some(Ok(message)) = &first
         && let Some(Ok(PeerMessage::PeerHello(hello))) = PeerMessage::decode(message)
     {
+        if state.tls.acceptor.is_some() && !certified {
+            state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %state.name, peer = %hello.name,
+                "peer link refused: it presented no certificate from this node's tls_ca");
+            return;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = crate::cluster::accept(state, sink, source, hello) => {}
