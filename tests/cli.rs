@@ -162,3 +162,40 @@ async fn bad_config_and_unreachable_node_fail_with_a_message() {
     assert!(!ok);
     assert!(err.contains("cannot connect"), "{err}");
 }
+
+#[tokio::test]
+async fn client_tokens_from_the_command_line_and_the_environment() {
+    let dir = std::env::temp_dir().join(format!("mpreg-cli-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "cluster_secret = \"s\"\nclient_tokens = [\"tok\"]\n",
+    )
+    .expect("write config");
+    let (child, url) = server(&["--config", config.to_str().expect("utf-8 path")]).await;
+
+    let (ok, _, err) = client(&url, &["call", "echo", "1"]).await;
+    assert!(!ok, "no token");
+    assert!(err.contains("unauthorized"), "{err}");
+
+    let (ok, out, _) = client(&url, &["--token", "tok", "call", "echo", "2"]).await;
+    assert!(ok);
+    assert_eq!(out.trim(), "2");
+
+    let out = tokio::time::timeout(
+        GUARD,
+        Command::new(BIN)
+            .env("MPREG_TOKEN", "tok")
+            .args(["client", &url, "call", "echo", "3"])
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("run");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+
+    terminate(child).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

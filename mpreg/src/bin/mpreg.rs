@@ -7,6 +7,9 @@
 //! mpreg client URL request FILE
 //! mpreg client URL demo
 //! mpreg cluster URL [--json]
+//! mpreg bench [URL] [--connections C] [--inflight D] [--duration S]
+//!             [--warmup S] [--timeout S] [--request FILE] [--baseline] [--json]
+//! mpreg bench suite [--json] [--quick]
 //! ```
 //!
 //! `cluster` asks the node at URL for its view of the cluster (the built-in
@@ -14,6 +17,16 @@
 //! (`self`, `up` or `leaf`), load, jobs sent to it, and the functions it
 //! offers, each with its datasets in brackets when it has any. `--json`
 //! prints the view as returned instead.
+//!
+//! `bench` drives a node (or any server speaking the protocol) with C
+//! WebSocket connections, each keeping D requests in flight, and prints
+//! throughput and latency percentiles; `--baseline` measures a bare
+//! WebSocket JSON server started in this process with the same load, in the
+//! same run, and prints the ratios. `bench suite` measures every target of
+//! `BENCHMARKS.md` in one run (see `mpreg/src/bin/mpreg/bench.rs`).
+
+#[path = "mpreg/bench.rs"]
+mod bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,31 +47,93 @@ struct Cli {
     command: Cmd,
 }
 
+/// How to reach a node.
+#[derive(Debug, ClapArgs)]
+struct ConnectArgs {
+    /// The node's URL, e.g. ws://127.0.0.1:7773 (wss:// needs --tls-ca).
+    url: String,
+    /// Client-side deadline for each request, in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// A client token, for nodes that require one.
+    #[arg(long, env = "MPREG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file of the CA certificates to trust for wss:// URLs.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a node until SIGINT or SIGTERM.
     Server(ServerArgs),
     /// Send requests to a node.
     Client {
-        /// The node's URL, e.g. ws://127.0.0.1:7773
-        url: String,
-        /// Client-side deadline for each request, in milliseconds.
-        #[arg(long)]
-        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        to: ConnectArgs,
         #[command(subcommand)]
         action: ClientCmd,
     },
     /// Show the cluster as a node sees it: its peers, their status and load,
     /// and the functions (with datasets) each offers.
     Cluster {
-        /// The node's URL, e.g. ws://127.0.0.1:7773
-        url: String,
+        #[command(flatten)]
+        to: ConnectArgs,
         /// Print the node's view as JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Client-side deadline for the request, in milliseconds.
+    },
+    /// Measure throughput and latency of a node (`bench URL`), or run the
+    /// whole benchmark suite (`bench suite`).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    suite: Option<BenchCmd>,
+    /// The server to drive, e.g. ws://127.0.0.1:7773
+    url: Option<String>,
+    /// WebSocket connections.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    connections: usize,
+    /// Requests in flight on each connection.
+    #[arg(long, short = 'd', default_value_t = 16)]
+    inflight: usize,
+    /// Seconds measured (after the warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of warm-up, not measured.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Seconds a request may wait for its reply before it counts as a
+    /// timeout.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// The request to send: a JSON list of commands, or an object with
+    /// `cmds` (`-` reads standard input). Default: one `echo` of "hi".
+    #[arg(long)]
+    request: Option<PathBuf>,
+    /// Also measure a bare WebSocket JSON server (started in this process)
+    /// with the same load, and print the ratios.
+    #[arg(long)]
+    baseline: bool,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Measure every target of BENCHMARKS.md in one run and print one table.
+    Suite {
+        /// Print one JSON line instead of a table.
         #[arg(long)]
-        timeout_ms: Option<u64>,
+        json: bool,
+        /// Shorter runs (1 s per load row, fewer samples): a smoke test.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -110,11 +185,16 @@ enum ClientCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The benchmarks start nodes in process: keep their logs out of the way.
+    let default_filter = match cli.command {
+        Cmd::Bench(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -127,16 +207,9 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Cmd::Server(args) => server(args).await,
-            Cmd::Client {
-                url,
-                timeout_ms,
-                action,
-            } => client(&url, timeout_ms, action).await,
-            Cmd::Cluster {
-                url,
-                json,
-                timeout_ms,
-            } => cluster(&url, json, timeout_ms).await,
+            Cmd::Client { to, action } => client(&to, action).await,
+            Cmd::Cluster { to, json } => cluster(&to, json).await,
+            Cmd::Bench(args) => bench_command(args).await,
         }
     });
     match outcome {
@@ -188,16 +261,48 @@ async fn server(args: ServerArgs) -> CliResult {
     Ok(())
 }
 
-async fn connect(url: &str, timeout_ms: Option<u64>) -> Result<Client, mpreg::Error> {
-    let mut builder = Client::builder();
-    if let Some(ms) = timeout_ms {
-        builder = builder.timeout(Duration::from_millis(ms));
+async fn bench_command(args: BenchArgs) -> CliResult {
+    if let Some(BenchCmd::Suite { json, quick }) = args.suite {
+        return bench::suite(json, quick).await;
     }
-    builder.connect(url).await
+    let seconds = |what: &str, s: f64| {
+        Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a number of seconds"))
+    };
+    let shape = bench::Shape {
+        connections: args.connections,
+        inflight: args.inflight,
+        duration: seconds("duration", args.duration)?,
+        warmup: seconds("warmup", args.warmup)?,
+        timeout: seconds("timeout", args.timeout)?,
+    };
+    bench::load_command(bench::LoadOptions {
+        url: args.url,
+        shape,
+        request: args.request,
+        baseline: args.baseline,
+        json: args.json,
+    })
+    .await
 }
 
-async fn client(url: &str, timeout_ms: Option<u64>, action: ClientCmd) -> CliResult {
-    let client = connect(url, timeout_ms).await?;
+async fn connect(to: &ConnectArgs) -> Result<Client, Box<dyn std::error::Error>> {
+    let mut builder = Client::builder();
+    if let Some(ms) = to.timeout_ms {
+        builder = builder.timeout(Duration::from_millis(ms));
+    }
+    if let Some(token) = &to.token {
+        builder = builder.token(token);
+    }
+    if let Some(path) = &to.tls_ca {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        builder = builder.tls_ca_pem(pem);
+    }
+    Ok(builder.connect(&to.url).await?)
+}
+
+async fn client(to: &ConnectArgs, action: ClientCmd) -> CliResult {
+    let client = connect(to).await?;
     match action {
         ClientCmd::Call {
             fun,
@@ -236,8 +341,8 @@ async fn client(url: &str, timeout_ms: Option<u64>, action: ClientCmd) -> CliRes
     Ok(())
 }
 
-async fn cluster(url: &str, json: bool, timeout_ms: Option<u64>) -> CliResult {
-    let client = connect(url, timeout_ms).await?;
+async fn cluster(to: &ConnectArgs, json: bool) -> CliResult {
+    let client = connect(to).await?;
     let view: Value = client.call("mpreg.cluster", ()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);

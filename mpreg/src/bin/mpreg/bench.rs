@@ -1,0 +1,2033 @@
+//! `mpreg bench`: a load generator for any server speaking the mpreg wire
+//! protocol, a bare WebSocket baseline server to compare it with, and the
+//! suite that measures every target of the benchmark table in one run.
+//!
+//! The load generator opens C raw WebSocket connections (tokio-tungstenite,
+//! not `mpreg::Client`, so the client side costs the same for the baseline
+//! and for a node) and keeps D requests in flight on each: a writer task
+//! sends whenever a slot is free (queued frames written together, one
+//! flush), a reader matches each reply to its request by `u` and checks it.
+//! Latencies (microseconds) go into an HDR histogram. Replies that complete
+//! during the warm-up or the final drain are not counted as throughput;
+//! errors, timeouts and replies that match no request are counted over the
+//! whole run.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use futures_util::{Sink, SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use mpreg::{Node, NodeBuilder, NodeHandle};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Highest latency the histograms hold (larger values are clamped): 10 min.
+const MAX_LATENCY_US: u64 = 600_000_000;
+
+// ---------------------------------------------------------------------------
+// Requests and replies
+// ---------------------------------------------------------------------------
+
+/// The request sent over and over, with a fresh numeric `u` each time.
+#[derive(Debug, Clone)]
+pub(crate) struct Template {
+    /// The request object serialized without `u` and without its opening
+    /// brace: a frame is `{"u":ID,` + this.
+    rest: Arc<str>,
+}
+
+impl Template {
+    /// One `echo` of `"hi"`.
+    pub(crate) fn echo() -> Self {
+        Self::commands(json!([{"name": "a", "fun": "echo", "args": ["hi"], "locs": []}]))
+    }
+
+    /// A request with these commands (a JSON list).
+    pub(crate) fn commands(cmds: Value) -> Self {
+        let mut object = Map::new();
+        object.insert("cmds".into(), cmds);
+        Self::object(object)
+    }
+
+    /// A request file: a JSON list of commands, or a request object with
+    /// `cmds` (its `u`, if any, is replaced).
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        match serde_json::from_str(text) {
+            Ok(Value::Array(cmds)) => Ok(Self::commands(Value::Array(cmds))),
+            Ok(Value::Object(object)) if object.get("cmds").is_some_and(Value::is_array) => {
+                Ok(Self::object(object))
+            }
+            Ok(_) => {
+                Err("a request file is a JSON list of commands or an object with `cmds`".into())
+            }
+            Err(e) => Err(format!("the request file is not JSON: {e}")),
+        }
+    }
+
+    fn object(mut object: Map<String, Value>) -> Self {
+        object.remove("u");
+        object.insert("role".into(), json!("rpc"));
+        let text = Value::Object(object).to_string();
+        Self {
+            rest: text[1..].into(),
+        }
+    }
+
+    /// The frame of request `id`.
+    pub(crate) fn frame(&self, id: u64) -> String {
+        let mut frame = String::with_capacity(self.rest.len() + 28);
+        let _ = write!(frame, "{{\"u\":{id},");
+        frame.push_str(&self.rest);
+        frame
+    }
+
+    /// Size of a frame, in bytes (about).
+    fn len(&self) -> usize {
+        self.rest.len() + 8
+    }
+}
+
+/// What a reply says.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Checked {
+    /// `error` is null and `r` present: request `u` succeeded.
+    Ok(u64),
+    /// Request `u` failed; the error as sent.
+    Failed(u64, String),
+    /// Not a reply to any request of ours (no numeric `u`, not JSON...).
+    Malformed(String),
+}
+
+/// Reads a reply: `{"u": ID, "r": {..}, "error": null}` is a success (the
+/// baseline's minimal reply has that shape too); a non-null `error`, or no
+/// `r`, is a failure.
+pub(crate) fn check_reply(frame: &[u8]) -> Checked {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        u: Value,
+        #[serde(default)]
+        r: Option<IgnoredAny>,
+        #[serde(default)]
+        error: Option<Value>,
+    }
+    let head: Head = match serde_json::from_slice(frame) {
+        Ok(head) => head,
+        Err(e) => return Checked::Malformed(format!("reply is not a JSON object: {e}")),
+    };
+    let Some(u) = head.u.as_u64() else {
+        return Checked::Malformed(format!("reply with an unknown id {}", head.u));
+    };
+    match (head.error, head.r) {
+        (Some(error), _) => Checked::Failed(u, error.to_string()),
+        (None, Some(_)) => Checked::Ok(u),
+        (None, None) => Checked::Failed(u, "reply has neither `r` nor `error`".into()),
+    }
+}
+
+/// The requests of one connection waiting for their replies, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(Mutex<HashMap<u64, Instant>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Request `id` was sent at `at`.
+    pub(crate) fn sent(&self, id: u64, at: Instant) {
+        self.lock().insert(id, at);
+    }
+
+    /// The reply to `id` came: when it was sent, or `None` when no request
+    /// `id` is waiting (already answered, timed out, or never sent).
+    pub(crate) fn complete(&self, id: u64) -> Option<Instant> {
+        self.lock().remove(&id)
+    }
+
+    /// Forgets requests sent before `before`; returns how many.
+    fn expire(&self, before: Instant) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        map.retain(|_, at| *at >= before);
+        n - map.len()
+    }
+
+    /// Forgets all; returns how many were waiting.
+    fn clear(&self) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        map.clear();
+        n
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load generator
+// ---------------------------------------------------------------------------
+
+/// How hard and how long to drive a server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub(crate) connections: usize,
+    pub(crate) inflight: usize,
+    pub(crate) duration: Duration,
+    pub(crate) warmup: Duration,
+    pub(crate) timeout: Duration,
+}
+
+impl Shape {
+    fn describe(&self) -> String {
+        format!(
+            "{} connection{} x {} in flight, {:.1} s (+{:.1} s warm-up)",
+            self.connections,
+            if self.connections == 1 { "" } else { "s" },
+            self.inflight,
+            self.duration.as_secs_f64(),
+            self.warmup.as_secs_f64()
+        )
+    }
+}
+
+/// What one load run measured.
+#[derive(Debug)]
+pub(crate) struct Report {
+    /// Requests sent (whole run).
+    pub(crate) sent: u64,
+    /// Successful replies completed inside the measured window.
+    pub(crate) ok: u64,
+    /// Successful replies over the whole run (warm-up and drain included).
+    pub(crate) ok_total: u64,
+    /// Error replies and requests lost with a closed connection.
+    pub(crate) errors: u64,
+    /// Requests without a reply within the timeout.
+    pub(crate) timeouts: u64,
+    /// Replies that matched no waiting request (late, duplicate, unknown).
+    pub(crate) unmatched: u64,
+    /// Latency of the successful replies of the window, microseconds.
+    pub(crate) latency: Histogram<u64>,
+    /// The measured window.
+    pub(crate) window: Duration,
+    /// The first error seen, for the report.
+    pub(crate) first_error: Option<String>,
+}
+
+impl Report {
+    fn new(window: Duration) -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            ok_total: 0,
+            errors: 0,
+            timeouts: 0,
+            unmatched: 0,
+            latency: new_histogram(),
+            window,
+            first_error: None,
+        }
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.sent += other.sent;
+        self.ok += other.ok;
+        self.ok_total += other.ok_total;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.unmatched += other.unmatched;
+        // Same bounds: cannot fail.
+        let _ = self.latency.add(&other.latency);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn error(&mut self, n: u64, what: String) {
+        self.errors += n;
+        if n > 0 && self.first_error.is_none() {
+            self.first_error = Some(what);
+        }
+    }
+
+    /// Successful requests per second in the window.
+    pub(crate) fn throughput(&self) -> f64 {
+        self.ok as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency at quantile `q`, microseconds (0 without samples).
+    pub(crate) fn quantile_us(&self, q: f64) -> u64 {
+        if self.latency.is_empty() {
+            0
+        } else {
+            self.latency.value_at_quantile(q)
+        }
+    }
+
+    fn p50_us(&self) -> f64 {
+        self.quantile_us(0.5) as f64
+    }
+
+    /// The table cells: throughput, p50, p90, p99, p99.9, max, ok, errors,
+    /// timeouts.
+    fn cells(&self) -> Vec<String> {
+        vec![
+            format!("{} req/s", thousands(self.throughput().round() as u64)),
+            micros(self.quantile_us(0.5)),
+            micros(self.quantile_us(0.9)),
+            micros(self.quantile_us(0.99)),
+            micros(self.quantile_us(0.999)),
+            micros(if self.latency.is_empty() {
+                0
+            } else {
+                self.latency.max()
+            }),
+            thousands(self.ok),
+            thousands(self.errors),
+            thousands(self.timeouts),
+        ]
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "throughput": (self.throughput() * 10.0).round() / 10.0,
+            "p50_us": self.quantile_us(0.5),
+            "p90_us": self.quantile_us(0.9),
+            "p99_us": self.quantile_us(0.99),
+            "p999_us": self.quantile_us(0.999),
+            "max_us": if self.latency.is_empty() { 0 } else { self.latency.max() },
+            "sent": self.sent,
+            "ok": self.ok,
+            "ok_total": self.ok_total,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "unmatched": self.unmatched,
+            "first_error": self.first_error,
+        })
+    }
+}
+
+const REPORT_HEADER: [&str; 10] = [
+    "",
+    "throughput",
+    "p50",
+    "p90",
+    "p99",
+    "p99.9",
+    "max",
+    "ok",
+    "errors",
+    "timeouts",
+];
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+/// Counters the progress line reads while a run goes on.
+#[derive(Debug, Default)]
+struct Progress {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+/// Client-side WebSocket settings: no practical message limit.
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30))
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn connect(url: &str) -> BenchResult<Ws> {
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(client_config()), true)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    Ok(ws)
+}
+
+/// Drives `url` with `template` in `shape`; prints a progress line on
+/// stderr once a second when `label` is given.
+pub(crate) async fn run_load(
+    url: &str,
+    template: &Template,
+    shape: Shape,
+    label: Option<&str>,
+) -> BenchResult<Report> {
+    if shape.connections == 0 || shape.inflight == 0 {
+        return Err("--connections and --inflight must be at least 1".into());
+    }
+    let mut sockets = Vec::with_capacity(shape.connections);
+    for _ in 0..shape.connections {
+        sockets.push(connect(url).await?);
+    }
+    let progress = Arc::new(Progress::default());
+    let ids = Arc::new(AtomicU64::new(1));
+    let start = Instant::now();
+    let window_start = start + shape.warmup;
+    let window_end = window_start + shape.duration;
+    let drivers: Vec<_> = sockets
+        .into_iter()
+        .map(|ws| {
+            tokio::spawn(drive(
+                ws,
+                template.clone(),
+                shape,
+                (window_start, window_end),
+                ids.clone(),
+                progress.clone(),
+            ))
+        })
+        .collect();
+    let ticker = label.map(|label| {
+        let label = label.to_owned();
+        let progress = progress.clone();
+        tokio::spawn(show_progress(label, progress, start, window_end))
+    });
+    let mut report = Report::new(shape.duration);
+    for driver in drivers {
+        match driver.await {
+            Ok(r) => report.merge(r),
+            Err(e) => report.error(1, format!("a connection task failed: {e}")),
+        }
+    }
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        eprint!("\r{:79}\r", "");
+    }
+    Ok(report)
+}
+
+async fn show_progress(label: String, progress: Arc<Progress>, start: Instant, end: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let ok = progress.ok.load(Ordering::Relaxed);
+        let phase = if Instant::now() > end {
+            "draining"
+        } else {
+            "running"
+        };
+        eprint!(
+            "\r{label}: {phase} {:>4.0} s  {:>8} req/s  ok {}  errors {}  timeouts {}   ",
+            start.elapsed().as_secs_f64(),
+            thousands(ok - last),
+            thousands(ok),
+            progress.errors.load(Ordering::Relaxed),
+            progress.timeouts.load(Ordering::Relaxed),
+        );
+        let _ = std::io::stderr().flush();
+        last = ok;
+    }
+}
+
+/// One connection: a writer keeping `shape.inflight` requests in flight
+/// until `window.1`, and this task reading and matching the replies.
+async fn drive(
+    ws: Ws,
+    template: Template,
+    shape: Shape,
+    window: (Instant, Instant),
+    ids: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+) -> Report {
+    let (window_start, window_end) = window;
+    let (sink, mut stream) = ws.split();
+    let pending = Arc::new(Pending::default());
+    let slots = Arc::new(Semaphore::new(shape.inflight));
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_requests(
+        sink,
+        template,
+        slots.clone(),
+        pending.clone(),
+        ids,
+        sent.clone(),
+        window_end,
+    ));
+
+    let mut report = Report::new(shape.duration);
+    let hard_end = window_end + shape.timeout + Duration::from_millis(100);
+    let mut sweep = tokio::time::interval(Duration::from_millis(20));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if Instant::now() >= window_end && writer.is_finished() && pending.is_empty() {
+            break;
+        }
+        let message = tokio::select! {
+            message = stream.next() => message,
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                let expired = match now.checked_sub(shape.timeout) {
+                    Some(before) => pending.expire(before),
+                    None => 0,
+                };
+                let expired = if now >= hard_end { expired + pending.clear() } else { expired };
+                if expired > 0 {
+                    report.timeouts += expired as u64;
+                    progress.timeouts.fetch_add(expired as u64, Ordering::Relaxed);
+                    slots.add_permits(expired);
+                }
+                if now >= hard_end {
+                    break;
+                }
+                continue;
+            }
+        };
+        let bytes = match message {
+            Some(Ok(Message::Text(text))) => tokio_tungstenite::tungstenite::Bytes::from(text),
+            Some(Ok(Message::Binary(bytes))) => bytes,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Close(_))) | None => {
+                let lost = pending.clear() as u64;
+                report.error(
+                    lost,
+                    format!("the server closed the connection with {lost} requests in flight"),
+                );
+                progress.errors.fetch_add(lost, Ordering::Relaxed);
+                break;
+            }
+            Some(Err(e)) => {
+                let lost = pending.clear() as u64;
+                report.error(lost.max(1), format!("connection failed: {e}"));
+                progress.errors.fetch_add(lost.max(1), Ordering::Relaxed);
+                break;
+            }
+        };
+        let now = Instant::now();
+        match check_reply(&bytes) {
+            Checked::Ok(id) => match pending.complete(id) {
+                Some(at) => {
+                    slots.add_permits(1);
+                    report.ok_total += 1;
+                    progress.ok.fetch_add(1, Ordering::Relaxed);
+                    if now >= window_start && now <= window_end {
+                        report.ok += 1;
+                        let us = now.duration_since(at).as_micros();
+                        report
+                            .latency
+                            .saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                    }
+                }
+                None => report.unmatched += 1,
+            },
+            Checked::Failed(id, error) => match pending.complete(id) {
+                Some(_) => {
+                    slots.add_permits(1);
+                    report.error(1, error);
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                None => report.unmatched += 1,
+            },
+            Checked::Malformed(why) => {
+                // Its request (if any) will time out.
+                report.error(1, why);
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    // Stop writing (it may be stuck on a server that stopped reading), then
+    // close the connection politely.
+    writer.abort();
+    if let Ok(Some(sink)) = writer.await
+        && let Ok(mut ws) = sink.reunite(stream)
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+    report.sent = sent.load(Ordering::Relaxed);
+    report
+}
+
+/// Sends a request whenever a slot is free, until `end`; requests that are
+/// ready together are written together and flushed once. Returns the sink
+/// (`None` when writing failed).
+async fn write_requests<S>(
+    mut sink: S,
+    template: Template,
+    slots: Arc<Semaphore>,
+    pending: Arc<Pending>,
+    ids: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    end: Instant,
+) -> Option<S>
+where
+    S: Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let end_at = tokio::time::Instant::from_std(end);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.acquire() => slot,
+            _ = tokio::time::sleep_until(end_at) => return Some(sink),
+        };
+        let Ok(slot) = slot else { return Some(sink) };
+        slot.forget();
+        let mut first = true;
+        loop {
+            if !first {
+                match slots.try_acquire() {
+                    Ok(slot) if Instant::now() < end => slot.forget(),
+                    _ => break,
+                }
+            }
+            first = false;
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            let frame = template.frame(id);
+            pending.sent(id, Instant::now());
+            sent.fetch_add(1, Ordering::Relaxed);
+            if sink.feed(Message::text(frame)).await.is_err() {
+                return None;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return None;
+        }
+        if Instant::now() >= end {
+            return Some(sink);
+        }
+    }
+}
+
+/// Sends `template` `n` times, one at a time, on one connection; returns
+/// each round trip's time. Any failure is an error.
+async fn sequential(url: &str, template: &Template, n: usize) -> BenchResult<Vec<Duration>> {
+    let mut ws = connect(url).await?;
+    let mut times = Vec::with_capacity(n);
+    for id in 1..=n as u64 {
+        let frame = template.frame(id);
+        let at = Instant::now();
+        ws.send(Message::text(frame)).await?;
+        loop {
+            let bytes = match ws.next().await {
+                Some(Ok(Message::Text(t))) => tokio_tungstenite::tungstenite::Bytes::from(t),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(Message::Close(_))) | None => return Err("connection closed".into()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+            };
+            match check_reply(&bytes) {
+                Checked::Ok(u) if u == id => break,
+                other => return Err(format!("unexpected reply: {other:?}").into()),
+            }
+        }
+        times.push(at.elapsed());
+    }
+    let _ = ws.close(None).await;
+    Ok(times)
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// The baseline server
+// ---------------------------------------------------------------------------
+
+/// A bare tokio-tungstenite server: parses each frame into a JSON value,
+/// takes its `u` and answers `{"u":..,"r":{"x":null},"error":null}`, with a
+/// writer task per connection that writes what is queued and flushes once
+/// (as mpreg's connections do). No routing, no planning, no task per request.
+#[derive(Debug)]
+pub(crate) struct Baseline {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Baseline {
+    /// Starts on `127.0.0.1:0`.
+    pub(crate) async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            connections.spawn(baseline_connection(stream));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Stops accepting and drops every connection.
+    pub(crate) fn stop(self) {
+        // Dropping the JoinSet with the task aborts the connections.
+        self.task.abort();
+    }
+}
+
+async fn baseline_connection(stream: TcpStream) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+        return;
+    };
+    let (mut sink, mut source) = ws.split();
+    let (replies, mut queue) = mpsc::channel::<Message>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some(first) = queue.recv().await {
+            if sink.feed(first).await.is_err() {
+                return;
+            }
+            while let Ok(next) = queue.try_recv() {
+                if sink.feed(next).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    while let Some(Ok(message)) = source.next().await {
+        let bytes = match message {
+            Message::Text(text) => tokio_tungstenite::tungstenite::Bytes::from(text),
+            Message::Binary(bytes) => bytes,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let u = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(mut object)) => object.remove("u").unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        let reply = format!("{{\"u\":{u},\"r\":{{\"x\":null}},\"error\":null}}");
+        if replies.send(Message::text(reply)).await.is_err() {
+            break;
+        }
+    }
+    drop(replies);
+    let _ = writer.await;
+}
+
+// ---------------------------------------------------------------------------
+// `mpreg bench URL`
+// ---------------------------------------------------------------------------
+
+/// Options of `mpreg bench URL`.
+#[derive(Debug)]
+pub(crate) struct LoadOptions {
+    pub(crate) url: Option<String>,
+    pub(crate) shape: Shape,
+    pub(crate) request: Option<std::path::PathBuf>,
+    pub(crate) baseline: bool,
+    pub(crate) json: bool,
+}
+
+/// `mpreg bench [URL] [--baseline] ...`: drives URL (and the in-process
+/// baseline, with the same load, when asked) and prints the figures.
+pub(crate) async fn load_command(options: LoadOptions) -> BenchResult<()> {
+    let template = match &options.request {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            };
+            Template::parse(&text)?
+        }
+        None => Template::echo(),
+    };
+    if options.url.is_none() && !options.baseline {
+        return Err("give a URL to benchmark, --baseline, or both".into());
+    }
+    let shape = options.shape;
+    let baseline = if options.baseline {
+        let server = Baseline::start().await?;
+        let report = run_load(&server.url(), &template, shape, Some("baseline")).await;
+        server.stop();
+        Some(report?)
+    } else {
+        None
+    };
+    let target = match &options.url {
+        Some(url) => Some(run_load(url, &template, shape, Some(url)).await?),
+        None => None,
+    };
+
+    if options.json {
+        let mut out = json!({
+            "connections": shape.connections,
+            "inflight": shape.inflight,
+            "duration_s": shape.duration.as_secs_f64(),
+            "warmup_s": shape.warmup.as_secs_f64(),
+        });
+        if let (Some(url), Some(t)) = (&options.url, &target) {
+            out["url"] = json!(url);
+            out["target"] = t.json();
+        }
+        if let Some(b) = &baseline {
+            out["baseline"] = b.json();
+        }
+        if let (Some(t), Some(b)) = (&target, &baseline) {
+            out["ratio"] = json!({
+                "throughput": ratio(t.throughput(), b.throughput()),
+                "p50": ratio(t.p50_us(), b.p50_us()),
+            });
+        }
+        println!("{out}");
+    } else {
+        println!("{}", shape.describe());
+        let mut rows = Vec::new();
+        if let Some(t) = &target {
+            rows.push(cells_with("target", t.cells()));
+        }
+        if let Some(b) = &baseline {
+            rows.push(cells_with("baseline", b.cells()));
+        }
+        if let (Some(t), Some(b)) = (&target, &baseline) {
+            let q = |q: f64| fmt_ratio(ratio(t.quantile_us(q) as f64, b.quantile_us(q) as f64));
+            let mut cells = vec![
+                "target/baseline".to_owned(),
+                fmt_ratio(ratio(t.throughput(), b.throughput())),
+            ];
+            cells.extend([q(0.5), q(0.9), q(0.99), q(0.999)]);
+            rows.push(cells);
+        }
+        print!("{}", format_table(&REPORT_HEADER, &rows, &[]));
+        for (name, report) in [("target", &target), ("baseline", &baseline)] {
+            if let Some(Report {
+                first_error: Some(e),
+                ..
+            }) = report
+            {
+                println!("{name}: first error: {e}");
+            }
+            if let Some(r) = report
+                && r.unmatched > 0
+            {
+                println!("{name}: {} replies matched no request", r.unmatched);
+            }
+        }
+    }
+    if target
+        .as_ref()
+        .or(baseline.as_ref())
+        .is_some_and(|r| r.ok == 0)
+    {
+        return Err("no request succeeded".into());
+    }
+    Ok(())
+}
+
+fn cells_with(name: &str, cells: Vec<String>) -> Vec<String> {
+    let mut row = vec![name.to_owned()];
+    row.extend(cells);
+    row
+}
+
+// ---------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------
+
+/// What a row must reach.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// ratio >= x
+    RatioAtLeast(f64),
+    /// ratio <= x
+    RatioAtMost(f64),
+    /// measured < x
+    Below(f64),
+    /// measured <= x
+    AtMost(f64),
+    /// measured >= x
+    AtLeast(f64),
+    /// For information.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unit {
+    ReqPerSec,
+    Micros,
+    Millis,
+    MiB,
+    MBps,
+}
+
+impl Unit {
+    fn show(self, v: f64) -> String {
+        match self {
+            Unit::ReqPerSec => format!("{} req/s", thousands(v.round() as u64)),
+            Unit::Micros => micros(v.round() as u64),
+            Unit::Millis => format!("{v:.1} ms"),
+            Unit::MiB => format!("{v:.1} MiB"),
+            Unit::MBps => format!("{v:.0} MB/s"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Unit::ReqPerSec => "req/s",
+            Unit::Micros => "us",
+            Unit::Millis => "ms",
+            Unit::MiB => "MiB",
+            Unit::MBps => "MB/s",
+        }
+    }
+}
+
+/// One line of the suite's table.
+#[derive(Debug, Clone)]
+struct Row {
+    what: String,
+    measured: f64,
+    unit: Unit,
+    /// What it is compared with: a label and a value in the same unit.
+    reference: Option<(String, f64)>,
+    target: Target,
+    /// Errors and timeouts seen while measuring.
+    errors: u64,
+    note: Option<String>,
+}
+
+impl Row {
+    fn new(what: impl Into<String>, measured: f64, unit: Unit, target: Target) -> Self {
+        Self {
+            what: what.into(),
+            measured,
+            unit,
+            reference: None,
+            target,
+            errors: 0,
+            note: None,
+        }
+    }
+
+    fn against(mut self, label: impl Into<String>, value: f64) -> Self {
+        self.reference = Some((label.into(), value));
+        self
+    }
+
+    fn errors(mut self, n: u64) -> Self {
+        self.errors = n;
+        self
+    }
+
+    fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        self.reference
+            .as_ref()
+            .map(|(_, r)| ratio(self.measured, *r))
+    }
+
+    /// Some(true) met, Some(false) not met, None when there is no target.
+    fn met(&self) -> Option<bool> {
+        let m = self.measured;
+        match self.target {
+            Target::RatioAtLeast(x) => self.ratio().map(|r| r >= x),
+            Target::RatioAtMost(x) => self.ratio().map(|r| r <= x),
+            Target::Below(x) => Some(m < x),
+            Target::AtMost(x) => Some(m <= x),
+            Target::AtLeast(x) => Some(m >= x),
+            Target::None => None,
+        }
+    }
+
+    fn target_text(&self) -> String {
+        let u = self.unit.name();
+        match self.target {
+            Target::RatioAtLeast(x) => format!(">= {x}x"),
+            Target::RatioAtMost(x) => format!("<= {x}x"),
+            Target::Below(x) => format!("< {x} {u}"),
+            Target::AtMost(x) => format!("<= {x} {u}"),
+            Target::AtLeast(x) => format!(">= {x} {u}"),
+            Target::None => "-".into(),
+        }
+    }
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.what.clone(),
+            self.unit.show(self.measured),
+            match &self.reference {
+                Some((label, v)) => format!("{} ({label})", self.unit.show(*v)),
+                None => "-".into(),
+            },
+            self.ratio().map_or("-".into(), fmt_ratio),
+            self.target_text(),
+            match self.met() {
+                Some(true) => "met".into(),
+                Some(false) => "NOT MET".into(),
+                None => "-".into(),
+            },
+            thousands(self.errors),
+        ]
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "what": self.what,
+            "measured": round3(self.measured),
+            "unit": self.unit.name(),
+            "reference": self.reference.as_ref().map(|(l, v)| json!({"what": l, "value": round3(*v)})),
+            "ratio": self.ratio().map(round3),
+            "target": self.target_text(),
+            "met": self.met(),
+            "errors": self.errors,
+            "note": self.note,
+        })
+    }
+}
+
+const SUITE_HEADER: [&str; 7] = [
+    "what",
+    "measured",
+    "reference",
+    "ratio",
+    "target",
+    "verdict",
+    "errors",
+];
+
+/// A load run in the suite, kept for the detailed table.
+#[derive(Debug)]
+struct Run {
+    name: &'static str,
+    shape: Shape,
+    report: Report,
+}
+
+/// A node for the suite: loopback, port 0, default settings.
+fn node(name: &str) -> NodeBuilder {
+    Node::builder().name(name).listen("127.0.0.1:0")
+}
+
+fn node_url(node: &NodeHandle) -> BenchResult<String> {
+    node.url().ok_or_else(|| "the node does not listen".into())
+}
+
+/// The datasets some node in `view` offers a function with.
+fn offered_datasets(view: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for node in view["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for f in node["functions"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            for d in f["datasets"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                if let Some(d) = d.as_str() {
+                    out.insert(d.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How many nodes in `view` offer some function with `dataset`.
+fn nodes_offering(view: &Value, dataset: &str) -> usize {
+    view["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| {
+            n["functions"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .any(|f| {
+                    f["datasets"]
+                        .as_array()
+                        .is_some_and(|ds| ds.iter().any(|d| d == dataset))
+                })
+        })
+        .count()
+}
+
+fn node_count(view: &Value) -> usize {
+    view["nodes"].as_array().map_or(0, Vec::len)
+}
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+async fn await_view(
+    node: &NodeHandle,
+    what: &str,
+    ready: impl FnMut(&Value) -> bool,
+) -> BenchResult<()> {
+    if node.wait_for(CONVERGE, ready).await {
+        Ok(())
+    } else {
+        Err(format!("{}: {what} did not happen within {CONVERGE:?}", node.name()).into())
+    }
+}
+
+/// `n` `echo` commands on dataset `locs`, each consuming the previous one.
+fn chain(n: usize, locs: &[&str]) -> Value {
+    let cmds: Vec<Value> = (0..n)
+        .map(|i| {
+            let arg = if i == 0 {
+                json!("hi")
+            } else {
+                json!(format!("c{}", i - 1))
+            };
+            json!({"name": format!("c{i}"), "fun": "echo", "args": [arg], "locs": locs})
+        })
+        .collect();
+    Value::Array(cmds)
+}
+
+/// Reference example 5 (four commands: echo, echo, echos, echo).
+fn example_five() -> Value {
+    json!([
+        {"name": "|first", "fun": "echo", "args": ["hi there!"], "locs": []},
+        {"name": "|second", "fun": "echo", "args": ["|first"], "locs": []},
+        {"name": "|third", "fun": "echos", "args": ["|first", "|second", "AND ME TOO"], "locs": []},
+        {"name": "|4th", "fun": "echo", "args": ["|third"], "locs": []},
+    ])
+}
+
+/// A JSON array of integers, at least `bytes` long when serialized.
+fn number_array(bytes: usize) -> String {
+    let mut out = String::with_capacity(bytes + 16);
+    out.push('[');
+    let mut x: u64 = 1;
+    while out.len() < bytes {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        // A cheap spread of 1- to 10-digit numbers.
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let _ = write!(out, "{}", (x >> 33) % 10_000_000_000);
+    }
+    out.push(']');
+    out
+}
+
+/// A template whose one command echoes the raw JSON `array` on `locs`.
+fn array_echo(array: &str, locs: &[&str]) -> Template {
+    let locs = Value::from(locs.iter().map(|s| Value::from(*s)).collect::<Vec<_>>());
+    let text = format!(
+        "{{\"cmds\":[{{\"name\":\"a\",\"fun\":\"echo\",\"args\":[{array}],\"locs\":{locs}}}]}}"
+    );
+    // Build the template without re-parsing 16 MiB into a Value.
+    Template {
+        rest: format!("\"role\":\"rpc\",{}", &text[1..]).into(),
+    }
+}
+
+/// `mpreg bench suite`.
+pub(crate) async fn suite(json_out: bool, quick: bool) -> BenchResult<()> {
+    let started = Instant::now();
+    // Each load row is measured in `rounds` slices, the rows of a group
+    // taking turns (baseline, target, baseline, target, ...), so that drift
+    // of a shared machine hits every row of a group alike.
+    let (rounds, slice, warmup) = if quick {
+        (2, Duration::from_millis(500), Duration::from_millis(100))
+    } else {
+        (5, Duration::from_secs(1), Duration::from_millis(200))
+    };
+    let timeout = Duration::from_secs(10);
+    let shape = |connections, inflight| Shape {
+        connections,
+        inflight,
+        duration: slice,
+        warmup,
+        timeout,
+    };
+    let wide = shape(8, 16);
+    let seq = shape(1, 1);
+    let balanced = shape(32, 16);
+    let progress = !json_out || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut runs: Vec<Run> = Vec::new();
+
+    let echo = Template::echo();
+    let echo_b =
+        Template::commands(json!([{"name": "a", "fun": "echo", "args": ["hi"], "locs": ["b"]}]));
+    let echo_w =
+        Template::commands(json!([{"name": "a", "fun": "echo", "args": ["hi"], "locs": ["w"]}]));
+    let chain4 = Template::commands(example_five());
+    let chain8_b = Template::commands(chain(8, &["b"]));
+
+    // In-process servers: the baseline, one node, and a forwarding pair.
+    let baseline = Baseline::start().await?;
+    let base_url = baseline.url();
+    let single = node("single").start().await?;
+    let single_url = node_url(&single)?;
+    let b = node("B").datasets(["b"]).start().await?;
+    let a = node("A").peers([node_url(&b)?]).start().await?;
+    let a_url = node_url(&a)?;
+    await_view(&a, "B offers dataset b", |v| nodes_offering(v, "b") == 1).await?;
+
+    // Throughput, then latency: each group's rows take turns.
+    let wide_group = [
+        ("baseline echo 8x16", &base_url, &echo, wide),
+        ("single node echo 8x16", &single_url, &echo, wide),
+        ("forwarded A->B 8x16", &a_url, &echo_b, wide),
+    ];
+    let seq_group = [
+        ("baseline echo 1x1", &base_url, &echo, seq),
+        ("single node echo 1x1", &single_url, &echo, seq),
+        ("4-command chain 1x1", &single_url, &chain4, seq),
+        ("forwarded A->B 1x1", &a_url, &echo_b, seq),
+        ("8-chain on B via A 1x1", &a_url, &chain8_b, seq),
+    ];
+    let first = runs.len();
+    runs.extend(take_turns(&wide_group, rounds, progress).await?);
+    let (base_wide, single_wide, fwd_wide) = (first, first + 1, first + 2);
+    let first = runs.len();
+    runs.extend(take_turns(&seq_group, rounds, progress).await?);
+    let (base_seq, single_seq, chain4_seq, fwd_seq, chain8_seq) =
+        (first, first + 1, first + 2, first + 3, first + 4);
+
+    // 16 MiB through a hop, and through one node without a hop.
+    let array = number_array(16 << 20);
+    let payload = array.len() as f64;
+    let calls = if quick { 3 } else { 5 };
+    let hop_template = array_echo(&array, &["b"]);
+    let local_template = array_echo(&array, &[]);
+    drop(array);
+    if progress {
+        eprint!("\r16 MiB echo ({} bytes per frame)...", hop_template.len());
+    }
+    let _ = sequential(&a_url, &hop_template, 1).await?;
+    let hop = median(sequential(&a_url, &hop_template, calls).await?);
+    let _ = sequential(&single_url, &local_template, 1).await?;
+    let local = median(sequential(&single_url, &local_template, calls).await?);
+    let _ = sequential(&base_url, &local_template, 1).await?;
+    let base_big = median(sequential(&base_url, &local_template, calls).await?);
+    drop((hop_template, local_template));
+    baseline.stop();
+    for n in [a, b, single] {
+        n.shutdown().await;
+    }
+
+    // A balancer with 3 workers and one with 1 worker, same load, taking
+    // turns (both clusters run all along; the idle one only gossips).
+    let mut clusters = Vec::new();
+    for workers in [3, 1] {
+        let balancer = node(&format!("balancer-{workers}")).start().await?;
+        let seed = node_url(&balancer)?;
+        let mut nodes = Vec::new();
+        for i in 0..workers {
+            nodes.push(
+                node(&format!("worker-{workers}-{i}"))
+                    .datasets(["w"])
+                    .peers([seed.clone()])
+                    .start()
+                    .await?,
+            );
+        }
+        await_view(&balancer, "every worker offers dataset w", |v| {
+            nodes_offering(v, "w") == workers
+        })
+        .await?;
+        nodes.push(balancer);
+        clusters.push((seed, nodes));
+    }
+    let balancer_group = [
+        (
+            "balancer + 3 workers 32x16",
+            &clusters[0].0,
+            &echo_w,
+            balanced,
+        ),
+        (
+            "balancer + 1 worker 32x16",
+            &clusters[1].0,
+            &echo_w,
+            balanced,
+        ),
+    ];
+    let first = runs.len();
+    runs.extend(take_turns(&balancer_group, rounds, progress).await?);
+    let balancer_runs = [first, first + 1];
+    for (_, nodes) in clusters {
+        join_all(nodes.into_iter().map(NodeHandle::shutdown)).await;
+    }
+
+    // Process rows.
+    if progress {
+        eprint!("\r{:79}\rprocesses: start to accepting...", "");
+    }
+    let starts = if quick { 5 } else { 11 };
+    let start_ms = process_start_ms(starts).await?;
+    if progress {
+        eprint!("\r{:79}\rprocesses: memory...", "");
+    }
+    let memory = process_memory(if quick { 200 } else { 1000 }).await?;
+
+    // Cluster rows.
+    if progress {
+        eprint!("\r{:79}\rcluster: 16-node join...", "");
+    }
+    let join_ms = join_sixteenth().await?;
+    if progress {
+        eprint!("\r{:79}\rcluster: 64 nodes...", "");
+    }
+    let converge64 = converge(64, None).await?;
+    let converge64_fast = converge(64, Some(Duration::from_millis(100))).await?;
+    if progress {
+        eprint!("\r{:79}\r", "");
+    }
+
+    // The table.
+    let r = |i: usize| &runs[i].report;
+    let errs = |is: &[usize]| {
+        is.iter()
+            .map(|&i| r(i).errors + r(i).timeouts + r(i).unmatched)
+            .sum::<u64>()
+    };
+    let single_p50 = r(single_seq).p50_us();
+    let mut rows = vec![
+        Row::new(
+            "single node echo, 8 conn x 16 in flight: throughput",
+            r(single_wide).throughput(),
+            Unit::ReqPerSec,
+            Target::RatioAtLeast(0.7),
+        )
+        .against("baseline", r(base_wide).throughput())
+        .errors(errs(&[single_wide, base_wide])),
+        Row::new(
+            "single node echo, 1 conn sequential: p50",
+            single_p50,
+            Unit::Micros,
+            Target::RatioAtMost(1.3),
+        )
+        .against("baseline", r(base_seq).p50_us())
+        .errors(errs(&[single_seq, base_seq])),
+        Row::new(
+            "4-command chain (example 5), one node: p50",
+            r(chain4_seq).p50_us(),
+            Unit::Micros,
+            Target::RatioAtMost(1.5),
+        )
+        .against("single echo", single_p50)
+        .errors(errs(&[chain4_seq])),
+        Row::new(
+            "one call forwarded A -> B: p50",
+            r(fwd_seq).p50_us(),
+            Unit::Micros,
+            Target::RatioAtMost(2.2),
+        )
+        .against("single echo", single_p50)
+        .errors(errs(&[fwd_seq])),
+        Row::new(
+            "8-command chain on B, sent to A: p50",
+            r(chain8_seq).p50_us(),
+            Unit::Micros,
+            Target::RatioAtMost(2.5),
+        )
+        .against("single echo", single_p50)
+        .errors(errs(&[chain8_seq])),
+        Row::new(
+            "forwarded A -> B, 8 conn x 16 in flight: throughput",
+            r(fwd_wide).throughput(),
+            Unit::ReqPerSec,
+            Target::RatioAtLeast(0.5),
+        )
+        .against("single node", r(single_wide).throughput())
+        .errors(errs(&[fwd_wide])),
+        Row::new(
+            "3 workers behind a balancer, 32 conn x 16: throughput",
+            r(balancer_runs[0]).throughput(),
+            Unit::ReqPerSec,
+            Target::RatioAtLeast(1.5),
+        )
+        .against("1 worker", r(balancer_runs[1]).throughput())
+        .errors(errs(&balancer_runs)),
+        Row::new(
+            "mpreg server start to accepting (median)",
+            start_ms.0,
+            Unit::Millis,
+            Target::Below(100.0),
+        )
+        .note(format!("median of {starts} starts; min {:.1} ms, max {:.1} ms", start_ms.1, start_ms.2)),
+        Row::new(
+            "idle node resident memory",
+            memory.idle_mib,
+            Unit::MiB,
+            Target::AtMost(15.0),
+        ),
+        Row::new(
+            format!("{} open idle client connections: extra RSS", thousands(memory.connections as u64)),
+            memory.extra_mib,
+            Unit::MiB,
+            Target::AtMost(40.0),
+        )
+        .note(memory.note.clone()),
+        Row::new(
+            "a node joining a 16-node cluster: routable everywhere",
+            join_ms,
+            Unit::Millis,
+            Target::Below(1000.0),
+        )
+        .note("default failure detection (probe 1 s); from start() to every node offering its dataset"),
+        Row::new(
+            "64 nodes in one process: all see all abilities",
+            converge64.total_ms,
+            Unit::Millis,
+            Target::AtMost(3000.0),
+        )
+        .note(format!(
+            "from the first start(); starting the 64 took {:.0} ms",
+            converge64.start_ms
+        )),
+        Row::new(
+            "64 nodes, probe interval 100 ms (for comparison)",
+            converge64_fast.total_ms,
+            Unit::Millis,
+            Target::None,
+        )
+        .note(format!(
+            "as above with failure_detection(100 ms, 500 ms); starting took {:.0} ms",
+            converge64_fast.start_ms
+        )),
+        Row::new(
+            "16 MiB JSON array echoed through a hop (A -> B)",
+            payload / hop.as_secs_f64() / 1e6,
+            Unit::MBps,
+            Target::AtLeast(150.0),
+        )
+        .against("one node, no hop", payload / local.as_secs_f64() / 1e6)
+        .note(format!(
+            "{} bytes each way; median of {calls} calls: {:.1} ms through the hop, {:.1} ms without",
+            thousands(payload as u64),
+            hop.as_secs_f64() * 1e3,
+            local.as_secs_f64() * 1e3
+        )),
+        Row::new(
+            "16 MiB JSON array to the baseline (parsed, small reply)",
+            payload / base_big.as_secs_f64() / 1e6,
+            Unit::MBps,
+            Target::None,
+        )
+        .note(format!(
+            "the client's and the transport's share: {:.1} ms per call (median of {calls}), payload one way only",
+            base_big.as_secs_f64() * 1e3
+        )),
+    ];
+    // No target of its own: the quick suite opens fewer connections.
+    if quick {
+        for row in &mut rows {
+            if row.what.contains("idle client connections") {
+                row.target = Target::None;
+            }
+        }
+    }
+
+    let elapsed = started.elapsed();
+    if json_out {
+        let out = json!({
+            "quick": quick,
+            "rounds": rounds,
+            "slice_s": slice.as_secs_f64(),
+            "warmup_s": warmup.as_secs_f64(),
+            "elapsed_s": round3(elapsed.as_secs_f64()),
+            "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "runs": runs.iter().map(|run| {
+                let mut v = run.report.json();
+                v["name"] = json!(run.name);
+                v["connections"] = json!(run.shape.connections);
+                v["inflight"] = json!(run.shape.inflight);
+                v
+            }).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+    } else {
+        let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
+        println!(
+            "mpreg bench suite{} ({:.0} s; each load row: {rounds} turns of {:.1} s, each after a {:.1} s warm-up)",
+            if quick { " --quick" } else { "" },
+            elapsed.as_secs_f64(),
+            slice.as_secs_f64(),
+            warmup.as_secs_f64()
+        );
+        print!(
+            "{}",
+            format_table(
+                &SUITE_HEADER,
+                &cells,
+                &[true, false, false, false, true, true]
+            )
+        );
+        let met = rows.iter().filter(|r| r.met() == Some(true)).count();
+        let judged = rows.iter().filter(|r| r.met().is_some()).count();
+        println!("{met} of {judged} targets met");
+        println!();
+        println!("notes:");
+        for row in rows.iter().filter(|r| r.note.is_some()) {
+            println!(
+                "  {}: {}",
+                row.what,
+                row.note.as_deref().unwrap_or_default()
+            );
+        }
+        println!();
+        println!("load runs (in-process servers; the load generator shares the cores):");
+        let detail: Vec<Vec<String>> = runs
+            .iter()
+            .map(|run| cells_with(run.name, run.report.cells()))
+            .collect();
+        print!("{}", format_table(&REPORT_HEADER, &detail, &[true]));
+        for run in &runs {
+            if let Some(e) = &run.report.first_error {
+                println!("{}: first error: {e}", run.name);
+            }
+            if run.report.unmatched > 0 {
+                println!(
+                    "{}: {} replies matched no request",
+                    run.name, run.report.unmatched
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Measures each `(name, url, request, shape)` of `group` in `rounds`
+/// slices, taking turns; each row's slices are merged.
+async fn take_turns(
+    group: &[(&'static str, &String, &Template, Shape)],
+    rounds: u32,
+    progress: bool,
+) -> BenchResult<Vec<Run>> {
+    let mut runs: Vec<Run> = group
+        .iter()
+        .map(|&(name, _, _, shape)| Run {
+            name,
+            shape,
+            report: Report::new(Duration::ZERO),
+        })
+        .collect();
+    for round in 1..=rounds {
+        for (run, &(name, url, template, shape)) in runs.iter_mut().zip(group) {
+            let label = format!("{name} (round {round}/{rounds})");
+            let report = run_load(url, template, shape, progress.then_some(label.as_str())).await?;
+            run.report.window += report.window;
+            run.report.merge(report);
+        }
+    }
+    Ok(runs)
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `mpreg server` (this executable) on `127.0.0.1:port`.
+fn spawn_server(port: u16) -> BenchResult<Child> {
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    Ok(Child(child))
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> BenchResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls until a WebSocket handshake with `url` succeeds.
+async fn until_accepting(url: &str, guard: Duration) -> BenchResult<Ws> {
+    let deadline = Instant::now() + guard;
+    loop {
+        match tokio_tungstenite::connect_async_with_config(url, Some(client_config()), true).await {
+            Ok((ws, _)) => return Ok(ws),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("{url} did not accept within {guard:?}: {e}").into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_micros(500)).await,
+        }
+    }
+}
+
+/// Median, min and max time from spawning `mpreg server` to a completed
+/// WebSocket handshake, over `n` starts, in milliseconds.
+async fn process_start_ms(n: usize) -> BenchResult<(f64, f64, f64)> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let port = free_port()?;
+        let url = format!("ws://127.0.0.1:{port}");
+        let at = Instant::now();
+        let child = spawn_server(port)?;
+        let mut ws = until_accepting(&url, Duration::from_secs(10)).await?;
+        times.push(at.elapsed());
+        let _ = ws.close(None).await;
+        drop(child);
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok((
+        ms(median(times.clone())),
+        ms(times.first().copied().unwrap_or_default()),
+        ms(times.last().copied().unwrap_or_default()),
+    ))
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: u32) -> BenchResult<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no VmRSS in /proc/<pid>/status")?;
+    Ok(kb / 1024.0)
+}
+
+/// The soft limit on open files of this process, if known.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[derive(Debug)]
+struct Memory {
+    idle_mib: f64,
+    extra_mib: f64,
+    connections: usize,
+    note: String,
+}
+
+/// Idle RSS of a fresh `mpreg server`, and its growth with `want` idle
+/// client connections open.
+async fn process_memory(want: usize) -> BenchResult<Memory> {
+    const SETTLE: Duration = Duration::from_millis(500);
+    let port = free_port()?;
+    let url = format!("ws://127.0.0.1:{port}");
+    let child = spawn_server(port)?;
+    let pid = child.0.id();
+    let probe = until_accepting(&url, Duration::from_secs(10)).await?;
+    drop(probe);
+    tokio::time::sleep(SETTLE).await;
+    let idle = rss_mib(pid)?;
+
+    let limit = open_files_limit();
+    let connections = match limit {
+        Some(l) => want.min(usize::try_from(l.saturating_sub(200)).unwrap_or(usize::MAX)),
+        None => want,
+    };
+    let mut open = Vec::with_capacity(connections);
+    while open.len() < connections {
+        let chunk = (connections - open.len()).min(100);
+        let batch = join_all((0..chunk).map(|_| connect(&url))).await;
+        for ws in batch {
+            open.push(ws?);
+        }
+    }
+    tokio::time::sleep(SETTLE * 2).await;
+    let loaded = rss_mib(pid)?;
+    drop(open);
+    drop(child);
+    let mut note = format!(
+        "RSS {idle:.1} MiB idle, {loaded:.1} MiB with {connections} connections (after {} ms settle); {:.1} KiB per connection",
+        (SETTLE * 2).as_millis(),
+        (loaded - idle) * 1024.0 / connections.max(1) as f64
+    );
+    if connections < want {
+        let _ = write!(
+            note,
+            "; only {connections} opened: open-files limit {limit:?}"
+        );
+    }
+    Ok(Memory {
+        idle_mib: idle,
+        extra_mib: loaded - idle,
+        connections,
+        note,
+    })
+}
+
+/// Starts 15 nodes (each with its own dataset) joined through the first,
+/// waits until all see all, then starts a 16th and measures until every
+/// node offers its dataset. Milliseconds.
+async fn join_sixteenth() -> BenchResult<f64> {
+    let first = node("n00").datasets(["d00"]).start().await?;
+    let seed = node_url(&first)?;
+    let mut nodes = vec![first];
+    for i in 1..15 {
+        nodes.push(
+            node(&format!("n{i:02}"))
+                .datasets([format!("d{i:02}")])
+                .peers([seed.clone()])
+                .start()
+                .await?,
+        );
+    }
+    for n in &nodes {
+        await_view(n, "15 nodes converge", |v| {
+            node_count(v) == 15 && offered_datasets(v).len() >= 15
+        })
+        .await?;
+    }
+    let at = Instant::now();
+    nodes.push(node("n15").datasets(["d15"]).peers([seed]).start().await?);
+    for n in &nodes {
+        await_view(n, "n15's dataset is routable", |v| {
+            nodes_offering(v, "d15") == 1
+        })
+        .await?;
+    }
+    let elapsed = at.elapsed();
+    join_all(nodes.into_iter().map(NodeHandle::shutdown)).await;
+    Ok(elapsed.as_secs_f64() * 1e3)
+}
+
+#[derive(Debug)]
+struct Converged {
+    start_ms: f64,
+    total_ms: f64,
+}
+
+/// Starts `n` nodes in this process, each with its own dataset, all joined
+/// through the first; measures until every node sees every node and every
+/// dataset.
+/// `probe`: failure detection's probe interval (default 1 s when `None`;
+/// the suspect timeout is 5 probes).
+async fn converge(n: usize, probe: Option<Duration>) -> BenchResult<Converged> {
+    let member = |name: String| match probe {
+        Some(p) => node(&name).failure_detection(p, p * 5),
+        None => node(&name),
+    };
+    let at = Instant::now();
+    let first = member("m00".into()).datasets(["e00"]).start().await?;
+    let seed = node_url(&first)?;
+    let mut nodes = vec![first];
+    for i in 1..n {
+        nodes.push(
+            member(format!("m{i:02}"))
+                .datasets([format!("e{i:02}")])
+                .peers([seed.clone()])
+                .start()
+                .await?,
+        );
+    }
+    let start_ms = at.elapsed().as_secs_f64() * 1e3;
+    for node in &nodes {
+        await_view(node, "every node sees every node", |v| {
+            node_count(v) == n && offered_datasets(v).len() >= n
+        })
+        .await?;
+    }
+    let total_ms = at.elapsed().as_secs_f64() * 1e3;
+    join_all(nodes.into_iter().map(NodeHandle::shutdown)).await;
+    Ok(Converged { start_ms, total_ms })
+}
+
+// ---------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 { f64::NAN } else { a / b }
+}
+
+fn fmt_ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}x")
+    } else {
+        "-".into()
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// `1234567` as `1,234,567`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A latency in microseconds, shown in us below 10 ms, else in ms.
+pub(crate) fn micros(us: u64) -> String {
+    if us < 10_000 {
+        format!("{us} us")
+    } else {
+        format!("{:.1} ms", us as f64 / 1e3)
+    }
+}
+
+/// A table: columns padded to their widest cell; column `i` is
+/// left-aligned when `left[i]` is true (default: right-aligned, except the
+/// first). Trailing spaces are trimmed.
+pub(crate) fn format_table(header: &[&str], rows: &[Vec<String>], left: &[bool]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let is_left = |i: usize| left.get(i).copied().unwrap_or(i == 0);
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, width) in widths.iter().enumerate() {
+            let cell = row.get(i).map_or("", String::as_str);
+            let pad = width.saturating_sub(cell.chars().count());
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if is_left(i) {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', pad));
+            } else {
+                line.extend(std::iter::repeat_n(' ', pad));
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_a_fresh_id_and_the_commands() {
+        let t = Template::echo();
+        let frame: Value = serde_json::from_str(&t.frame(42)).expect("JSON");
+        assert_eq!(frame["u"], 42);
+        assert_eq!(frame["role"], "rpc");
+        assert_eq!(frame["cmds"][0]["fun"], "echo");
+        let t =
+            Template::parse(r#"{"u": "x", "cmds": [{"name": "a", "fun": "f"}], "timeout_ms": 5}"#)
+                .expect("object");
+        let frame: Value = serde_json::from_str(&t.frame(7)).expect("JSON");
+        assert_eq!(frame["u"], 7);
+        assert_eq!(frame["timeout_ms"], 5);
+        assert!(Template::parse("{}").is_err());
+        assert!(Template::parse("nope").is_err());
+        let big = array_echo("[1,2,3]", &["b"]);
+        let frame: Value = serde_json::from_str(&big.frame(3)).expect("JSON");
+        assert_eq!(frame["cmds"][0]["args"][0], json!([1, 2, 3]));
+        assert_eq!(frame["cmds"][0]["locs"], json!(["b"]));
+        let array = number_array(1000);
+        assert!(array.len() >= 1000);
+        assert!(serde_json::from_str::<Vec<u64>>(&array).is_ok());
+    }
+
+    #[test]
+    fn replies_are_checked() {
+        assert_eq!(
+            check_reply(br#"{"u":3,"r":{"a":"hi"},"error":null}"#),
+            Checked::Ok(3)
+        );
+        assert_eq!(
+            check_reply(br#"{"role":"rpc-response","u":4,"r":{"x":null},"error":null}"#),
+            Checked::Ok(4)
+        );
+        assert!(matches!(
+            check_reply(br#"{"u":5,"r":null,"error":{"code":"timeout"}}"#),
+            Checked::Failed(5, e) if e.contains("timeout")
+        ));
+        assert!(matches!(
+            check_reply(br#"{"u":6,"error":null}"#),
+            Checked::Failed(6, _)
+        ));
+        assert!(matches!(
+            check_reply(br#"{"u":"x","r":{}}"#),
+            Checked::Malformed(_)
+        ));
+        assert!(matches!(check_reply(b"not json"), Checked::Malformed(_)));
+    }
+
+    #[test]
+    fn each_id_is_matched_once() {
+        let pending = Pending::default();
+        let now = Instant::now();
+        pending.sent(1, now);
+        pending.sent(2, now);
+        assert_eq!(pending.complete(1), Some(now));
+        assert_eq!(
+            pending.complete(1),
+            None,
+            "a second reply to 1 matches nothing"
+        );
+        assert_eq!(pending.complete(9), None);
+        assert_eq!(pending.expire(now + Duration::from_millis(1)), 1);
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn tables_and_percentiles() {
+        let mut report = Report::new(Duration::from_secs(2));
+        for us in 1..=1000 {
+            report.latency.saturating_record(us);
+        }
+        report.ok = 1000;
+        report.errors = 2;
+        assert_eq!(report.throughput(), 500.0);
+        assert_eq!(report.quantile_us(0.5), 500);
+        assert_eq!(report.quantile_us(0.99), 990);
+        assert_eq!(
+            report.cells(),
+            [
+                "500 req/s",
+                "500 us",
+                "900 us",
+                "990 us",
+                "999 us",
+                "1000 us",
+                "1,000",
+                "2",
+                "0"
+            ]
+        );
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(micros(12_345), "12.3 ms");
+        let table = format_table(
+            &["what", "n"],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["bbb".into(), "1,000".into()],
+            ],
+            &[],
+        );
+        assert_eq!(table, "what      n\na         1\nbbb   1,000\n");
+
+        let row = Row::new("x", 80.0, Unit::ReqPerSec, Target::RatioAtLeast(0.7))
+            .against("baseline", 100.0);
+        assert_eq!(row.met(), Some(true));
+        assert_eq!(
+            row.cells()[2..6],
+            ["100 req/s (baseline)", "0.80x", ">= 0.7x", "met"]
+        );
+        let row = Row::new("y", 120.0, Unit::Millis, Target::Below(100.0));
+        assert_eq!(row.met(), Some(false));
+        assert_eq!(row.cells()[5], "NOT MET");
+    }
+
+    fn tiny(connections: usize, inflight: usize) -> Shape {
+        Shape {
+            connections,
+            inflight,
+            duration: Duration::from_millis(200),
+            warmup: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn assert_clean(report: &Report) {
+        assert!(report.ok > 0, "{report:?}");
+        assert_eq!(report.errors, 0, "{:?}", report.first_error);
+        assert_eq!(report.timeouts, 0);
+        assert_eq!(report.unmatched, 0);
+        // Every request sent was answered exactly once.
+        assert_eq!(report.sent, report.ok_total);
+        assert!(report.ok <= report.ok_total);
+        assert_eq!(report.latency.len(), report.ok);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn load_generator_drives_a_node_and_the_baseline() {
+        let node = Node::builder().start().await.expect("node");
+        let url = node.url().expect("listens");
+        let report = run_load(&url, &Template::echo(), tiny(2, 2), None)
+            .await
+            .expect("load");
+        assert_clean(&report);
+
+        let chain = Template::commands(example_five());
+        let report = run_load(&url, &chain, tiny(1, 1), None)
+            .await
+            .expect("load");
+        assert_clean(&report);
+
+        let unknown = Template::commands(json!([{"name": "a", "fun": "no.such.fun"}]));
+        let report = run_load(&url, &unknown, tiny(1, 2), None)
+            .await
+            .expect("load");
+        assert_eq!(report.ok, 0);
+        assert!(report.errors > 0);
+        assert_eq!(report.errors, report.sent);
+        assert!(
+            report
+                .first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("unknown_function"))
+        );
+        node.shutdown().await;
+
+        let baseline = Baseline::start().await.expect("baseline");
+        let report = run_load(&baseline.url(), &Template::echo(), tiny(2, 2), None)
+            .await
+            .expect("load");
+        assert_clean(&report);
+        let times = sequential(&baseline.url(), &Template::echo(), 3)
+            .await
+            .expect("sequential");
+        assert_eq!(times.len(), 3);
+        baseline.stop();
+    }
+}
