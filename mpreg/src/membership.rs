@@ -159,7 +159,8 @@ pub(crate) enum MemberEvent {
 #[derive(Debug, Clone)]
 pub(crate) struct MembershipConfig {
     /// How often a random member is probed. Also sets the periodic announce
-    /// (every 5 probe periods, to one member) that helps discovery.
+    /// (every probe period, to one member) that helps discovery: members
+    /// that joined at the same moment learn of each other within a period.
     pub(crate) probe_period: Duration,
     /// How long to wait for a direct ack before asking others to probe
     /// indirectly. Must be shorter than `probe_period`.
@@ -229,7 +230,7 @@ impl MembershipConfig {
         };
         config.notify_down_members = true;
         config.periodic_announce = Some(PeriodicParams {
-            frequency: self.probe_period.saturating_mul(5),
+            frequency: self.probe_period,
             num_members: NonZeroUsize::MIN,
         });
         config.periodic_gossip = Some(PeriodicParams {

@@ -5,6 +5,7 @@
 //! Replies pass through a bounded queue to a single writer task. When the
 //! client goes away, its requests still running are cancelled.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -241,13 +242,31 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         match inflight.clone().try_acquire_owned() {
             Ok(permit) => {
                 let state = state.clone();
-                let outgoing = outgoing.clone();
-                requests.spawn(async move {
-                    let reply = crate::node::handle_frame(&state, bytes).await;
-                    // Fails only when the connection is already gone.
-                    let _ = outgoing.send(Message::text(reply)).await;
-                    drop(permit);
-                });
+                let mut work =
+                    Box::pin(async move { crate::node::handle_frame(&state, bytes).await });
+                // Most requests (a quick handler) are done at their first
+                // poll: answer at once, without a task and the wake-ups it
+                // costs. The others go on on a task of their own; polling a
+                // future once before handing it over is fine (it registers
+                // the task's waker at its next poll).
+                let first = work
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+                match first {
+                    std::task::Poll::Ready(reply) => {
+                        // Fails only when the connection is already gone.
+                        let _ = outgoing.send(Message::text(reply)).await;
+                        drop(permit);
+                    }
+                    std::task::Poll::Pending => {
+                        let outgoing = outgoing.clone();
+                        requests.spawn(async move {
+                            let reply = work.await;
+                            let _ = outgoing.send(Message::text(reply)).await;
+                            drop(permit);
+                        });
+                    }
+                }
             }
             Err(_) => {
                 let u = parse_request(&bytes).map(|r| r.u).unwrap_or_else(|r| r.u);
