@@ -13,7 +13,13 @@ const GUARD: Duration = Duration::from_secs(60);
 
 /// Starts `mpreg server` with `args`; returns the child and its URL.
 async fn server(args: &[&str]) -> (Child, String) {
+    server_with_env(args, &[]).await
+}
+
+/// Starts `mpreg server` with `args` and environment variables `env`.
+async fn server_with_env(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(BIN)
+        .envs(env.iter().copied())
         .arg("server")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
@@ -198,4 +204,51 @@ async fn client_tokens_from_the_command_line_and_the_environment() {
 
     terminate(child).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+const DEV_1: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/data/dev-1.config.yaml"
+);
+
+#[tokio::test]
+async fn original_yaml_config_file_with_listen_flag() {
+    // The file says port 7773; the flag (the helper's --listen 127.0.0.1:0)
+    // wins.
+    let (child, url) = server(&["--config", DEV_1]).await;
+    let (ok, out, err) = client(&url, &["call", "mpreg.whoami", "--dataset", "model-b"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "\"PRIMARY SERVER\"");
+    terminate(child).await;
+}
+
+#[tokio::test]
+async fn environment_overrides_the_file_and_flags_override_the_environment() {
+    let (child, url) = server_with_env(
+        &["--config", DEV_1],
+        &[("MPREG_NAME", "from-env"), ("MPREG_LISTEN", "127.0.0.1:1")],
+    )
+    .await;
+    assert!(!url.ends_with(":1"), "the --listen flag wins: {url}");
+    let (ok, out, err) = client(&url, &["call", "mpreg.whoami"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "\"from-env\"");
+    terminate(child).await;
+
+    let out = tokio::time::timeout(
+        GUARD,
+        Command::new(BIN)
+            .env("MPREG_DIAGNOSTICS", "maybe")
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .output(),
+    )
+    .await
+    .expect("server exited in time")
+    .expect("run mpreg server");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MPREG_DIAGNOSTICS") && err.contains("maybe"),
+        "{err}"
+    );
 }

@@ -1,11 +1,48 @@
-//! Node settings, and reading them from a TOML file.
+//! Node settings, and reading them from a TOML or YAML file and from
+//! environment variables.
 //!
 //! See `mpreg.example.toml` at the repository root for a commented example.
+//!
+//! # YAML, and the original project's files
+//!
+//! [`Config::from_file`] reads `.yaml` and `.yml` files as YAML, anything
+//! else as TOML. YAML takes every setting TOML takes, under the same names,
+//! and also the keys of the original (Python) project's config files, so
+//! those are read unchanged:
+//!
+//! - `host` and `port` make `listen = "host:port"` (`port` without `host`
+//!   listens on `127.0.0.1`; `host` without `port`, or either with `listen`,
+//!   is an error);
+//! - `resources` (a list) is added to `datasets`;
+//! - `peers` may be `null` (no peers) or a list of URLs;
+//! - `connect` (a URL, or `null`) is one more peer;
+//! - `funs` must be `null` (or absent): mpreg serves the functions compiled
+//!   into the binary, never functions named in a config file.
+//!
+//! A numeric host made only of digits and dots (in `host`, `connect` or
+//! `peers`) that is not a plain four-part address, such as the original's
+//! `ws://127.0.01:7773/`, is read as the C library's `inet_aton` (and so
+//! `getaddrinfo`, and the original Python project) reads it: the last part
+//! fills the bytes that remain and a part with a leading `0` is octal, so
+//! `127.0.01` is `127.0.0.1`, and the URL is rewritten with the plain form.
+//! A numeric host that `inet_aton` rejects (`1.2.3.4.5`, `256.0.0.1`) is a
+//! [`ConfigError::Invalid`] naming the key and the value. Other keys are an
+//! error naming them, as in TOML.
+//!
+//! # Environment variables
+//!
+//! [`Config::apply_env`] overrides settings from `MPREG_NAME`,
+//! `MPREG_LISTEN`, `MPREG_PEERS`, `MPREG_DATASETS`, `MPREG_DIAGNOSTICS`,
+//! `MPREG_CLUSTER_SECRET` and `MPREG_CLIENT_TOKENS` (lists are
+//! comma-separated and replace the file's list). `mpreg server` applies the
+//! file, then the environment, then its flags.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use yaml_serde::{Mapping, Value};
 
 /// Default maximum size of one WebSocket message (64 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
@@ -150,13 +187,22 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads a TOML config file.
+    /// Reads a config file: YAML when its name ends in `.yaml` or `.yml`
+    /// (see [the module documentation](self) for the original project's
+    /// keys), TOML otherwise.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
+        let yaml = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        if yaml {
+            return Self::parse_yaml(&text, Some(path));
+        }
         Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: Some(path.to_owned()),
             source: Box::new(source),
@@ -175,6 +221,147 @@ impl Config {
         toml::from_str(text)
     }
 
+    /// Parses YAML text: every setting TOML takes, and the original
+    /// project's keys (see [the module documentation](self)).
+    ///
+    /// ```
+    /// let config = mpreg::Config::from_yaml_str(
+    ///     "host: 127.0.0.1\nport: 6676\nresources: [model-a]\nconnect: ws://127.0.01:7773/\n",
+    /// ).unwrap();
+    /// assert_eq!(config.listen, "127.0.0.1:6676");
+    /// assert_eq!(config.datasets, ["model-a"]);
+    /// assert_eq!(config.peers, ["ws://127.0.0.1:7773/"]);
+    /// ```
+    pub fn from_yaml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_yaml(text, None)
+    }
+
+    fn parse_yaml(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
+        let yaml_error = |source| ConfigError::Yaml {
+            path: path.map(Path::to_owned),
+            source: Box::new(source),
+        };
+        let mut map = match yaml_serde::from_str::<Value>(text).map_err(yaml_error)? {
+            Value::Mapping(map) => map,
+            // An empty file: every setting at its default.
+            Value::Null => Mapping::new(),
+            other => return yaml_serde::from_value(other).map_err(yaml_error),
+        };
+        let original = Original::take(&mut map)?;
+        let has_listen = map.contains_key("listen");
+        let mut config: Self = yaml_serde::from_value(Value::Mapping(map)).map_err(yaml_error)?;
+        if let Some(listen) = original.listen()? {
+            if has_listen {
+                return Err(ConfigError::Invalid {
+                    setting: "host",
+                    reason: "give either `listen` or `host` and `port`, not both".to_owned(),
+                });
+            }
+            config.listen = listen;
+        }
+        for dataset in original.resources {
+            if !config.datasets.contains(&dataset) {
+                config.datasets.push(dataset);
+            }
+        }
+        let mut peers = Vec::with_capacity(config.peers.len() + 1);
+        for url in &config.peers {
+            peers.push(normalize_url("peers", url)?);
+        }
+        if let Some(url) = original.connect {
+            let url = normalize_url("connect", &url)?;
+            if !peers.contains(&url) {
+                peers.push(url);
+            }
+        }
+        config.peers = peers;
+        Ok(config)
+    }
+
+    /// Overrides settings from the `MPREG_*` environment variables (see
+    /// [`apply_vars`](Self::apply_vars)). A variable whose value is not
+    /// UTF-8 is an error naming it.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let mut vars = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            let Some(setting) = key.to_str().and_then(env_setting) else {
+                continue;
+            };
+            let value = value.into_string().map_err(|_| ConfigError::Invalid {
+                setting,
+                reason: "not valid UTF-8".to_owned(),
+            })?;
+            vars.push((setting.to_owned(), value));
+        }
+        self.apply_vars(vars)
+    }
+
+    /// Overrides settings from variables given as `(NAME, VALUE)` pairs:
+    ///
+    /// | variable | setting |
+    /// | --- | --- |
+    /// | `MPREG_NAME` | `name` |
+    /// | `MPREG_LISTEN` | `listen` |
+    /// | `MPREG_PEERS` | `peers`: comma-separated URLs, replacing the list |
+    /// | `MPREG_DATASETS` | `datasets`: comma-separated, replacing the list |
+    /// | `MPREG_DIAGNOSTICS` | `diagnostics`: `1`, `true`, `0` or `false` |
+    /// | `MPREG_CLUSTER_SECRET` | `cluster_secret` |
+    /// | `MPREG_CLIENT_TOKENS` | `client_tokens`: comma-separated, replacing the list |
+    ///
+    /// Other names are ignored (so the whole environment can be passed). A
+    /// value that cannot be used is a [`ConfigError::Invalid`] naming the
+    /// variable.
+    ///
+    /// ```
+    /// let mut config = mpreg::Config::default();
+    /// config
+    ///     .apply_vars([("MPREG_PEERS".to_owned(), "ws://10.0.0.1:7773, ws://10.0.0.2:7773".to_owned())])
+    ///     .unwrap();
+    /// assert_eq!(config.peers, ["ws://10.0.0.1:7773", "ws://10.0.0.2:7773"]);
+    /// ```
+    pub fn apply_vars(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (key, value) in vars {
+            let Some(setting) = env_setting(&key) else {
+                continue;
+            };
+            let not_empty = |value: String| {
+                if value.trim().is_empty() {
+                    Err(ConfigError::Invalid {
+                        setting,
+                        reason: "is empty (unset the variable instead)".to_owned(),
+                    })
+                } else {
+                    Ok(value)
+                }
+            };
+            match setting {
+                "MPREG_NAME" => self.name = Some(not_empty(value)?),
+                "MPREG_LISTEN" => self.listen = value,
+                "MPREG_PEERS" => self.peers = comma_list(&value),
+                "MPREG_DATASETS" => self.datasets = comma_list(&value),
+                "MPREG_DIAGNOSTICS" => {
+                    self.diagnostics = match value.trim().to_ascii_lowercase().as_str() {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => {
+                            return Err(ConfigError::Invalid {
+                                setting,
+                                reason: format!("`{value}` is not 1, true, 0 or false"),
+                            });
+                        }
+                    }
+                }
+                "MPREG_CLUSTER_SECRET" => self.cluster_secret = Some(not_empty(value)?),
+                "MPREG_CLIENT_TOKENS" => self.client_tokens = comma_list(&value),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn keepalive(&self) -> crate::link::Keepalive {
         crate::link::Keepalive {
             interval: Duration::from_millis(self.keepalive_interval_ms.max(1)),
@@ -191,6 +378,198 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+}
+
+/// The environment variables [`Config::apply_vars`] reads, as `&'static`
+/// names for [`ConfigError::Invalid`].
+const ENV_VARS: [&str; 7] = [
+    "MPREG_NAME",
+    "MPREG_LISTEN",
+    "MPREG_PEERS",
+    "MPREG_DATASETS",
+    "MPREG_DIAGNOSTICS",
+    "MPREG_CLUSTER_SECRET",
+    "MPREG_CLIENT_TOKENS",
+];
+
+fn env_setting(key: &str) -> Option<&'static str> {
+    ENV_VARS.into_iter().find(|&name| name == key)
+}
+
+/// `a, b,,c` → `["a", "b", "c"]`: items trimmed, empty ones dropped.
+fn comma_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The original (Python) project's keys, taken out of a YAML mapping before
+/// the rest is read as mpreg settings.
+#[derive(Debug, Default)]
+struct Original {
+    host: Option<String>,
+    port: Option<u16>,
+    resources: Vec<String>,
+    connect: Option<String>,
+}
+
+impl Original {
+    fn take(map: &mut Mapping) -> Result<Self, ConfigError> {
+        let mut original = Self::default();
+        if let Some(host) = map.remove("host") {
+            original.host = match host {
+                Value::Null => None,
+                Value::String(s) => Some(s),
+                other => return Err(wrong_type("host", "a host name or address", &other)),
+            };
+        }
+        if let Some(port) = map.remove("port") {
+            let number = match &port {
+                Value::Null => None,
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            };
+            original.port = match (&port, number.map(u16::try_from)) {
+                (Value::Null, _) => None,
+                (_, Some(Ok(p))) => Some(p),
+                _ => return Err(wrong_type("port", "a port number (0 to 65535)", &port)),
+            };
+        }
+        if let Some(resources) = map.remove("resources") {
+            original.resources = match resources {
+                Value::Null => Vec::new(),
+                other => yaml_serde::from_value(other.clone())
+                    .map_err(|_| wrong_type("resources", "a list of dataset names", &other))?,
+            };
+        }
+        if let Some(funs) = map.remove("funs")
+            && !funs.is_null()
+        {
+            return Err(ConfigError::Invalid {
+                setting: "funs",
+                reason: "mpreg serves the functions compiled into the binary, not functions \
+                         named in a config file: `funs` can only be null"
+                    .to_owned(),
+            });
+        }
+        if let Some(connect) = map.remove("connect") {
+            original.connect = match connect {
+                Value::Null => None,
+                Value::String(s) => Some(s),
+                other => return Err(wrong_type("connect", "a peer URL", &other)),
+            };
+        }
+        // `peers: null` in the original files means no peers.
+        if map.get("peers").is_some_and(Value::is_null) {
+            map.remove("peers");
+        }
+        Ok(original)
+    }
+
+    /// `host` and `port` as a `listen` address, when given.
+    fn listen(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.host, self.port) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Invalid {
+                setting: "port",
+                reason: "`host` is given without `port`".to_owned(),
+            }),
+            (host, Some(port)) => {
+                let host = match host {
+                    Some(h) => normalize_host("host", h)?,
+                    None => "127.0.0.1".to_owned(),
+                };
+                Ok(Some(if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }))
+            }
+        }
+    }
+}
+
+fn wrong_type(setting: &'static str, expected: &str, got: &Value) -> ConfigError {
+    let got = yaml_serde::to_string(got).unwrap_or_default();
+    ConfigError::Invalid {
+        setting,
+        reason: format!("expected {expected}, found `{}`", got.trim_end()),
+    }
+}
+
+/// A URL with a shortened numeric host (`ws://127.0.01:7773/`) rewritten in
+/// the plain form (`ws://127.0.0.1:7773/`); other URLs unchanged.
+fn normalize_url(setting: &'static str, url: &str) -> Result<String, ConfigError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(url.to_owned());
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if authority.contains(['@', '[']) {
+        return Ok(url.to_owned());
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let host = normalize_host(setting, host).map_err(|_| ConfigError::Invalid {
+        setting,
+        reason: format!("`{url}`: `{host}` is not an IPv4 address"),
+    })?;
+    Ok(match port {
+        Some(port) => format!("{scheme}://{host}:{port}{tail}"),
+        None => format!("{scheme}://{host}{tail}"),
+    })
+}
+
+/// A host made only of digits and dots, read as `inet_aton` reads it (see
+/// the module documentation); any other host unchanged.
+fn normalize_host(setting: &'static str, host: &str) -> Result<String, ConfigError> {
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Ok(host.to_owned());
+    }
+    inet_aton(host)
+        .map(|ip| ip.to_string())
+        .ok_or_else(|| ConfigError::Invalid {
+            setting,
+            reason: format!("`{host}` is not an IPv4 address"),
+        })
+}
+
+/// The C library's `inet_aton` for digits and dots: one to four parts, a
+/// part with a leading `0` is octal, and the last part fills the bytes that
+/// remain (`127.1` and `127.0.01` are `127.0.0.1`).
+fn inet_aton(host: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let value = match part.strip_prefix('0') {
+            Some("") => 0,
+            Some(octal) => u32::from_str_radix(octal, 8).ok()?,
+            None => part.parse::<u32>().ok()?,
+        };
+        values.push(value);
+    }
+    let (last, leading) = values.split_last()?;
+    if leading.iter().any(|&v| v > 0xff) {
+        return None;
+    }
+    let last_bits = 8 * (4 - leading.len() as u32);
+    if last_bits < 32 && *last >> last_bits != 0 {
+        return None;
+    }
+    let mut address = 0u32;
+    for (i, &v) in leading.iter().enumerate() {
+        address |= v << (24 - 8 * i as u32);
+    }
+    Some(Ipv4Addr::from(address | last))
 }
 
 /// A configuration that cannot be used.
@@ -215,7 +594,17 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
-    /// A setting has a value that cannot work (named by `setting`).
+    /// The YAML file is not valid YAML or has unknown or mistyped settings.
+    #[error("invalid YAML config{}: {source}", path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Yaml {
+        /// The file, when the text came from one.
+        path: Option<PathBuf>,
+        /// What is wrong.
+        #[source]
+        source: Box<yaml_serde::Error>,
+    },
+    /// A setting (or environment variable, or key of the original YAML
+    /// files) has a value that cannot work (named by `setting`).
     #[error("invalid setting `{setting}`: {reason}")]
     Invalid {
         /// The setting's name.
@@ -283,5 +672,239 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../mpreg.example.toml");
         let c = Config::from_file(path).expect("example config is valid");
         assert_eq!(c.datasets, ["model-a", "model-b"]);
+    }
+
+    fn data(file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data")
+            .join(file)
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn original_dev_1_yaml_is_read_unchanged() {
+        let c = Config::from_file(data("dev-1.config.yaml")).expect("dev-1 is accepted");
+        assert_eq!(c.name.as_deref(), Some("PRIMARY SERVER"));
+        assert_eq!(c.listen, "127.0.0.1:7773");
+        assert_eq!(c.datasets, ["model-a", "model-b", "model-c"]);
+        assert!(c.peers.is_empty(), "{:?}", c.peers);
+    }
+
+    #[test]
+    fn original_dev_2_yaml_connects_with_the_short_address_normalized() {
+        let c = Config::from_file(data("dev-2.config.yaml")).expect("dev-2 is accepted");
+        assert_eq!(c.name.as_deref(), Some("ATTACHED SERVER"));
+        assert_eq!(c.listen, "127.0.0.1:6676");
+        assert_eq!(c.datasets, ["model-a", "model-b", "model-c"]);
+        assert_eq!(c.peers, ["ws://127.0.0.1:7773/"]);
+    }
+
+    #[test]
+    fn short_numeric_hosts_read_as_the_system_resolver_reads_them() {
+        use std::net::ToSocketAddrs;
+        for (host, plain) in [
+            ("127.0.01", "127.0.0.1"),
+            ("127.1", "127.0.0.1"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("010.0.0.1", "8.0.0.1"),
+            ("2130706433", "127.0.0.1"),
+        ] {
+            assert_eq!(
+                inet_aton(host).map(|ip| ip.to_string()).as_deref(),
+                Some(plain),
+                "{host}"
+            );
+        }
+        for host in [
+            "1.2.3.4.5",
+            "256.0.0.1",
+            "1.2.3.256",
+            "1.2.65536",
+            "08.0.0.1",
+            "1..2",
+            "",
+        ] {
+            assert_eq!(inet_aton(host), None, "{host}");
+        }
+        // The C library (getaddrinfo, here through std) agrees on the
+        // original file's address; numeric, so no DNS query is made.
+        let resolved: Vec<_> = ("127.0.01", 7773)
+            .to_socket_addrs()
+            .expect("the system resolver reads 127.0.01")
+            .collect();
+        assert!(
+            resolved.iter().all(|a| a.to_string() == "127.0.0.1:7773"),
+            "{resolved:?}"
+        );
+    }
+
+    #[test]
+    fn bad_numeric_host_is_an_error_naming_the_key_and_value() {
+        let e = Config::from_yaml_str("connect: ws://1.2.3.4.5:7773/").expect_err("bad host");
+        assert!(
+            matches!(e, ConfigError::Invalid { setting: "connect", ref reason } if reason.contains("1.2.3.4.5")),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("host: 300.1\nport: 1").expect_err("bad host");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "host",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // Host names are left to the resolver at dial time.
+        let c = Config::from_yaml_str("peers: [ws://node-b.example:7773]").expect("valid");
+        assert_eq!(c.peers, ["ws://node-b.example:7773"]);
+    }
+
+    #[test]
+    fn yaml_takes_every_mpreg_setting() {
+        let c = Config::from_yaml_str(
+            "name: n\nlisten: 0.0.0.0:1\npeers: [ws://10.0.0.1:7773]\ndatasets: [d]\n\
+             diagnostics: true\nrequest_timeout_ms: 5\ncluster_secret: s\nclient_tokens: [t]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.name.as_deref(), Some("n"));
+        assert_eq!(c.listen, "0.0.0.0:1");
+        assert_eq!(c.peers, ["ws://10.0.0.1:7773"]);
+        assert_eq!(c.datasets, ["d"]);
+        assert!(c.diagnostics);
+        assert_eq!(c.request_timeout_ms, 5);
+        assert_eq!(c.cluster_secret.as_deref(), Some("s"));
+        assert_eq!(c.client_tokens, ["t"]);
+        assert_eq!(
+            Config::from_yaml_str("").expect("empty is valid"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn yaml_errors_name_the_key() {
+        let e = Config::from_yaml_str("nmae: n").expect_err("typo");
+        assert!(
+            matches!(e, ConfigError::Yaml { .. }) && e.to_string().contains("nmae"),
+            "{e}"
+        );
+        let e = Config::from_yaml_str("funs: [echo]").expect_err("funs");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "funs",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("host: 127.0.0.1").expect_err("no port");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "port",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("port: 70000").expect_err("big port");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "port",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("port: 1\nlisten: 127.0.0.1:2").expect_err("both");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "host",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("resources: model-a").expect_err("not a list");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "resources",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml_str("diagnostics: maybe").expect_err("mistyped");
+        assert!(
+            e.to_string().contains("diagnostics") || e.to_string().contains("bool"),
+            "{e}"
+        );
+        // `port` alone listens on the loopback address.
+        let c = Config::from_yaml_str("port: 7000").expect("port alone");
+        assert_eq!(c.listen, "127.0.0.1:7000");
+    }
+
+    #[test]
+    fn env_vars_override_settings() {
+        let mut c = Config::from_file(data("dev-2.config.yaml")).expect("valid");
+        c.apply_vars(vars(&[
+            ("MPREG_NAME", "from-env"),
+            ("MPREG_LISTEN", "0.0.0.0:9000"),
+            ("MPREG_PEERS", "ws://10.0.0.1:1, ,ws://10.0.0.2:2"),
+            ("MPREG_DATASETS", "x,y"),
+            ("MPREG_DIAGNOSTICS", "TRUE"),
+            ("MPREG_CLUSTER_SECRET", "s3"),
+            ("MPREG_CLIENT_TOKENS", "a,b"),
+            ("MPREG_TOKEN", "client-side, ignored"),
+            ("PATH", "/bin"),
+        ]))
+        .expect("valid values");
+        assert_eq!(c.name.as_deref(), Some("from-env"));
+        assert_eq!(c.listen, "0.0.0.0:9000");
+        assert_eq!(c.peers, ["ws://10.0.0.1:1", "ws://10.0.0.2:2"]);
+        assert_eq!(c.datasets, ["x", "y"]);
+        assert!(c.diagnostics);
+        assert_eq!(c.cluster_secret.as_deref(), Some("s3"));
+        assert_eq!(c.client_tokens, ["a", "b"]);
+        c.apply_vars(vars(&[("MPREG_DIAGNOSTICS", "0"), ("MPREG_PEERS", "")]))
+            .expect("valid values");
+        assert!(!c.diagnostics);
+        assert!(c.peers.is_empty());
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let mut c = Config::default();
+        let e = c
+            .apply_vars(vars(&[("MPREG_DIAGNOSTICS", "maybe")]))
+            .expect_err("not a boolean");
+        assert!(
+            matches!(e, ConfigError::Invalid { setting: "MPREG_DIAGNOSTICS", ref reason } if reason.contains("maybe")),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("MPREG_DIAGNOSTICS"), "{e}");
+        for name in ["MPREG_NAME", "MPREG_CLUSTER_SECRET"] {
+            let e = c.apply_vars(vars(&[(name, " ")])).expect_err("empty");
+            assert!(
+                matches!(e, ConfigError::Invalid { setting, .. } if setting == name),
+                "{e:?}"
+            );
+        }
     }
 }

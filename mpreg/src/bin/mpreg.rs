@@ -1,7 +1,7 @@
 //! The `mpreg` command: run a node, or talk to one.
 //!
 //! ```text
-//! mpreg server [--config FILE] [--name N] [--listen HOST:PORT] [--peer URL]...
+//! mpreg server [--config FILE.toml|FILE.yaml] [--name N] [--listen HOST:PORT] [--peer URL]...
 //!              [--dataset D]... [--diagnostics]
 //! mpreg client URL call FUN [JSON-ARG]... [--dataset D]...
 //! mpreg client URL request FILE
@@ -139,7 +139,9 @@ enum BenchCmd {
 
 #[derive(Debug, ClapArgs)]
 struct ServerArgs {
-    /// TOML config file; flags override its settings.
+    /// Config file: YAML (.yaml/.yml, including the original project's
+    /// files) or TOML. MPREG_* environment variables override it, and
+    /// flags override both.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The node's name.
@@ -239,6 +241,8 @@ async fn server(args: ServerArgs) -> CliResult {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    // File, then environment (MPREG_NAME, MPREG_LISTEN, ...), then flags.
+    config.apply_env()?;
     if let Some(name) = args.name {
         config.name = Some(name);
     }
