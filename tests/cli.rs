@@ -116,6 +116,14 @@ async fn server_and_client_end_to_end() {
     assert!(!ok);
     assert!(err.contains("handler_failed"), "{err}");
 
+    let (ok, out, _) = client(&url, &["describe", "debug.sleep"]).await;
+    assert!(ok);
+    assert!(out.starts_with("debug.sleep(ms: u64) -> u64"), "{out}");
+    assert!(out.contains("on: cli-node [model-a]"), "{out}");
+    let (ok, _, err) = client(&url, &["describe", "no.such"]).await;
+    assert!(!ok);
+    assert!(err.contains("no function 'no.such'"), "{err}");
+
     // The node survived the panic.
     let (ok, out, _) = client(&url, &["call", "echo", "still here"]).await;
     assert!(ok);

@@ -657,3 +657,47 @@ async fn abilities_changed_at_runtime_are_seen_by_all() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_are_described_cluster_wide() {
+    let a = node("A").start().await.expect("A");
+    let double = Function::new("double", |args: mpreg::Args| async move {
+        let x = args
+            .positional()
+            .first()
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        Ok(json!(x * 2.0))
+    })
+    .params(&[mpreg::Param::new("x", "f64")], "f64")
+    .doc("Doubles x.")
+    .datasets(["model-a"]);
+    let b = joining("B", &a).function(double).start().await.expect("B");
+    converge(&a, &["A", "B"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    let functions: Vec<Value> = guard("describe", client.call("mpreg.functions", ()))
+        .await
+        .expect("described");
+    let double = functions
+        .iter()
+        .find(|f| f["name"] == "double")
+        .expect("A describes B's function");
+    assert_eq!(double["params"], json!([{"name": "x", "type": "f64"}]));
+    assert_eq!(double["returns"], "f64");
+    assert_eq!(double["doc"], "Doubles x.");
+    assert_eq!(
+        double["nodes"],
+        json!([{"node": "B", "datasets": ["model-a"]}])
+    );
+    // Built-ins are described too, on both nodes.
+    let echo = functions
+        .iter()
+        .find(|f| f["name"] == "echo")
+        .expect("echo");
+    assert_eq!(echo["nodes"].as_array().map(Vec::len), Some(2));
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}

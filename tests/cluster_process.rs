@@ -361,7 +361,7 @@ async fn three_processes_route_by_dataset() {
         "{row_a}"
     );
     assert!(
-        row_a.contains("echo, echos, mpreg.cluster, mpreg.whoami"),
+        row_a.contains("echo, echos, mpreg.cluster, mpreg.functions, mpreg.whoami"),
         "{row_a}"
     );
     assert!(

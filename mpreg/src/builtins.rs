@@ -58,6 +58,23 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
         .doc("Returns the name of the node that ran it.")
         .idempotent(),
     );
+    let slot = node.clone();
+    fns.push(
+        Function::new("mpreg.functions", move |args: Args| {
+            let node = slot.get().and_then(Weak::upgrade);
+            async move {
+                args.__check(&[])?;
+                let node = node.ok_or_else(|| {
+                    RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
+                })?;
+                Ok(node.cluster.functions(&node))
+            }
+        })
+        .returns("array")
+        .doc("Every function in the cluster as the node that ran it sees it: parameters (names and types), return type, doc comment, and the nodes that run it with their datasets.")
+        .idempotent()
+        .local_only(),
+    );
     fns.push(
         Function::new("mpreg.cluster", move |args: Args| {
             let node = node.get().and_then(Weak::upgrade);

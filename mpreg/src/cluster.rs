@@ -163,11 +163,7 @@ impl Cluster {
         let mut functions: Vec<Ability> = registry
             .iter()
             .filter(|f| f.advertised)
-            .map(|f| Ability {
-                fun: f.name.clone(),
-                datasets: f.datasets.clone(),
-                idempotent: f.idempotent,
-            })
+            .map(Ability::of)
             .collect();
         for peer in self.read_peers().values().filter(|p| p.is_leaf()) {
             functions.extend(peer.catalog.functions.iter().cloned());
@@ -356,16 +352,56 @@ impl Cluster {
             .any(|p| p.addr == Some(addr) && !p.link.is_closed())
     }
 
+    /// Every function in the cluster as this node sees it, described, with
+    /// the nodes that run it (what `mpreg.functions` returns).
+    pub(crate) fn functions(&self, state: &NodeState) -> Value {
+        let registry = state.registry();
+        let mut places: Vec<(String, Ability)> = registry
+            .iter()
+            .map(|f| (state.name.clone(), Ability::of(f)))
+            .collect();
+        for p in self.read_peers().values() {
+            places.extend(
+                p.catalog
+                    .functions
+                    .iter()
+                    .map(|a| (p.name.clone(), a.clone())),
+            );
+        }
+        let mut by_fun: std::collections::BTreeMap<String, Value> =
+            std::collections::BTreeMap::new();
+        for (node, a) in places {
+            let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
+                json!({
+                    "name": a.fun,
+                    "params": a.params,
+                    "returns": a.returns,
+                    "doc": a.doc,
+                    "idempotent": a.idempotent,
+                    "nodes": [],
+                })
+            });
+            // The first place that describes the function gives its
+            // description (a runtime function may have none).
+            if entry["doc"] == "" && !a.doc.is_empty() {
+                entry["doc"] = json!(a.doc);
+            }
+            if entry["params"].as_array().is_some_and(Vec::is_empty) && !a.params.is_empty() {
+                entry["params"] = json!(a.params);
+            }
+            if let Some(nodes) = entry["nodes"].as_array_mut() {
+                nodes.push(json!({ "node": node, "datasets": a.datasets }));
+            }
+        }
+        Value::Array(by_fun.into_values().collect())
+    }
+
     /// The cluster as this node sees it (what `mpreg.cluster` returns).
     pub(crate) fn view(&self, state: &NodeState) -> Value {
         let registry = state.registry();
         // Everything served here, local-only functions included.
         let mut own = self.catalog(&registry).functions;
-        own.extend(registry.iter().filter(|f| !f.advertised).map(|f| Ability {
-            fun: f.name.clone(),
-            datasets: f.datasets.clone(),
-            idempotent: f.idempotent,
-        }));
+        own.extend(registry.iter().filter(|f| !f.advertised).map(Ability::of));
         own.sort();
         let gossip = state.membership.as_ref().map(|m| {
             json!({

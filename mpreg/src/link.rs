@@ -35,6 +35,44 @@ pub(crate) struct Ability {
     pub(crate) datasets: BTreeSet<String>,
     #[serde(default)]
     pub(crate) idempotent: bool,
+    /// The parameters, by name and Rust type (what `kwargs` names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) params: Vec<ParamDesc>,
+    /// The return type, as written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) returns: String,
+    /// The function's doc comment.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) doc: String,
+}
+
+/// One parameter of a described function.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct ParamDesc {
+    pub(crate) name: String,
+    #[serde(rename = "type")]
+    pub(crate) ty: String,
+}
+
+impl Ability {
+    /// What `function` offers to the cluster.
+    pub(crate) fn of(function: &crate::registry::Function) -> Self {
+        Self {
+            fun: function.name.clone(),
+            datasets: function.datasets.clone(),
+            idempotent: function.idempotent,
+            params: function
+                .params
+                .iter()
+                .map(|p| ParamDesc {
+                    name: p.name.to_owned(),
+                    ty: p.ty.to_owned(),
+                })
+                .collect(),
+            returns: function.returns.clone(),
+            doc: function.doc.clone(),
+        }
+    }
 }
 
 /// Everything a node offers, with a version that grows on every change.

@@ -183,6 +183,12 @@ enum ClientCmd {
     },
     /// Run the five reference examples and print each request and result.
     Demo,
+    /// Describe the functions of the cluster (or one): parameters, return
+    /// type, doc, and the nodes (with datasets) that run it.
+    Describe {
+        /// Only this function.
+        fun: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -330,6 +336,19 @@ async fn client(to: &ConnectArgs, action: ClientCmd) -> CliResult {
             let results = client.send(request).await?;
             println!("{}", serde_json::to_string_pretty(&results.into_map())?);
         }
+        ClientCmd::Describe { fun } => {
+            let functions: Vec<Value> = client.call("mpreg.functions", ()).await?;
+            let shown: Vec<&Value> = functions
+                .iter()
+                .filter(|f| fun.as_deref().is_none_or(|name| f["name"] == name))
+                .collect();
+            if let (Some(name), true) = (&fun, shown.is_empty()) {
+                return Err(format!("no function '{name}' in the cluster").into());
+            }
+            for f in shown {
+                print!("{}", describe(f));
+            }
+        }
         ClientCmd::Demo => {
             for (i, example) in mpreg::demo::reference_examples().into_iter().enumerate() {
                 let shown = serde_json::json!({ "cmds": example.request.cmds });
@@ -437,6 +456,53 @@ fn functions_cell(functions: &Value) -> String {
     } else {
         shown.join(", ")
     }
+}
+
+/// One function, described for people: its signature, its doc, and where
+/// it runs.
+fn describe(f: &Value) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let params: Vec<String> = f["params"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| format!("{}: {}", text(&p["name"]), text(&p["type"])))
+        .collect();
+    let mut out = format!("{}({})", text(&f["name"]), params.join(", "));
+    let returns = text(&f["returns"]);
+    if !returns.is_empty() {
+        out.push_str(&format!(" -> {returns}"));
+    }
+    if f["idempotent"] == true {
+        out.push_str("  [idempotent]");
+    }
+    out.push('\n');
+    for line in text(&f["doc"]).lines() {
+        out.push_str(&format!("    {line}\n"));
+    }
+    let nodes: Vec<String> = f["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            let datasets: Vec<String> = n["datasets"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(text)
+                .collect();
+            if datasets.is_empty() {
+                text(&n["node"])
+            } else {
+                format!("{} [{}]", text(&n["node"]), datasets.join(", "))
+            }
+        })
+        .collect();
+    out.push_str(&format!("    on: {}\n", nodes.join("; ")));
+    out
 }
 
 /// A command-line argument as JSON, or as a plain string when it is not JSON
