@@ -450,6 +450,9 @@ pub(crate) struct Placer {
     pub(crate) state: Arc<NodeState>,
     pub(crate) scope: Scope,
     pub(crate) deadline: Instant,
+    /// The request's id, carried to peers so one request can be followed
+    /// across the cluster's logs.
+    pub(crate) trace: Arc<str>,
 }
 
 impl Dispatch for Placer {
@@ -528,7 +531,7 @@ async fn attempt(placer: &Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, 
         ));
     };
     let left = placer.deadline.saturating_duration_since(Instant::now());
-    link.run_job(job, left).await
+    link.run_job(job, left, &placer.trace).await
 }
 
 /// Serves a peer's messages for this node.
@@ -538,29 +541,40 @@ struct Served {
 }
 
 impl LinkHandler for Served {
-    fn run(&self, job: Job, timeout: Duration) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    fn run(
+        &self,
+        job: Job,
+        timeout: Duration,
+        trace: Option<String>,
+    ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+        let trace: Arc<str> = trace.unwrap_or_default().into();
+        let span = tracing::info_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
         let placer = Placer {
             state: self.state.clone(),
             scope: Scope::Here,
             deadline: crate::node::far_enough(timeout),
+            trace,
         };
-        Box::pin(async move {
-            if let Some(bad) = job.outputs.iter().find(|&&o| o >= job.steps.len()) {
-                return Err(RpcError::bad_request(format!(
-                    "job output {bad} names no step (the job has {})",
-                    job.steps.len()
-                )));
-            }
-            let plan = Plan::from_steps(job.steps)?;
-            let run = execute(plan, &placer, Wanted::These(job.outputs));
-            match tokio::time::timeout(timeout, run).await {
-                Ok(out) => Ok(out?.into_iter().map(|(_, v)| v).collect()),
-                Err(_) => Err(RpcError::new(
-                    ErrorCode::Timeout,
-                    format!("job did not finish within {} ms", timeout.as_millis()),
-                )),
-            }
-        })
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                if let Some(bad) = job.outputs.iter().find(|&&o| o >= job.steps.len()) {
+                    return Err(RpcError::bad_request(format!(
+                        "job output {bad} names no step (the job has {})",
+                        job.steps.len()
+                    )));
+                }
+                let plan = Plan::from_steps(job.steps)?;
+                let run = execute(plan, &placer, Wanted::These(job.outputs));
+                match tokio::time::timeout(timeout, run).await {
+                    Ok(out) => Ok(out?.into_iter().map(|(_, v)| v).collect()),
+                    Err(_) => Err(RpcError::new(
+                        ErrorCode::Timeout,
+                        format!("job did not finish within {} ms", timeout.as_millis()),
+                    )),
+                }
+            },
+            span,
+        ))
     }
 
     fn catalog(&self, catalog: Catalog) {

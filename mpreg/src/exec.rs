@@ -27,7 +27,7 @@ use crate::plan::{Arg, Plan, Step};
 /// Decides where steps run, and runs jobs there.
 pub(crate) trait Dispatch: Sync {
     /// A place to run work (this node, a peer, ...).
-    type Target: Clone + PartialEq + Send + 'static;
+    type Target: Clone + PartialEq + Send + std::fmt::Debug + 'static;
 
     /// Where `step` runs. An error fails the request before anything runs.
     fn place(&self, step: &Step) -> Result<Self::Target, RpcError>;
@@ -347,7 +347,14 @@ impl<D: Dispatch> Dataflow<'_, D> {
             outputs: outputs.iter().map(|&o| self.position[o]).collect(),
         };
         let target = self.targets[unit.steps[0]].clone();
-        guarded(self.dispatcher.run(target, job))
+        let span = tracing::debug_span!(
+            "command",
+            name = %job.steps.first().map_or("", |s| s.name.as_str()),
+            fun = %job.steps.first().map_or("", |s| s.fun.as_str()),
+            steps = job.steps.len(),
+            at = ?target,
+        );
+        tracing::Instrument::instrument(guarded(self.dispatcher.run(target, job)), span)
     }
 
     /// An argument as seen from inside unit `u`: a reference into the unit

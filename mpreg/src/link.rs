@@ -122,6 +122,9 @@ pub(crate) enum PeerMessage {
         outputs: Vec<usize>,
         /// What is left of the request's deadline.
         timeout_ms: u64,
+        /// The id of the request this job belongs to (for logs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<String>,
     },
     /// The answer to `Run`: `values` (one per output) or `error`.
     Done {
@@ -236,6 +239,7 @@ impl Link {
         &self,
         job: Job,
         timeout: Duration,
+        trace: &str,
     ) -> Result<Vec<Value>, RpcError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -254,6 +258,7 @@ impl Link {
             steps: job.steps,
             outputs: job.outputs,
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            trace: (!trace.is_empty()).then(|| trace.to_owned()),
         };
         if !self.send(&run).await {
             guard.answered = true;
@@ -318,6 +323,7 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
         &self,
         job: Job,
         timeout: Duration,
+        trace: Option<String>,
     ) -> futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>;
     /// The peer's abilities changed.
     fn catalog(&self, catalog: Catalog);
@@ -383,8 +389,13 @@ where
                 steps,
                 outputs,
                 timeout_ms,
+                trace,
             } => {
-                let work = handler.run(Job { steps, outputs }, Duration::from_millis(timeout_ms));
+                let work = handler.run(
+                    Job { steps, outputs },
+                    Duration::from_millis(timeout_ms),
+                    trace,
+                );
                 let link = link.clone();
                 let abort = jobs.spawn(async move {
                     let done = match crate::exec::guarded(work).await {
@@ -450,6 +461,7 @@ mod tests {
             }],
             outputs: vec![0],
             timeout_ms: 5,
+            trace: Some("req-1".into()),
         };
         let text = serde_json::to_string(&run).expect("encode");
         assert!(text.contains(r#""role":"run""#), "{text}");
@@ -496,7 +508,7 @@ mod tests {
         };
         let waiting = tokio::spawn({
             let link = link.clone();
-            async move { link.run_job(job, Duration::from_secs(60)).await }
+            async move { link.run_job(job, Duration::from_secs(60), "").await }
         });
         // The Run message went out; the answer never comes.
         let sent = rx.recv().await.expect("run sent");
@@ -518,6 +530,7 @@ mod tests {
                     outputs: Vec::new(),
                 },
                 Duration::from_secs(1),
+                "",
             )
             .await
             .expect_err("closed");
@@ -532,7 +545,7 @@ mod tests {
             steps: Vec::new(),
             outputs: Vec::new(),
         };
-        let fut = link.run_job(job, Duration::from_secs(60));
+        let fut = link.run_job(job, Duration::from_secs(60), "");
         // Poll until the Run is queued, then drop the caller.
         let _ = tokio::time::timeout(Duration::from_millis(50), fut).await;
         let first = rx.recv().await.expect("run");

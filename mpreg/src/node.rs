@@ -776,12 +776,19 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
     } else {
         Wanted::Sinks
     };
+    let trace: Arc<str> = match &u {
+        Value::String(s) => s.as_str().into(),
+        other => other.to_string().into(),
+    };
+    let span = tracing::info_span!("request", node = %state.name, id = %trace);
     let placer = Placer {
         state: state.clone(),
         scope: Scope::Cluster,
         deadline: far_enough(deadline),
+        trace,
     };
-    match tokio::time::timeout(deadline, execute(plan, &placer, wanted)).await {
+    let run = tokio::time::timeout(deadline, execute(plan, &placer, wanted));
+    match tracing::Instrument::instrument(run, span).await {
         Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
