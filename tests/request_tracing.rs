@@ -46,7 +46,7 @@ async fn request_id_follows_the_request_to_the_node_that_runs_it() {
     let captured = Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
-        .with_env_filter("mpreg=info")
+        .with_env_filter("mpreg=debug")
         .with_span_events(FmtSpan::CLOSE)
         .with_ansi(false)
         .with_writer(move || writer.clone())

@@ -548,7 +548,7 @@ impl LinkHandler for Served {
         trace: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
         let trace: Arc<str> = trace.unwrap_or_default().into();
-        let span = tracing::info_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
+        let span = tracing::debug_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
         let placer = Placer {
             state: self.state.clone(),
             scope: Scope::Here,

@@ -780,7 +780,7 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
         Value::String(s) => s.as_str().into(),
         other => other.to_string().into(),
     };
-    let span = tracing::info_span!("request", node = %state.name, id = %trace);
+    let span = tracing::debug_span!("request", node = %state.name, id = %trace);
     let placer = Placer {
         state: state.clone(),
         scope: Scope::Cluster,
