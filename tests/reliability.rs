@@ -176,13 +176,18 @@ impl Held {
     }
 
     async fn wait_dropped(&self) {
-        guard("the remote handler is cancelled", async {
-            while self.dropped.load(Ordering::SeqCst) == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        nonzero("the remote handler is cancelled", &self.dropped).await;
     }
+}
+
+/// Waits (bounded by the hang guard) until `counter` is not zero.
+async fn nonzero(what: &str, counter: &std::sync::atomic::AtomicUsize) {
+    guard(what, async {
+        while counter.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// A and B, B serving `held` with dataset "b".
@@ -242,12 +247,7 @@ async fn client_disconnect_cancels_work_on_the_remote_node() {
     });
     // Wait until the handler runs on B (not only until A has counted the
     // call: the job may not have left A yet).
-    guard("the call starts on B", async {
-        while held.started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    nonzero("the call starts on B", &held.started).await;
     // The client goes away with its call in flight.
     call.abort();
     drop(client);

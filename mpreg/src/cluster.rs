@@ -26,7 +26,7 @@ use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCO
 use crate::membership::MemberEvent;
 use crate::node::{NodeState, run_local};
 use crate::plan::{Plan, Step};
-use crate::registry::Registry;
+use crate::registry::{Registry, Unavailable};
 use crate::route::{Candidate, choose, random_below};
 use crate::ws;
 
@@ -213,10 +213,7 @@ impl Cluster {
     ) -> Result<Vec<Candidate<Target>>, RpcError> {
         let routes = self.routes();
         let Some(all) = routes.by_fun.get(fun) else {
-            return Err(RpcError::new(
-                ErrorCode::UnknownFunction,
-                format!("no function '{fun}' on any node"),
-            ));
+            return Err(Unavailable::NoFunction.error(fun, locs));
         };
         let candidates: Vec<Candidate<Target>> = all
             .iter()
@@ -230,11 +227,7 @@ impl Cluster {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(RpcError::new(
-                ErrorCode::NoNodeForDatasets,
-                format!("no node has function '{fun}' with all of the datasets {locs:?}"),
-            )
-            .with_details(json!({ "function": fun, "datasets": locs })));
+            return Err(Unavailable::MissingDatasets.error(fun, locs));
         }
         Ok(candidates)
     }

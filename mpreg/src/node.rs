@@ -27,7 +27,7 @@ use crate::plan::{Arg, Plan};
 use crate::protocol::{
     IncomingRequest, MAX_RESULT_DEPTH, Rejected, Reply, Request, deeper_than, parse_request,
 };
-use crate::registry::{Args, Function, Registry, Unavailable, linked_functions};
+use crate::registry::{Args, Function, Registry, linked_functions};
 
 /// An mpreg node: serves its functions to clients and peers over WebSocket.
 ///
@@ -826,7 +826,7 @@ pub(crate) fn run_local(
     let handler = match state.registry().lookup(&step.fun, &step.locs) {
         Ok(f) => f.handler.clone(),
         Err(why) => {
-            let e = unavailable(&step.fun, &step.locs, why);
+            let e = why.error(&step.fun, &step.locs);
             return Box::pin(async move { Err(e) });
         }
     };
@@ -880,20 +880,5 @@ struct LoadGuard<'a>(&'a AtomicUsize);
 impl Drop for LoadGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The error for a command that cannot run anywhere.
-fn unavailable(fun: &str, locs: &[String], why: Unavailable) -> RpcError {
-    match why {
-        Unavailable::NoFunction => RpcError::new(
-            ErrorCode::UnknownFunction,
-            format!("no function '{fun}' on any node"),
-        ),
-        Unavailable::MissingDatasets => RpcError::new(
-            ErrorCode::NoNodeForDatasets,
-            format!("no node has function '{fun}' with all of the datasets {locs:?}"),
-        )
-        .with_details(json!({ "function": fun, "datasets": locs })),
     }
 }

@@ -410,6 +410,23 @@ pub(crate) enum Unavailable {
     MissingDatasets,
 }
 
+impl Unavailable {
+    /// The error for a command (`fun` with datasets `locs`) that cannot run.
+    pub(crate) fn error(self, fun: &str, locs: &[String]) -> RpcError {
+        match self {
+            Self::NoFunction => RpcError::new(
+                crate::ErrorCode::UnknownFunction,
+                format!("no function '{fun}' on any node"),
+            ),
+            Self::MissingDatasets => RpcError::new(
+                crate::ErrorCode::NoNodeForDatasets,
+                format!("no node has function '{fun}' with all of the datasets {locs:?}"),
+            )
+            .with_details(serde_json::json!({ "function": fun, "datasets": locs })),
+        }
+    }
+}
+
 /// The functions one node serves, each with its full dataset set (its own
 /// datasets plus the node's).
 #[derive(Debug, Clone, Default)]
