@@ -13,10 +13,12 @@
 //! - `large`: `model-large` (a tiny two-layer network);
 //! - `eu`: `model-eu` (a linear model with other weights).
 //!
-//! Each worker builds its model in code at start (standing in for loading
-//! weights from disk) and registers `predict` with
-//! [`mpreg::Function::new`], as a closure over that model. The example then
-//! shows:
+//! `predict` is one `#[mpreg::rpc]` function taking the model as a typed
+//! dataset parameter (`model: Dataset<Served>`). Each worker builds its
+//! model in code at start (standing in for loading weights from disk) and
+//! gives it to its node as the state of its dataset
+//! (`Node::builder().dataset("model-small", ...)`); a call gets the model
+//! of the dataset its command names. The example then shows:
 //!
 //! 1. the same features sent to every model, chosen by dataset;
 //! 2. load balancing: 20 concurrent calls for `model-small`, spread over its
@@ -37,10 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mpreg::{
-    Args, Client, Command, ErrorCode, Function, Node, NodeBuilder, NodeHandle, Param, Request,
-    RpcError,
-};
+use mpreg::{Client, Command, Dataset, ErrorCode, Node, NodeBuilder, NodeHandle, Request};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
@@ -113,51 +112,19 @@ impl Model {
     }
 }
 
-const PREDICT_PARAMS: &[Param] = &[Param::new("features", "[f64; 3]")];
-
-/// The `predict` function of one worker: runs `model` on the features
-/// (kwarg `features`, or the one positional argument), and counts the
-/// predictions it makes in `served`.
-fn predict(dataset: &str, model: Model, served: Arc<AtomicUsize>) -> Function {
-    let model = Arc::new(model);
-    Function::new("predict", move |args: Args| {
-        let model = model.clone();
-        let served = served.clone();
-        async move {
-            let x = features(&args)?;
-            served.fetch_add(1, Ordering::Relaxed);
-            Ok(json!(model.predict(&x)))
-        }
-    })
-    .params(PREDICT_PARAMS, "f64")
-    .doc(format!(
-        "Predicts a value from {FEATURES} numeric features with {dataset}."
-    ))
-    .idempotent()
+/// What a worker serves for its dataset: the model, and how many
+/// predictions it made (shared with `main`, which reports them).
+struct Served {
+    model: Model,
+    predictions: Arc<AtomicUsize>,
 }
 
-/// Decodes the features: exactly one argument, positional or `features`,
-/// an array of [`FEATURES`] numbers.
-fn features(args: &Args) -> Result<[f64; FEATURES], RpcError> {
-    let value = match (args.positional(), args.named()) {
-        ([value], named) if named.is_empty() => value,
-        ([], named) if named.len() == 1 && named.contains_key("features") => &named["features"],
-        _ => {
-            return Err(RpcError::bad_arguments(
-                "predict takes one argument, `features`: an array of 3 numbers",
-            ));
-        }
-    };
-    let numbers: Option<Vec<f64>> = value
-        .as_array()
-        .and_then(|items| items.iter().map(Value::as_f64).collect());
-    numbers
-        .and_then(|n| <[f64; FEATURES]>::try_from(n).ok())
-        .ok_or_else(|| {
-            RpcError::bad_arguments(format!(
-                "`features` must be an array of {FEATURES} numbers, got {value}"
-            ))
-        })
+/// Predicts a value from 3 numeric features with the model of the dataset
+/// the command names.
+#[mpreg::rpc(idempotent)]
+fn predict(features: [f64; FEATURES], model: Dataset<Served>) -> f64 {
+    model.predictions.fetch_add(1, Ordering::Relaxed);
+    model.model.predict(&features)
 }
 
 /// A started worker and the count of predictions it made.
@@ -185,7 +152,7 @@ async fn run() -> Result<(), BoxError> {
     let mut balancer = None;
     let mut workers: Vec<Worker> = Vec::new();
     let outcome = async {
-        let lb = start(node("balancer")).await?;
+        let lb = start(node("balancer").without_function("predict")).await?;
         let seed = url(&lb)?;
         println!("node {:<8} listening on {seed}", lb.name());
         let lb = balancer.insert(lb);
@@ -197,10 +164,11 @@ async fn run() -> Result<(), BoxError> {
         ] {
             let model = Model::build(dataset).ok_or_else(|| format!("no model {dataset}"))?;
             let served = Arc::new(AtomicUsize::new(0));
-            let builder = node(name)
-                .datasets([dataset])
-                .peers([&seed])
-                .function(predict(dataset, model, served.clone()));
+            let state = Served {
+                model,
+                predictions: served.clone(),
+            };
+            let builder = node(name).dataset(dataset, state).peers([&seed]);
             let worker = start(builder).await?;
             println!(
                 "node {:<8} listening on {} with {dataset}",
@@ -234,14 +202,13 @@ async fn run() -> Result<(), BoxError> {
     outcome
 }
 
-/// A node of this demo: loopback, OS-chosen port, no `#[mpreg::rpc]`
-/// functions (this binary has none anyway), quick failure detection and a
-/// short shutdown grace.
+/// A node of this demo: loopback, OS-chosen port, quick failure detection
+/// and a short shutdown grace. It serves `predict` (with the models of its
+/// datasets) and the built-ins.
 fn node(name: &str) -> NodeBuilder {
     Node::builder()
         .name(name)
         .listen("127.0.0.1:0")
-        .without_linked_functions()
         .failure_detection(Duration::from_millis(200), Duration::from_secs(1))
         .shutdown_grace(Duration::from_secs(2))
 }

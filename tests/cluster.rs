@@ -475,12 +475,12 @@ async fn members_learn_each_other_through_gossip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_nodes_converge() {
     let started = std::time::Instant::now();
-    let first = node("n00").dataset("d00").start().await.expect("start");
+    let first = node("n00").datasets(["d00"]).start().await.expect("start");
     let seed = url(&first);
     let mut nodes = vec![first];
     for i in 1..16 {
         let n = node(&format!("n{i:02}"))
-            .dataset(format!("d{i:02}"))
+            .datasets([format!("d{i:02}")])
             .peers([seed.clone()])
             .start()
             .await

@@ -87,7 +87,7 @@ async fn unknown_function_in_a_multi_command_request_runs_nothing() {
 
 #[tokio::test]
 async fn no_node_for_datasets() {
-    let node = start_node(builder().dataset("model-a")).await;
+    let node = start_node(builder().datasets(["model-a"])).await;
     let client = client(&node).await;
     let e = rpc_err(
         &client,

@@ -61,7 +61,7 @@ async fn request_id_follows_the_request_to_the_node_that_runs_it() {
     };
     let a = fast("A").start().await.expect("A");
     let b = fast("B")
-        .dataset("b")
+        .datasets(["b"])
         .peers([a.url().expect("listens")])
         .start()
         .await

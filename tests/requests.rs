@@ -189,7 +189,7 @@ async fn function_datasets_add_to_node_datasets() {
         Ok::<_, RpcError>(json!("special ran"))
     })
     .datasets(["special"]);
-    let node = start_node(builder().dataset("model-a").function(special)).await;
+    let node = start_node(builder().datasets(["model-a"]).function(special)).await;
     let client = client(&node).await;
     let run = |locs: Vec<&'static str>| {
         let client = client.clone();

@@ -126,7 +126,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     let a = node("A").cluster_secret("s3cret").start().await.expect("A");
     let b = node("B")
         .cluster_secret("s3cret")
-        .dataset("b")
+        .datasets(["b"])
         .peers([url(&a)])
         .start()
         .await
@@ -150,7 +150,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     // it never joins.
     let c = node("C")
         .cluster_secret("other")
-        .dataset("c")
+        .datasets(["c"])
         .peers([url(&a)])
         .start()
         .await

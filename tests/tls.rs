@@ -212,7 +212,7 @@ async fn clients_without_tls_or_trust_fail_and_the_node_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_nodes_with_the_same_ca_form_a_cluster() {
     let ca = Ca::new("cluster CA");
-    let a = guard("start A", tls_node("A", &ca).dataset("only-a").start())
+    let a = guard("start A", tls_node("A", &ca).datasets(["only-a"]).start())
         .await
         .expect("start A");
 
@@ -278,7 +278,7 @@ async fn a_node_with_a_certificate_from_another_ca_cannot_link() {
         node("C")
             .tls_pem(cert, key)
             .tls_ca_pem(format!("{}{}", ca.pem, other.pem))
-            .dataset("only-c")
+            .datasets(["only-c"])
             .peers([url(&a)])
             .start(),
     )
@@ -369,7 +369,7 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
             .dial_out_only()
             .tls_pem(cert, key)
             .tls_ca_pem(ca.pem.clone())
-            .dataset("only-friend")
+            .datasets(["only-friend"])
             .peers([url(&a)])
             .start(),
     )

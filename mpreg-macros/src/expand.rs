@@ -43,6 +43,42 @@ struct Arg<'a> {
     ty: &'a Type,
     /// The local variable the shim decodes it into.
     local: Ident,
+    kind: ArgKind<'a>,
+}
+
+/// Where an argument's value comes from.
+#[derive(Clone, Copy)]
+enum ArgKind<'a> {
+    /// The request: the `index`th parameter on the wire.
+    Wire(usize),
+    /// The call's `Context`.
+    Context,
+    /// The state of the dataset the command named, of this type
+    /// (`Dataset<T>`).
+    Dataset(&'a Type),
+}
+
+impl<'a> ArgKind<'a> {
+    /// `Context` and `Dataset<T>` are recognized by name (with any path
+    /// before it, such as `mpreg::`); every other type is a wire parameter.
+    fn of(ty: &'a Type, wire_index: usize) -> Self {
+        if let Type::Path(p) = ungroup(ty)
+            && p.qself.is_none()
+            && let Some(last) = p.path.segments.last()
+        {
+            if last.ident == "Context" && last.arguments.is_none() {
+                return Self::Context;
+            }
+            if last.ident == "Dataset"
+                && let syn::PathArguments::AngleBracketed(args) = &last.arguments
+                && args.args.len() == 1
+                && let Some(inner) = first_type_argument(&last.arguments)
+            {
+                return Self::Dataset(inner);
+            }
+        }
+        Self::Wire(wire_index)
+    }
 }
 
 fn generate(args: &RpcArgs, f: &ItemFn) -> TokenStream {
@@ -56,6 +92,7 @@ fn generate(args: &RpcArgs, f: &ItemFn) -> TokenStream {
         Some(name) => name.value(),
         None => ident.unraw().to_string(),
     };
+    let mut wire_count = 0;
     let fn_args: Vec<Arg<'_>> = f
         .sig
         .inputs
@@ -63,25 +100,37 @@ fn generate(args: &RpcArgs, f: &ItemFn) -> TokenStream {
         .enumerate()
         .filter_map(|(i, input)| match input {
             FnArg::Typed(arg) => match &*arg.pat {
-                Pat::Ident(pat) => Some(Arg {
-                    name: pat.ident.unraw().to_string(),
-                    ty: &arg.ty,
-                    local: format_ident!("__mpreg_arg{}", i, span = Span::mixed_site()),
-                }),
+                Pat::Ident(pat) => {
+                    let kind = ArgKind::of(&arg.ty, wire_count);
+                    if let ArgKind::Wire(_) = kind {
+                        wire_count += 1;
+                    }
+                    Some(Arg {
+                        name: pat.ident.unraw().to_string(),
+                        ty: &arg.ty,
+                        local: format_ident!("__mpreg_arg{}", i, span = Span::mixed_site()),
+                        kind,
+                    })
+                }
                 // Rejected by validation.
                 _ => None,
             },
             FnArg::Receiver(_) => None,
         })
         .collect();
+    let wire_args = || {
+        fn_args
+            .iter()
+            .filter(|a| matches!(a.kind, ArgKind::Wire(_)))
+    };
 
-    let params = fn_args.iter().map(|a| {
+    let params = wire_args().map(|a| {
         let ty = type_string(&a.ty.to_token_stream());
         let name = &a.name;
         quote!(#private::Param::new(#name, #ty))
     });
 
-    let mut_args = if fn_args.is_empty() {
+    let mut_args = if wire_count == 0 {
         quote!()
     } else {
         quote!(mut)
@@ -89,9 +138,17 @@ fn generate(args: &RpcArgs, f: &ItemFn) -> TokenStream {
     let args_var = Ident::new("__mpreg_args", Span::mixed_site());
     let error_var = Ident::new("__mpreg_error", Span::mixed_site());
     let value_var = Ident::new("__mpreg_value", Span::mixed_site());
-    let decode = fn_args.iter().enumerate().map(|(i, a)| {
+    let decode = fn_args.iter().map(|a| {
         let Arg { ty, local, .. } = a;
-        let take = quote_spanned!(ty.span()=> #args_var.__take::<#ty>(#i, &__MPREG_PARAMS[#i]));
+        let take = match a.kind {
+            ArgKind::Wire(i) => {
+                quote_spanned!(ty.span()=> #args_var.__take::<#ty>(#i, &__MPREG_PARAMS[#i]))
+            }
+            ArgKind::Context => quote_spanned!(ty.span()=> #args_var.__context()),
+            ArgKind::Dataset(inner) => {
+                quote_spanned!(ty.span()=> #args_var.__dataset::<#inner>())
+            }
+        };
         quote! {
             let #local = match #take {
                 #private::Result::Ok(#value_var) => #value_var,
@@ -130,7 +187,7 @@ fn generate(args: &RpcArgs, f: &ItemFn) -> TokenStream {
         ReturnKind::Value(ty) | ReturnKind::Result { ty, .. } => type_string(&ty.to_token_stream()),
     };
 
-    let arg_checks = fn_args.iter().map(|a| {
+    let arg_checks = wire_args().map(|a| {
         let ty = a.ty;
         quote_spanned!(ty.span()=> #private::assert_deserialize::<#ty>();)
     });

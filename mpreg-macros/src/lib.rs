@@ -2,6 +2,8 @@
 //!
 //! Use it through `mpreg`, which documents it: `#[mpreg::rpc]`.
 
+#![deny(missing_docs)]
+
 mod args;
 mod expand;
 mod validate;

@@ -278,12 +278,7 @@ impl Client {
         fun: &str,
         args: impl Serialize,
     ) -> Result<T, Error> {
-        let args = match serde_json::to_value(args)? {
-            Value::Array(args) => args,
-            Value::Null => Vec::new(),
-            other => vec![other],
-        };
-        self.call_command(Command::new("result", fun).args(args))
+        self.call_command(Command::new("result", fun).args(positional(args)?))
             .await
     }
 
@@ -343,6 +338,16 @@ impl Client {
             (None, None) => Err(Error::Protocol("reply has neither `r` nor `error`")),
         }
     }
+}
+
+/// Positional arguments from a tuple, an array, a `Vec`, `()` (none) or a
+/// single value.
+pub(crate) fn positional(args: impl Serialize) -> Result<Vec<Value>, Error> {
+    Ok(match serde_json::to_value(args)? {
+        Value::Array(args) => args,
+        Value::Null => Vec::new(),
+        other => vec![other],
+    })
 }
 
 /// The results of a request, by command name: the sinks' (or every

@@ -54,17 +54,22 @@
 //!   ready.
 //! - `registry`: functions from `#[mpreg::rpc]` (collected with `inventory`)
 //!   and from [`Function`].
+//! - [`Context`], [`Dataset`]: what a handler knows of its call, typed
+//!   dataset state, calls from a handler into the cluster.
 //! - [`Node`], [`NodeBuilder`], [`NodeHandle`]: a node's lifecycle; `server`:
 //!   its connections.
 //! - [`Client`]: the Rust client.
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
 
+#![deny(missing_docs)]
+
 mod auth;
 mod builtins;
 mod client;
 mod cluster;
 pub mod config;
+mod context;
 pub mod demo;
 mod error;
 mod exec;
@@ -110,6 +115,7 @@ pub mod __bench {
 
 pub use client::{Client, ClientBuilder, Results};
 pub use config::Config;
+pub use context::{Context, Dataset};
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};
 pub use node::{Node, NodeBuilder, NodeHandle, shutdown_signal};
 pub use protocol::{Command, Request};
@@ -167,11 +173,35 @@ pub use registry::{Args, Function, Param};
 /// missing, unknown, surplus or undecodable argument fails the call with
 /// [`ErrorCode::BadArguments`], naming the parameter and its type.
 ///
+/// Two kinds of parameters, in any position, are not arguments on the wire
+/// and are recognized by their type's name: a [`Context`]
+/// (`ctx: mpreg::Context`: the node, the datasets named, the deadline, calls
+/// into the cluster) and a [`Dataset<T>`] (the state of type `T` of the
+/// dataset the command named; the call fails with `bad_arguments` when it
+/// named none or several). A type of your own must not be named `Context`
+/// or `Dataset` for a wire parameter.
+///
+/// ```
+/// use mpreg::{Context, Dataset};
+///
+/// struct Model { bias: f64 }
+///
+/// #[mpreg::rpc]
+/// async fn predict(x: f64, model: Dataset<Model>, ctx: Context) -> Result<f64, mpreg::Error> {
+///     let scale: f64 = ctx.call("echo", (2.0,)).await?;
+///     Ok(x * scale + model.bias)
+/// }
+/// # let _ = predict;
+/// ```
+///
 /// The return value becomes the call's result; no return type gives `null`.
 /// A return type named `Result` (`Result<T, E>`, `std::io::Result<T>`,
 /// `anyhow::Result<T>`, ...) is unwrapped: `Ok(value)` is the result and
 /// `Err(e)` fails the call with [`ErrorCode::HandlerFailed`] and `e`'s
 /// `Display` text as the message. So does a panic in a `blocking` function.
+/// An `Err` that is an [`RpcError`], or an [`Error::Rpc`] (the error of a
+/// call made through the context), keeps its code and message: a timeout
+/// of an inner call is the command's timeout.
 ///
 /// # What it generates
 ///

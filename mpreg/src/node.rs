@@ -1,5 +1,6 @@
 //! [`Node`], its builder, its running handle, and how it answers a request.
 
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::builtins;
 use crate::client::Results;
 use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
+use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Wanted, execute};
 use crate::membership::{MemberId, Membership, MembershipConfig};
@@ -64,6 +66,7 @@ pub struct NodeBuilder {
     excluded: BTreeSet<String>,
     /// TLS material given in memory (overrides the config's paths).
     tls: crate::tls::Sources,
+    dataset_states: DatasetStates,
 }
 
 impl Default for NodeBuilder {
@@ -74,6 +77,7 @@ impl Default for NodeBuilder {
             linked: true,
             excluded: BTreeSet::new(),
             tls: crate::tls::Sources::default(),
+            dataset_states: DatasetStates::default(),
         }
     }
 }
@@ -97,9 +101,30 @@ impl NodeBuilder {
         self
     }
 
-    /// Adds a dataset this node has.
-    pub fn dataset(mut self, dataset: impl Into<String>) -> Self {
-        self.config.datasets.push(dataset.into());
+    /// Adds a dataset this node has, with its state: the value handlers
+    /// get for it as a [`Dataset<T>`](crate::Dataset) parameter or from
+    /// [`Context::dataset`](crate::Context::dataset) when a command names
+    /// it (a loaded model, a connection pool, ...). For datasets without
+    /// state, use [`datasets`](Self::datasets).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mpreg::Error> {
+    /// struct Model { layers: usize }
+    ///
+    /// let node = mpreg::Node::builder()
+    ///     .dataset("model-a", Model { layers: 12 })
+    ///     .start()
+    ///     .await?;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn dataset<T: Any + Send + Sync>(mut self, name: impl Into<String>, state: T) -> Self {
+        let name = name.into();
+        if !self.config.datasets.contains(&name) {
+            self.config.datasets.push(name.clone());
+        }
+        self.dataset_states.insert(name, state);
         self
     }
 
@@ -342,6 +367,7 @@ impl NodeBuilder {
             membership,
             local_load: AtomicUsize::new(0),
             killed: CancellationToken::new(),
+            dataset_states: self.dataset_states,
         });
         let _ = cluster_view.set(Arc::downgrade(&state));
         state.routing_changed(false);
@@ -510,16 +536,7 @@ impl NodeHandle {
     /// # Ok(()) }
     /// ```
     pub async fn send(&self, request: Request) -> Result<Results, Error> {
-        let incoming = IncomingRequest {
-            u: Value::Null,
-            request,
-        };
-        let reply = handle(&self.state, incoming).await;
-        match (reply.error, reply.r) {
-            (Some(e), _) => Err(Error::Rpc(e)),
-            (None, Some(results)) => Ok(Results::new(results)),
-            (None, None) => Err(Error::Protocol("reply has neither results nor error")),
-        }
+        send(&self.state, Value::Null, request).await
     }
 
     /// Starts serving `function` (replacing a function of the same name).
@@ -633,6 +650,8 @@ pub(crate) struct NodeState {
     pub(crate) tokens: Tokens,
     /// How connections are accepted and peers dialed: TLS or not.
     pub(crate) tls: crate::tls::NodeTls,
+    /// The typed state of the node's datasets that have one.
+    pub(crate) dataset_states: DatasetStates,
     /// Cancelled when the node stops (shutdown or kill).
     stopping: CancellationToken,
     /// The node's background tasks, which shutdown waits for.
@@ -761,6 +780,20 @@ pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String
     }
 }
 
+/// Runs `request` (with id `u`) through this node, in process.
+pub(crate) async fn send(
+    state: &Arc<NodeState>,
+    u: Value,
+    request: Request,
+) -> Result<Results, Error> {
+    let reply = handle(state, IncomingRequest { u, request }).await;
+    match (reply.error, reply.r) {
+        (Some(e), _) => Err(Error::Rpc(e)),
+        (None, Some(results)) => Ok(Results::new(results)),
+        (None, None) => Err(Error::Protocol("reply has neither results nor error")),
+    }
+}
+
 /// Plans, places and runs a request within its deadline.
 pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) -> Reply {
     let IncomingRequest { u, request } = incoming;
@@ -830,13 +863,20 @@ pub(crate) fn run_local(
             return Box::pin(async move { Err(e) });
         }
     };
+    let context = Context {
+        state: state.clone(),
+        datasets: step.locs,
+        deadline: placer.deadline,
+        request_id: placer.trace.clone(),
+    };
     let args = Args::new(
         step.args.into_iter().map(Arg::into_value).collect(),
         step.kwargs
             .into_iter()
             .map(|(k, a)| (k, a.into_value()))
             .collect(),
-    );
+    )
+    .with_context(context);
     // The handler is called inside the future, so a panic while it builds
     // its future is caught like any other.
     Box::pin(async move {

@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::context::{Context, Dataset};
 use crate::error::RpcError;
 
 /// The arguments of one call: positional (`args`) and by parameter name
@@ -27,16 +28,42 @@ use crate::error::RpcError;
 /// assert_eq!(args.positional(), &[json!(1)]);
 /// assert_eq!(args.named()["b"], json!(2));
 /// ```
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Args {
     positional: Vec<Value>,
     named: Map<String, Value>,
+    /// The call's context; `None` for arguments built by hand.
+    context: Option<Context>,
+}
+
+/// Arguments are equal when their values are (whatever their context).
+impl PartialEq for Args {
+    fn eq(&self, other: &Self) -> bool {
+        self.positional == other.positional && self.named == other.named
+    }
 }
 
 impl Args {
     /// Arguments from positional values and named values.
     pub fn new(positional: Vec<Value>, named: Map<String, Value>) -> Self {
-        Self { positional, named }
+        Self {
+            positional,
+            named,
+            context: None,
+        }
+    }
+
+    /// The same arguments, for a call with `context`.
+    pub(crate) fn with_context(mut self, context: Context) -> Self {
+        self.context = Some(context);
+        self
+    }
+
+    /// The context of the call, when a node passed these arguments to a
+    /// handler (for [`Function`] handlers; `#[mpreg::rpc]` functions take a
+    /// `ctx: Context` parameter instead).
+    pub fn context(&self) -> Option<&Context> {
+        self.context.as_ref()
     }
 
     /// The positional arguments.
@@ -85,6 +112,19 @@ impl Args {
         Ok(())
     }
 
+    /// The call's context, for a `Context` parameter.
+    #[doc(hidden)]
+    pub fn __context(&self) -> Result<Context, RpcError> {
+        self.context.clone().ok_or_else(no_context)
+    }
+
+    /// The state of the dataset the command named, for a `Dataset<T>`
+    /// parameter.
+    #[doc(hidden)]
+    pub fn __dataset<T: Any + Send + Sync>(&self) -> Result<Dataset<T>, RpcError> {
+        self.context.as_ref().ok_or_else(no_context)?.dataset()
+    }
+
     /// Takes parameter `index` (named `name`, of Rust type `ty`) from the
     /// positional arguments, or else from the named ones, and decodes it.
     ///
@@ -125,6 +165,14 @@ impl Args {
             }
         })
     }
+}
+
+/// A handler asked for the context of arguments built by hand.
+fn no_context() -> RpcError {
+    RpcError::new(
+        crate::ErrorCode::Internal,
+        "this handler takes a context, but was called without one",
+    )
 }
 
 struct ParamList<'a>(&'a [Param]);
