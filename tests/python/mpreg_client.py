@@ -10,7 +10,7 @@ WebSocket connection, several requests in flight matched by their id `u`.
         ])
         assert r == {"second": "hi there!"}
 
-Needs the `websockets` package (PyPI), 13.0 or newer.
+Needs the `websockets` package (PyPI), 15.0 or newer.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ class Client:
             additional_headers=headers,
             max_size=MAX_MESSAGE_SIZE,
             open_timeout=open_timeout,
-            # A node on loopback is never behind a proxy.
+            # Straight to the node, whatever proxy the environment names.
             proxy=None,
-            # Nodes reply with text frames; compression is not promised.
+            # Nodes negotiate no extension (docs/PROTOCOL.md, Frames).
             compression=None,
         )
         if token is not None and token_via == "message":
