@@ -31,14 +31,17 @@
 //!
 //! # Environment variables
 //!
-//! [`Config::apply_env`] overrides settings from `MPREG_NAME`,
-//! `MPREG_LISTEN`, `MPREG_PEERS`, `MPREG_DATASETS`, `MPREG_DIAGNOSTICS`,
-//! `MPREG_CLUSTER_SECRET` and `MPREG_CLIENT_TOKENS` (lists are
-//! comma-separated and replace the file's list). `mpreg server` applies the
-//! file, then the environment, then its flags.
+//! [`Config::apply_env`] overrides each setting from the variable named
+//! `MPREG_` and the setting in capitals (`MPREG_LISTEN`,
+//! `MPREG_REQUEST_TIMEOUT_MS`, `MPREG_TLS_CERT`, ...; the table is at
+//! [`Config::apply_vars`]). Lists are comma-separated and replace the file's
+//! list. `mpreg server` applies the file, then the environment, then its
+//! flags.
 
 use std::net::Ipv4Addr;
+use std::num::{IntErrorKind, ParseIntError};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -296,28 +299,54 @@ impl Config {
         self.apply_vars(vars)
     }
 
-    /// Overrides settings from variables given as `(NAME, VALUE)` pairs:
+    /// Overrides settings from variables given as `(NAME, VALUE)` pairs.
+    /// Every setting has one, named `MPREG_` and the setting in capitals:
     ///
-    /// | variable | setting |
+    /// | variable | setting and value |
     /// | --- | --- |
     /// | `MPREG_NAME` | `name` |
-    /// | `MPREG_LISTEN` | `listen` |
+    /// | `MPREG_LISTEN` | `listen` (empty: dial out only) |
     /// | `MPREG_PEERS` | `peers`: comma-separated URLs, replacing the list |
     /// | `MPREG_DATASETS` | `datasets`: comma-separated, replacing the list |
     /// | `MPREG_DIAGNOSTICS` | `diagnostics`: `1`, `true`, `0` or `false` |
+    /// | `MPREG_MAX_MESSAGE_SIZE` | `max_message_size`, in bytes |
+    /// | `MPREG_REQUEST_TIMEOUT_MS` | `request_timeout_ms` |
+    /// | `MPREG_MAX_INFLIGHT_PER_CONNECTION` | `max_inflight_per_connection` |
+    /// | `MPREG_MAX_COMMANDS_PER_REQUEST` | `max_commands_per_request` |
+    /// | `MPREG_SHUTDOWN_GRACE_MS` | `shutdown_grace_ms` |
+    /// | `MPREG_KEEPALIVE_INTERVAL_MS` | `keepalive_interval_ms` |
+    /// | `MPREG_KEEPALIVE_TIMEOUT_MS` | `keepalive_timeout_ms` |
+    /// | `MPREG_PROBE_INTERVAL_MS` | `probe_interval_ms` |
+    /// | `MPREG_SUSPECT_TIMEOUT_MS` | `suspect_timeout_ms` |
     /// | `MPREG_CLUSTER_SECRET` | `cluster_secret` |
     /// | `MPREG_CLIENT_TOKENS` | `client_tokens`: comma-separated, replacing the list |
+    /// | `MPREG_TLS_CERT` | `tls_cert`: a path |
+    /// | `MPREG_TLS_KEY` | `tls_key`: a path |
+    /// | `MPREG_TLS_CA` | `tls_ca`: a path |
     ///
+    /// Numbers are whole and written in decimal (`_` may group digits);
+    /// paths are used as given (relative ones from the working directory).
     /// Other names are ignored (so the whole environment can be passed). A
-    /// value that cannot be used is a [`ConfigError::Invalid`] naming the
-    /// variable.
+    /// value that cannot be used (not a number, a number too large, an empty
+    /// name, secret or path) is a [`ConfigError::Invalid`] naming the
+    /// variable; limits on the values are checked when the node starts, as
+    /// for a file.
     ///
     /// ```
     /// let mut config = mpreg::Config::default();
     /// config
-    ///     .apply_vars([("MPREG_PEERS".to_owned(), "ws://10.0.0.1:7773, ws://10.0.0.2:7773".to_owned())])
+    ///     .apply_vars([
+    ///         ("MPREG_PEERS".to_owned(), "ws://10.0.0.1:7773, ws://10.0.0.2:7773".to_owned()),
+    ///         ("MPREG_REQUEST_TIMEOUT_MS".to_owned(), "30_000".to_owned()),
+    ///     ])
     ///     .unwrap();
     /// assert_eq!(config.peers, ["ws://10.0.0.1:7773", "ws://10.0.0.2:7773"]);
+    /// assert_eq!(config.request_timeout_ms, 30_000);
+    ///
+    /// let e = config
+    ///     .apply_vars([("MPREG_MAX_MESSAGE_SIZE".to_owned(), "64MiB".to_owned())])
+    ///     .unwrap_err();
+    /// assert!(e.to_string().contains("MPREG_MAX_MESSAGE_SIZE"));
     /// ```
     pub fn apply_vars(
         &mut self,
@@ -337,6 +366,7 @@ impl Config {
                     Ok(value)
                 }
             };
+            let path = |value: String| not_empty(value).map(PathBuf::from);
             match setting {
                 "MPREG_NAME" => self.name = Some(not_empty(value)?),
                 "MPREG_LISTEN" => self.listen = value,
@@ -354,8 +384,30 @@ impl Config {
                         }
                     }
                 }
+                "MPREG_MAX_MESSAGE_SIZE" => self.max_message_size = number(setting, &value)?,
+                "MPREG_REQUEST_TIMEOUT_MS" => self.request_timeout_ms = number(setting, &value)?,
+                "MPREG_MAX_INFLIGHT_PER_CONNECTION" => {
+                    self.max_inflight_per_connection = number(setting, &value)?;
+                }
+                "MPREG_MAX_COMMANDS_PER_REQUEST" => {
+                    self.max_commands_per_request = number(setting, &value)?;
+                }
+                "MPREG_SHUTDOWN_GRACE_MS" => self.shutdown_grace_ms = number(setting, &value)?,
+                "MPREG_KEEPALIVE_INTERVAL_MS" => {
+                    self.keepalive_interval_ms = number(setting, &value)?;
+                }
+                "MPREG_KEEPALIVE_TIMEOUT_MS" => {
+                    self.keepalive_timeout_ms = number(setting, &value)?;
+                }
+                "MPREG_PROBE_INTERVAL_MS" => self.probe_interval_ms = number(setting, &value)?,
+                "MPREG_SUSPECT_TIMEOUT_MS" => self.suspect_timeout_ms = number(setting, &value)?,
                 "MPREG_CLUSTER_SECRET" => self.cluster_secret = Some(not_empty(value)?),
                 "MPREG_CLIENT_TOKENS" => self.client_tokens = comma_list(&value),
+                "MPREG_TLS_CERT" => self.tls_cert = Some(path(value)?),
+                "MPREG_TLS_KEY" => self.tls_key = Some(path(value)?),
+                "MPREG_TLS_CA" => self.tls_ca = Some(path(value)?),
+                // `env_setting` only returns names of `ENV_VARS`, all matched
+                // above (a unit test checks each one is applied).
                 _ => {}
             }
         }
@@ -381,19 +433,53 @@ impl Config {
 }
 
 /// The environment variables [`Config::apply_vars`] reads, as `&'static`
-/// names for [`ConfigError::Invalid`].
-const ENV_VARS: [&str; 7] = [
+/// names for [`ConfigError::Invalid`]: `MPREG_` and each setting in
+/// capitals, in the order of the fields of [`Config`].
+const ENV_VARS: [&str; 19] = [
     "MPREG_NAME",
     "MPREG_LISTEN",
     "MPREG_PEERS",
     "MPREG_DATASETS",
     "MPREG_DIAGNOSTICS",
+    "MPREG_MAX_MESSAGE_SIZE",
+    "MPREG_REQUEST_TIMEOUT_MS",
+    "MPREG_MAX_INFLIGHT_PER_CONNECTION",
+    "MPREG_MAX_COMMANDS_PER_REQUEST",
+    "MPREG_SHUTDOWN_GRACE_MS",
+    "MPREG_KEEPALIVE_INTERVAL_MS",
+    "MPREG_KEEPALIVE_TIMEOUT_MS",
+    "MPREG_PROBE_INTERVAL_MS",
+    "MPREG_SUSPECT_TIMEOUT_MS",
     "MPREG_CLUSTER_SECRET",
     "MPREG_CLIENT_TOKENS",
+    "MPREG_TLS_CERT",
+    "MPREG_TLS_KEY",
+    "MPREG_TLS_CA",
 ];
 
 fn env_setting(key: &str) -> Option<&'static str> {
     ENV_VARS.into_iter().find(|&name| name == key)
+}
+
+/// A whole number in decimal (surrounding spaces and `_` between digits
+/// allowed), or an error naming the variable `setting`.
+fn number<T: FromStr<Err = ParseIntError>>(
+    setting: &'static str,
+    value: &str,
+) -> Result<T, ConfigError> {
+    let digits: String = value.trim().chars().filter(|&c| c != '_').collect();
+    let well_formed = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !value.trim().starts_with('_')
+        && !value.trim().ends_with('_');
+    let invalid = |reason: String| ConfigError::Invalid { setting, reason };
+    if !well_formed {
+        return Err(invalid(format!("`{value}` is not a whole number")));
+    }
+    digits.parse().map_err(|e: ParseIntError| match e.kind() {
+        IntErrorKind::PosOverflow => invalid(format!("`{value}` is too large")),
+        _ => invalid(format!("`{value}` is not a whole number")),
+    })
 }
 
 /// `a, b,,c` → `["a", "b", "c"]`: items trimmed, empty ones dropped.
@@ -886,6 +972,122 @@ mod tests {
             .expect("valid values");
         assert!(!c.diagnostics);
         assert!(c.peers.is_empty());
+    }
+
+    /// Every setting of [`Config`] (as serde lists them) has its variable,
+    /// `MPREG_` and the setting in capitals, in the table of `apply_vars`,
+    /// and setting the variable changes the setting.
+    #[test]
+    fn every_setting_has_an_env_var() {
+        let e = Config::from_toml_str("no_such_setting = 1").expect_err("unknown");
+        let message = e.to_string();
+        let (_, expected) = message
+            .split_once("expected one of")
+            .unwrap_or_else(|| panic!("serde lists the settings: {message}"));
+        let settings: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(settings.len() >= 19, "{message}");
+        let source = include_str!("config.rs");
+        for setting in settings {
+            let var = format!("MPREG_{}", setting.to_ascii_uppercase());
+            assert!(ENV_VARS.contains(&var.as_str()), "no {var} for `{setting}`");
+            assert!(
+                source.contains(&format!("/// | `{var}` | `{setting}`")),
+                "{var} is missing from the table of apply_vars"
+            );
+            let mut c = Config::default();
+            if c.apply_vars(vars(&[(&var, "7")])).is_err() {
+                c.apply_vars(vars(&[(&var, "true")]))
+                    .unwrap_or_else(|e| panic!("{var}: {e}"));
+            }
+            assert_ne!(c, Config::default(), "{var} changes nothing");
+        }
+    }
+
+    #[test]
+    fn numeric_env_vars_override_the_file() {
+        let mut c = Config::from_toml_str(
+            "request_timeout_ms = 1000
+max_message_size = 2048",
+        )
+        .expect("valid");
+        c.apply_vars(vars(&[
+            ("MPREG_REQUEST_TIMEOUT_MS", "2500"),
+            ("MPREG_MAX_MESSAGE_SIZE", " 1048576 "),
+            ("MPREG_MAX_INFLIGHT_PER_CONNECTION", "8"),
+            ("MPREG_SUSPECT_TIMEOUT_MS", "1_500"),
+            ("MPREG_KEEPALIVE_TIMEOUT_MS", "0"),
+        ]))
+        .expect("valid numbers");
+        assert_eq!(c.request_timeout(), Duration::from_millis(2500));
+        assert_eq!(c.max_message_size, 1 << 20);
+        assert_eq!(c.max_inflight_per_connection, 8);
+        assert_eq!(c.suspect_timeout_ms, 1500);
+        assert_eq!(c.keepalive_timeout_ms, 0);
+        // Untouched settings keep the file's or the default value.
+        assert_eq!(c.max_commands_per_request, DEFAULT_MAX_COMMANDS);
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable_and_the_value() {
+        for (var, value) in [
+            ("MPREG_REQUEST_TIMEOUT_MS", "5s"),
+            ("MPREG_MAX_MESSAGE_SIZE", "64MiB"),
+            ("MPREG_SHUTDOWN_GRACE_MS", "-1"),
+            ("MPREG_PROBE_INTERVAL_MS", "1.5"),
+            ("MPREG_KEEPALIVE_INTERVAL_MS", ""),
+            ("MPREG_MAX_COMMANDS_PER_REQUEST", "_1"),
+            ("MPREG_MAX_INFLIGHT_PER_CONNECTION", "1e3"),
+        ] {
+            let mut c = Config::default();
+            let e = c
+                .apply_vars(vars(&[(var, value)]))
+                .expect_err("not a number");
+            assert!(
+                matches!(e, ConfigError::Invalid { setting, ref reason }
+                    if setting == var && reason.contains(&format!("`{value}` is not a whole number"))),
+                "{var}={value}: {e:?}"
+            );
+            assert!(e.to_string().contains(var), "{e}");
+            assert_eq!(c, Config::default(), "a bad value changes nothing");
+        }
+        let e = Config::default()
+            .apply_vars(vars(&[(
+                "MPREG_SUSPECT_TIMEOUT_MS",
+                "99999999999999999999",
+            )]))
+            .expect_err("too large");
+        assert!(
+            matches!(e, ConfigError::Invalid { setting: "MPREG_SUSPECT_TIMEOUT_MS", ref reason } if reason.contains("too large")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn tls_paths_from_env_vars() {
+        let mut c = Config::from_toml_str("tls_ca = \"/etc/file-ca.pem\"").expect("valid");
+        c.apply_vars(vars(&[
+            ("MPREG_TLS_CERT", "/etc/mpreg/node.pem"),
+            ("MPREG_TLS_KEY", "certs/node key.pem"),
+            ("MPREG_TLS_CA", "/etc/mpreg/ca.pem"),
+        ]))
+        .expect("valid paths");
+        assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/mpreg/node.pem")));
+        // Spaces are part of a path; relative paths stay relative.
+        assert_eq!(c.tls_key, Some(PathBuf::from("certs/node key.pem")));
+        assert_eq!(c.tls_ca, Some(PathBuf::from("/etc/mpreg/ca.pem")));
+        let e = c
+            .apply_vars(vars(&[("MPREG_TLS_KEY", " ")]))
+            .expect_err("empty path");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    setting: "MPREG_TLS_KEY",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

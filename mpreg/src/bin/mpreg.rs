@@ -140,8 +140,10 @@ enum BenchCmd {
 #[derive(Debug, ClapArgs)]
 struct ServerArgs {
     /// Config file: YAML (.yaml/.yml, including the original project's
-    /// files) or TOML. MPREG_* environment variables override it, and
-    /// flags override both.
+    /// files) or TOML. Environment variables override it (one per setting,
+    /// MPREG_ and the setting in capitals: MPREG_LISTEN,
+    /// MPREG_REQUEST_TIMEOUT_MS, MPREG_TLS_CERT, ...), and flags override
+    /// both.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The node's name.
