@@ -42,7 +42,7 @@ async fn python_client_written_from_the_protocol_page_drives_a_node() {
     let open = start_node(
         builder()
             .name("py-node")
-            .dataset(DATASET)
+            .datasets([DATASET])
             .function(greet())
             .function(delay_echo()),
     )
