@@ -56,6 +56,8 @@
 //!   and from [`Function`].
 //! - [`Node`], [`NodeBuilder`], [`NodeHandle`]: a node's lifecycle; `server`:
 //!   its connections.
+//! - `http`: plain HTTP on the node's port: `/healthz`, `/metrics`
+//!   (Prometheus), a status page; `metrics`: the counters behind them.
 //! - [`Client`]: the Rust client.
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
