@@ -145,7 +145,9 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     let ws = match handshake {
         Ok(Ok(Opened::WebSocket(ws))) => ws,
         Ok(Ok(Opened::Http(stream, head))) => {
-            let answer = crate::http::answer(stream, head, &state);
+            // Boxed: its buffers would otherwise make every connection's
+            // task (a WebSocket's too) that much bigger.
+            let answer = Box::pin(crate::http::answer(stream, head, &state));
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer) => {}
