@@ -58,6 +58,8 @@
 //!   dataset state, calls from a handler into the cluster.
 //! - [`Node`], [`NodeBuilder`], [`NodeHandle`]: a node's lifecycle; `server`:
 //!   its connections.
+//! - `http`: plain HTTP on the node's port: `/healthz`, `/metrics`
+//!   (Prometheus), a status page; `metrics`: the counters behind them.
 //! - [`Client`]: the Rust client.
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
@@ -73,8 +75,10 @@ mod context;
 pub mod demo;
 mod error;
 mod exec;
+mod http;
 mod link;
 mod membership;
+mod metrics;
 mod node;
 mod plan;
 mod protocol;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Wanted, execute};
 use crate::membership::{MemberId, Membership, MembershipConfig};
+use crate::metrics::{NodeMetrics, Outcome};
 use crate::plan::{Arg, Plan};
 use crate::protocol::{
     IncomingRequest, MAX_RESULT_DEPTH, Rejected, Reply, Request, deeper_than, parse_request,
@@ -368,6 +369,8 @@ impl NodeBuilder {
             local_load: AtomicUsize::new(0),
             killed: CancellationToken::new(),
             dataset_states: self.dataset_states,
+            metrics: NodeMetrics::default(),
+            draining: AtomicBool::new(false),
         });
         let _ = cluster_view.set(Arc::downgrade(&state));
         state.routing_changed(false);
@@ -608,6 +611,7 @@ impl NodeHandle {
     /// Stops accepting connections, lets requests in flight finish (up to a
     /// grace period), closes every connection and waits for all of it.
     pub async fn shutdown(self) {
+        self.state.draining.store(true, Ordering::Relaxed);
         // Tell the cluster first, so nobody routes here while we drain.
         if let Some(m) = self.state.membership.clone() {
             m.leave().await;
@@ -656,6 +660,10 @@ pub(crate) struct NodeState {
     stopping: CancellationToken,
     /// The node's background tasks, which shutdown waits for.
     tasks: TaskTracker,
+    /// Client requests and connections, counted for `/metrics`.
+    pub(crate) metrics: NodeMetrics,
+    /// Set when a graceful shutdown begins (`/healthz` then fails).
+    draining: AtomicBool,
 }
 
 impl NodeState {
@@ -705,6 +713,11 @@ impl NodeState {
             self.routing_changed(true);
         }
         changed
+    }
+
+    /// Whether the node is shutting down or killed.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.stopping.is_cancelled()
     }
 
     pub(crate) fn local_load(&self) -> usize {
@@ -759,6 +772,7 @@ fn new_generation() -> u64 {
 
 /// Answers one client frame with the encoded reply.
 pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String {
+    let counted = state.metrics.request();
     let size = frame.len();
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
@@ -769,6 +783,7 @@ pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String
             RpcError::new(ErrorCode::Internal, "the node is stopping"),
         ),
     };
+    counted.end(reply.error.as_ref().map(|e| e.code));
     // A large request usually has a large reply.
     match crate::ws::cpu_bound(size, move || reply.encode()).await {
         Some(text) => text,
@@ -856,8 +871,8 @@ pub(crate) fn run_local(
     }
     let state = placer.state.clone();
     let step = job.steps.remove(0);
-    let handler = match state.registry().lookup(&step.fun, &step.locs) {
-        Ok(f) => f.handler.clone(),
+    let (handler, metrics) = match state.registry().lookup(&step.fun, &step.locs) {
+        Ok(f) => (f.handler.clone(), f.metrics.clone()),
         Err(why) => {
             let e = why.error(&step.fun, &step.locs);
             return Box::pin(async move { Err(e) });
@@ -882,14 +897,21 @@ pub(crate) fn run_local(
     Box::pin(async move {
         state.local_load.fetch_add(1, Ordering::Relaxed);
         let _done = LoadGuard(&state.local_load);
-        let value = handler(args).await?;
-        if deeper_than(&value, MAX_RESULT_DEPTH) {
-            dismantle(value);
-            return Err(RpcError::handler_failed(format!(
-                "the result nests deeper than {MAX_RESULT_DEPTH} arrays and objects"
-            )));
+        // Ends as `cancelled` if this future is dropped first.
+        let call = metrics.start();
+        let result = async {
+            let value = handler(args).await?;
+            if deeper_than(&value, MAX_RESULT_DEPTH) {
+                dismantle(value);
+                return Err(RpcError::handler_failed(format!(
+                    "the result nests deeper than {MAX_RESULT_DEPTH} arrays and objects"
+                )));
+            }
+            Ok(vec![value])
         }
-        Ok(vec![value])
+        .await;
+        call.end(Outcome::of(&result));
+        result
     })
 }
 

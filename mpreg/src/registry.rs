@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::context::{Context, Dataset};
 use crate::error::RpcError;
+use crate::metrics::FunctionMetrics;
 
 /// The arguments of one call: positional (`args`) and by parameter name
 /// (`kwargs`), with references already replaced by their results.
@@ -347,6 +348,9 @@ pub struct Function {
     /// Offered to peers (false: only requests entering at this node run it).
     pub(crate) advertised: bool,
     pub(crate) handler: Handler,
+    /// Its calls on this node; each registry gives it its own (see
+    /// [`Registry::new`]).
+    pub(crate) metrics: Arc<FunctionMetrics>,
 }
 
 impl fmt::Debug for Function {
@@ -375,6 +379,7 @@ impl Function {
             idempotent: false,
             advertised: true,
             handler: Arc::new(move |args| Box::pin(handler(args))),
+            metrics: Arc::default(),
         }
     }
 
@@ -438,6 +443,7 @@ impl Function {
             idempotent: r.idempotent,
             advertised: true,
             handler: Arc::new(handler),
+            metrics: Arc::default(),
         }
     }
 }
@@ -483,8 +489,10 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// A registry of `functions`, each also given `node_datasets`. A later
-    /// function with the same name replaces an earlier one.
+    /// A registry of `functions`, each also given `node_datasets` and
+    /// counters of its own (a `Function` given to two nodes is counted
+    /// apart on each). A later function with the same name replaces an
+    /// earlier one.
     pub(crate) fn new(
         functions: impl IntoIterator<Item = Function>,
         node_datasets: &BTreeSet<String>,
@@ -493,6 +501,7 @@ impl Registry {
             .into_iter()
             .map(|mut f| {
                 f.datasets.extend(node_datasets.iter().cloned());
+                f.metrics = Arc::default();
                 (f.name.clone(), f)
             })
             .collect();
@@ -500,9 +509,14 @@ impl Registry {
     }
 
     /// A copy with `function` added (replacing one of the same name), given
-    /// the node's datasets too.
+    /// the node's datasets too. A function replaced keeps counting where
+    /// the one it replaces left off.
     pub(crate) fn with(&self, mut function: Function, node_datasets: &BTreeSet<String>) -> Self {
         function.datasets.extend(node_datasets.iter().cloned());
+        function.metrics = self
+            .functions
+            .get(&function.name)
+            .map_or_else(Arc::default, |old| old.metrics.clone());
         let mut functions = self.functions.clone();
         functions.insert(function.name.clone(), function);
         Self { functions }

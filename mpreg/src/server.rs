@@ -4,6 +4,9 @@
 //! requests are in flight at once and replies go out in completion order.
 //! Replies pass through a bounded queue to a single writer task. When the
 //! client goes away, its requests still running are cancelled.
+//!
+//! A connection that does not ask for a WebSocket is a plain HTTP request
+//! (`/metrics`, `/healthz`, the status page), answered by [`crate::http`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{ErrorCode, RpcError};
+use crate::http::Peeked;
 use crate::link::PeerMessage;
 use crate::node::NodeState;
 use crate::protocol::{Reply, parse_request};
 use crate::ws;
 
-/// How long a new connection may take to complete the WebSocket handshake.
+/// How long a new connection may take to complete the WebSocket handshake
+/// (TLS and the request head included), or to be answered when it is a
+/// plain HTTP request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections until `shutdown` is cancelled. Each connection runs
@@ -100,6 +106,13 @@ fn auth_message(message: &Message) -> Result<String, Value> {
     }
 }
 
+/// What a new connection turned out to be.
+enum Opened<W, S> {
+    WebSocket(W),
+    /// A plain HTTP request, and its head.
+    Http(S, Result<crate::http::Head, crate::http::Status>),
+}
+
 /// Serves one client connection until it closes or the node shuts down.
 async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: CancellationToken) {
     let config = ws::config(state.config.max_message_size);
@@ -111,18 +124,36 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         token_in_request = request_token(request).is_some_and(|t| state.tokens.accepts(&t));
         Ok(response)
     };
-    // With TLS, the TLS handshake comes first, within the same deadline.
+    // With TLS, the TLS handshake comes first, within the same deadline;
+    // then the request head, which tells WebSocket from plain HTTP.
     let acceptor = state.tls.acceptor.as_ref();
     let handshake = async move {
         let stream = crate::tls::accept(stream, acceptor).await?;
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+        match crate::http::peek(stream).await? {
+            Peeked::WebSocket(stream) => {
+                tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
+                    .await
+                    .map(Opened::WebSocket)
+            }
+            Peeked::Http(stream, head) => Ok(Opened::Http(stream, head)),
+        }
     };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => done,
     };
     let ws = match handshake {
-        Ok(Ok(ws)) => ws,
+        Ok(Ok(Opened::WebSocket(ws))) => ws,
+        Ok(Ok(Opened::Http(stream, head))) => {
+            // Boxed: its buffers would otherwise make every connection's
+            // task (a WebSocket's too) that much bigger.
+            let answer = Box::pin(crate::http::answer(stream, head, &state));
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer) => {}
+            }
+            return;
+        }
         Ok(Err(e)) => {
             if crate::tls::rejected_certificate(&e) {
                 // Only peers present certificates: one from another CA is
@@ -141,7 +172,7 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         }
     };
     // With TLS, a peer link needs a certificate from the node's CA.
-    let certified = ws.get_ref().has_peer_certificate();
+    let certified = ws.get_ref().get_ref().has_peer_certificate();
     let (sink, mut source) = ws.split();
     // A peer's first message is its hello: then this is a peer link.
     let first = tokio::select! {
@@ -197,6 +228,7 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
             }
         }
     }
+    let _open = state.metrics.connection();
     let inflight = Arc::new(Semaphore::new(state.config.max_inflight_per_connection));
     let mut requests: JoinSet<()> = JoinSet::new();
     let mut close_frame = None;
@@ -269,6 +301,7 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
                 }
             }
             Err(_) => {
+                state.metrics.request().end(Some(ErrorCode::Overloaded));
                 let u = parse_request(&bytes).map(|r| r.u).unwrap_or_else(|r| r.u);
                 let limit = state.config.max_inflight_per_connection;
                 let error = RpcError::new(
