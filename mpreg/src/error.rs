@@ -56,6 +56,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, `Unknown` last.
+    pub(crate) const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::DuplicateName,
+        ErrorCode::Cycle,
+        ErrorCode::UnknownFunction,
+        ErrorCode::NoNodeForDatasets,
+        ErrorCode::BadArguments,
+        ErrorCode::HandlerFailed,
+        ErrorCode::Timeout,
+        ErrorCode::NodeLost,
+        ErrorCode::Overloaded,
+        ErrorCode::Unauthorized,
+        ErrorCode::Internal,
+        ErrorCode::Unknown,
+    ];
+
     /// The code as it is written on the wire.
     ///
     /// ```
@@ -241,20 +258,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_as_snake_case() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::DuplicateName,
-            ErrorCode::Cycle,
-            ErrorCode::UnknownFunction,
-            ErrorCode::NoNodeForDatasets,
-            ErrorCode::BadArguments,
-            ErrorCode::HandlerFailed,
-            ErrorCode::Timeout,
-            ErrorCode::NodeLost,
-            ErrorCode::Overloaded,
-            ErrorCode::Unauthorized,
-            ErrorCode::Internal,
-        ] {
+        for code in ErrorCode::ALL {
             let wire = serde_json::to_value(code).expect("serialize");
             assert_eq!(wire, Value::String(code.as_str().to_owned()));
             let back: ErrorCode = serde_json::from_value(wire).expect("deserialize");

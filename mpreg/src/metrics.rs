@@ -54,21 +54,7 @@ pub(crate) fn bucket_bound(i: usize) -> Option<f64> {
 }
 
 /// Every error code, in the order of their counters.
-const CODES: [ErrorCode; 13] = [
-    ErrorCode::BadRequest,
-    ErrorCode::DuplicateName,
-    ErrorCode::Cycle,
-    ErrorCode::UnknownFunction,
-    ErrorCode::NoNodeForDatasets,
-    ErrorCode::BadArguments,
-    ErrorCode::HandlerFailed,
-    ErrorCode::Timeout,
-    ErrorCode::NodeLost,
-    ErrorCode::Overloaded,
-    ErrorCode::Unauthorized,
-    ErrorCode::Internal,
-    ErrorCode::Unknown,
-];
+const CODES: [ErrorCode; 13] = ErrorCode::ALL;
 
 /// Number of outcomes: `ok`, every error code, `cancelled`.
 const OUTCOMES: usize = CODES.len() + 2;
