@@ -313,6 +313,7 @@ impl Client {
             cmds: &request.cmds,
             timeout_ms: timeout.map(|t| t.as_millis().try_into().unwrap_or(u64::MAX)),
             return_intermediate_results: request.return_intermediate_results,
+            stream: false,
         })?;
 
         let (tx, rx) = oneshot::channel();
