@@ -56,7 +56,8 @@
 //!   and from [`Function`].
 //! - [`Node`], [`NodeBuilder`], [`NodeHandle`]: a node's lifecycle; `server`:
 //!   its connections.
-//! - [`Client`]: the Rust client.
+//! - [`Client`]: the Rust client, with failover across seed URLs and
+//!   [`ResultStream`] for per-command results as they complete.
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
 
@@ -108,7 +109,7 @@ pub mod __bench {
     }
 }
 
-pub use client::{Client, ClientBuilder, Results};
+pub use client::{Client, ClientBuilder, Event, Progress, ResultStream, Results};
 pub use config::Config;
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};
 pub use node::{Node, NodeBuilder, NodeHandle, shutdown_signal};
