@@ -407,7 +407,8 @@ impl Client {
     ///
     /// The node then runs each command as a unit of its own (a chain bound
     /// for one peer is not shipped there as one job), so that every result
-    /// streams the moment it exists.
+    /// streams the moment it exists. A node that predates streaming ignores
+    /// the flag: the stream then yields only [`Event::Done`].
     ///
     /// ```no_run
     /// # async fn doc(client: mpreg::Client) -> Result<(), mpreg::Error> {

@@ -494,7 +494,8 @@ impl NodeHandle {
     /// Runs a request through this node, without a connection: the same
     /// planning, routing (to peers too) and execution as for a client, in
     /// process. For applications that call their cluster from the node they
-    /// host, and for tests and benchmarks of handlers.
+    /// host, and for tests and benchmarks of handlers. [`Request::stream`]
+    /// has no effect here: the results come back together.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
