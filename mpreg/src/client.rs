@@ -1,28 +1,33 @@
-//! [`Client`]: one WebSocket connection to any node, shared by any number of
-//! tasks. Requests carry ids; replies are matched to them in whatever order
-//! they come back.
+//! [`Client`]: a WebSocket connection to a node, shared by any number of
+//! tasks, that fails over to another node when its node goes away.
+//! Requests carry ids; replies are matched to them in whatever order they
+//! come back.
 
-use std::collections::HashMap;
+mod conn;
+mod stream;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::DEFAULT_MAX_MESSAGE_SIZE;
-use crate::error::{Error, TransportError};
+use crate::config::{ConfigError, DEFAULT_MAX_MESSAGE_SIZE};
+use crate::error::Error;
 use crate::protocol::{Command, OutgoingRequest, Reply, Request};
-use crate::ws;
+use conn::{Conn, Dial, StreamItem, Waiter};
+pub use stream::{Event, Progress, ResultStream};
 
 /// Extra time the client waits past a request's own deadline, so that the
 /// node's `timeout` error (which says more) arrives before the client gives up.
 const DEADLINE_SLACK: Duration = Duration::from_secs(5);
+
+/// Default bound on one connection attempt.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection to an mpreg node. Cheap to clone; clones share the
 /// connection, and many calls may be in flight at once.
@@ -47,15 +52,34 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 /// let second: Vec<String> = results.get("|second")?;
 /// # Ok(()) }
 /// ```
+///
+/// # Failover
+///
+/// A client made with [`connect_any`](Self::connect_any) knows several
+/// nodes (seeds) and is connected to one at a time
+/// ([`url`](Self::url) says which). When that node goes away, the calls in
+/// flight on it fail with [`Error::Closed`]: **they may or may not have
+/// run**, and the client never sends them again by itself (retry only what
+/// is safe to run twice). The next call reconnects first, trying each seed
+/// once, starting with the one after the lost node in the seed list and
+/// ending with the lost node itself, each attempt within the
+/// [connect timeout](ClientBuilder::connect_timeout). One call reconnects
+/// at a time; calls made meanwhile wait for it and then use the same new
+/// connection. If no seed answers, that call fails with
+/// [`Error::NoSeedReachable`], and the next call tries again.
+///
+/// A client made with [`connect`](Self::connect) stays on its one node:
+/// once the connection is lost, every call fails with [`Error::Closed`].
 #[derive(Debug, Clone)]
 pub struct Client {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
 }
 
 /// Builds a [`Client`] with non-default settings.
 #[derive(Clone)]
 pub struct ClientBuilder {
     timeout: Option<Duration>,
+    connect_timeout: Duration,
     max_message_size: usize,
     token: Option<String>,
     /// PEM of the CA certificates to trust for `wss://`.
@@ -66,6 +90,7 @@ impl std::fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientBuilder")
             .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "(set)"))
@@ -77,6 +102,7 @@ impl Default for ClientBuilder {
     fn default() -> Self {
         Self {
             timeout: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             token: None,
             tls_ca: None,
@@ -93,6 +119,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Bounds each connection attempt (TCP, TLS and WebSocket handshakes),
+    /// to each seed and at every reconnection (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
     /// Largest reply accepted, in bytes (default 64 MiB).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
@@ -100,7 +133,7 @@ impl ClientBuilder {
     }
 
     /// Presents `token` to nodes that require client tokens (sent as
-    /// `Authorization: Bearer TOKEN` when connecting).
+    /// `Authorization: Bearer TOKEN` when connecting, to every seed).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
@@ -126,146 +159,188 @@ impl ClientBuilder {
     }
 
     /// Connects to the node at `url` (`ws://host:port`, or `wss://host:port`
-    /// with [`tls_ca_pem`](Self::tls_ca_pem)).
+    /// with [`tls_ca_pem`](Self::tls_ca_pem)). The client stays on this
+    /// node; see [`connect_any`](Self::connect_any) for failover.
     ///
     /// Fails with [`Error::Connect`] when the node cannot be reached or the
     /// TLS or WebSocket handshake fails (an untrusted certificate, a
     /// `wss://` URL without a CA), and with [`Error::Config`] when the CA
     /// PEM cannot be used.
     pub async fn connect(self, url: &str) -> Result<Client, Error> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        use tokio_tungstenite::tungstenite::http::HeaderValue;
-        let failed = |e| Error::Connect {
-            url: url.to_owned(),
-            source: TransportError(e),
-        };
-        let mut request = url.into_client_request().map_err(failed)?;
-        if let Some(token) = &self.token {
-            let value = HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|e| failed(tokio_tungstenite::tungstenite::Error::HttpFormat(e.into())))?;
-            request.headers_mut().insert("authorization", value);
+        let dial = self.dial()?;
+        let conn = Conn::open(url, 0, &dial).await?;
+        Ok(self.client(vec![url.to_owned()], false, dial, conn))
+    }
+
+    /// Connects to the first of `seeds` that answers, trying them in order,
+    /// each within the [connect timeout](Self::connect_timeout); the client
+    /// then fails over among them (see [`Client`]'s "Failover"). Token and
+    /// TLS settings apply to every seed.
+    ///
+    /// Fails with [`Error::NoSeedReachable`], listing each seed with why it
+    /// failed, when none answers; with [`Error::Config`] when `seeds` is
+    /// empty or the CA PEM cannot be used.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), mpreg::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let client = mpreg::Client::builder()
+    ///     .connect_timeout(Duration::from_secs(2))
+    ///     .connect_any(["ws://10.0.0.1:7773", "ws://10.0.0.2:7773"])
+    ///     .await?;
+    /// println!("connected to {}", client.url());
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_any<I, S>(self, seeds: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let seeds: Vec<String> = seeds.into_iter().map(Into::into).collect();
+        if seeds.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "seeds",
+                reason: "at least one seed URL is needed".into(),
+            }
+            .into());
         }
-        let config = ws::config(self.max_message_size);
-        let connector = self
+        let dial = self.dial()?;
+        let conn = dial_from(&seeds, 0, &dial).await?;
+        Ok(self.client(seeds, true, dial, conn))
+    }
+
+    /// The dialing settings shared by every seed.
+    fn dial(&self) -> Result<Dial, Error> {
+        let tls = self
             .tls_ca
             .as_deref()
             .map(crate::tls::client_connector)
             .transpose()?;
-        let (stream, _response) = crate::tls::connect(request, connector.as_ref(), config)
-            .await
-            .map_err(failed)?;
-        let (sink, source) = stream.split();
-        let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
-        let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
-        let writer = tokio::spawn(ws::write_loop(sink, queue)).abort_handle();
-        let reader = tokio::spawn(read_loop(source, pending.clone())).abort_handle();
-        Ok(Client {
-            shared: Arc::new(Shared {
-                outgoing,
-                pending,
-                next_id: AtomicU64::new(1),
-                timeout: self.timeout,
-                tasks: [reader, writer],
-            }),
+        Ok(Dial {
+            max_message_size: self.max_message_size,
+            token: self.token.clone(),
+            tls,
+            connect_timeout: self.connect_timeout,
         })
     }
+
+    fn client(self, seeds: Vec<String>, failover: bool, dial: Dial, conn: Conn) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                seeds,
+                failover,
+                dial,
+                current: Mutex::new(Arc::new(conn)),
+                reconnecting: tokio::sync::Mutex::new(()),
+                next_id: AtomicU64::new(1),
+                timeout: self.timeout,
+            }),
+        }
+    }
 }
 
-/// Waiting callers by request id; `None` once the connection is gone, so a
-/// late caller fails at once instead of waiting for a reply that cannot come.
-type Pending = Mutex<Option<HashMap<String, oneshot::Sender<Reply>>>>;
+/// Tries each seed once, from `start` on (wrapping around), each within the
+/// connect timeout; the first that answers is the connection.
+async fn dial_from(seeds: &[String], start: usize, dial: &Dial) -> Result<Conn, Error> {
+    let mut attempts = Vec::new();
+    for k in 0..seeds.len() {
+        let i = (start + k) % seeds.len();
+        let url = &seeds[i];
+        match Conn::open(url, i, dial).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => {
+                tracing::debug!(%url, error = %e, "seed did not answer");
+                attempts.push((url.clone(), e));
+            }
+        }
+    }
+    Err(Error::NoSeedReachable { attempts })
+}
 
+/// What every clone of a client shares.
 #[derive(Debug)]
-struct Shared {
-    outgoing: mpsc::Sender<Message>,
-    pending: Arc<Pending>,
+struct Inner {
+    /// Where the client may connect, in the order given.
+    seeds: Vec<String>,
+    /// Whether a lost connection is replaced on the next call.
+    failover: bool,
+    dial: Dial,
+    /// The connection in use (possibly lost, until the next call replaces
+    /// it). Locked only to read or swap the `Arc`.
+    current: Mutex<Arc<Conn>>,
+    /// Held while reconnecting, so that one caller reconnects at a time.
+    reconnecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     timeout: Option<Duration>,
-    /// The reader and writer tasks, stopped when the last clone is dropped.
-    tasks: [AbortHandle; 2],
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+impl Inner {
+    fn current(&self) -> Arc<Conn> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
-}
-
-/// Hands each reply to the caller waiting for its id.
-async fn read_loop<S>(mut source: S, pending: Arc<Pending>)
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    while let Some(Ok(message)) = source.next().await {
-        let reply: Reply = match &message {
-            // A reply that cannot be read cannot be matched to its caller,
-            // who would wait forever: end the connection, failing every call.
-            Message::Text(text) => match serde_json::from_str(text.as_str()) {
-                Ok(reply) => reply,
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
-                    break;
-                }
-            },
-            Message::Binary(bytes) => match serde_json::from_slice(bytes) {
-                Ok(reply) => reply,
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
-                    break;
-                }
-            },
-            Message::Close(_) => break,
-            _ => continue,
-        };
-        let Value::String(id) = &reply.u else {
-            tracing::warn!(reply = ?reply.error, "reply without a request id");
-            continue;
-        };
-        let waiter = lock(&pending).as_mut().and_then(|p| p.remove(id));
-        if let Some(waiter) = waiter {
-            // The caller may have stopped waiting (timeout, cancelled).
-            let _ = waiter.send(reply);
-        }
-    }
-    // Connection gone: fail every waiting call (dropping its sender).
-    lock(&pending).take();
-}
-
-fn lock(
-    pending: &Pending,
-) -> std::sync::MutexGuard<'_, Option<HashMap<String, oneshot::Sender<Reply>>>> {
-    // The lock is held only for map operations that cannot panic.
-    pending
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Removes a request's waiter if the caller stops waiting early.
 struct Forget<'a> {
-    pending: &'a Pending,
+    conn: &'a Conn,
     id: &'a str,
 }
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        if let Some(p) = lock(self.pending).as_mut() {
-            p.remove(self.id);
-        }
+        self.conn.forget(self.id);
     }
+}
+
+/// A request handed to a connection.
+struct Submitted<R> {
+    conn: Arc<Conn>,
+    id: String,
+    /// How long the client waits for the reply, if it has a limit.
+    wait: Option<Duration>,
+    /// Where the reply (and progress) arrives.
+    receiver: R,
 }
 
 impl Client {
     /// Connects to the node at `url` (`ws://host:port`) with default settings
-    /// (for `wss://`, use [`ClientBuilder::tls_ca_pem`]).
+    /// (for `wss://`, use [`ClientBuilder::tls_ca_pem`]). The client stays
+    /// on this node.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         ClientBuilder::default().connect(url).await
+    }
+
+    /// Connects to the first of `seeds` that answers, with default
+    /// settings, and fails over among them (see [`Client`], "Failover", and
+    /// [`ClientBuilder::connect_any`]).
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), mpreg::Error> {
+    /// let client = mpreg::Client::connect_any(["ws://10.0.0.1:7773", "ws://10.0.0.2:7773"]).await?;
+    /// let said: String = client.call("echo", ("hi",)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_any<I, S>(seeds: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder::default().connect_any(seeds).await
     }
 
     /// A builder for a client with a timeout or other settings.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// The URL of the node the client is connected to (or was last, if that
+    /// connection is lost and no call has reconnected yet).
+    pub fn url(&self) -> String {
+        self.inner.current().url.clone()
     }
 
     /// Calls one function and decodes its result.
@@ -298,45 +373,158 @@ impl Client {
     }
 
     /// Sends a request of any number of commands and waits for its results.
+    /// It asks for no progress (it clears [`Request::stream`]); see
+    /// [`stream`](Self::stream) for that.
     pub async fn send(&self, request: Request) -> Result<Results, Error> {
-        let shared = &self.shared;
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        let timeout = request.timeout.or(shared.timeout);
+        let sent = self
+            .submit(&request, false, || {
+                let (tx, rx) = oneshot::channel();
+                (Waiter::Reply(tx), rx)
+            })
+            .await?;
+        let _forget = Forget {
+            conn: &sent.conn,
+            id: &sent.id,
+        };
+        let reply = match sent.wait {
+            Some(wait) => tokio::time::timeout(wait, sent.receiver)
+                .await
+                .map_err(|_| Error::Timeout(wait))?,
+            None => sent.receiver.await,
+        }
+        .map_err(|_| Error::Closed)?;
+        results_of(reply)
+    }
+
+    /// Sends a request asking for each command's result as soon as it
+    /// exists (it sets [`Request::stream`]), and returns the stream of those
+    /// results followed by the final reply.
+    ///
+    /// The node then runs each command as a unit of its own (a chain bound
+    /// for one peer is not shipped there as one job), so that every result
+    /// streams the moment it exists. A node that predates streaming ignores
+    /// the flag: the stream then yields only [`Event::Done`].
+    ///
+    /// ```no_run
+    /// # async fn doc(client: mpreg::Client) -> Result<(), mpreg::Error> {
+    /// use mpreg::{Command, Event, Request};
+    ///
+    /// let mut events = client
+    ///     .stream(Request::new()
+    ///         .cmd(Command::new("load", "echo").arg("data"))
+    ///         .cmd(Command::new("train", "echos").arg("load")))
+    ///     .await?;
+    /// while let Some(event) = events.next().await {
+    ///     match event? {
+    ///         Event::Progress(p) => println!("{} finished: {}", p.name(), p.value()),
+    ///         Event::Done(results) => println!("all done: {:?}", results.value("train")),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn stream(&self, request: Request) -> Result<ResultStream, Error> {
+        // One place per command and one for the reply: a node that keeps to
+        // the protocol never fills it (see `Waiter::Stream`).
+        let places = request
+            .cmds
+            .len()
+            .saturating_add(1)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let sent = self
+            .submit(&request, true, || {
+                let (tx, rx) = mpsc::channel::<StreamItem>(places);
+                (Waiter::Stream(tx), rx)
+            })
+            .await?;
+        Ok(ResultStream::new(
+            sent.conn,
+            sent.id,
+            sent.receiver,
+            sent.wait,
+        ))
+    }
+
+    /// Sends `request` (with `stream` set as given) under a new id, waited
+    /// for by the waiter `make` returns. When the connection turns out to be
+    /// gone before the request could leave, it is tried once more (on a
+    /// new connection, when failing over): only what certainly was not sent
+    /// is sent again.
+    async fn submit<R>(
+        &self,
+        request: &Request,
+        stream: bool,
+        mut make: impl FnMut() -> (Waiter, R),
+    ) -> Result<Submitted<R>, Error> {
+        let inner = &self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        let timeout = request.timeout.or(inner.timeout);
         let text = serde_json::to_string(&OutgoingRequest {
             role: "rpc",
             u: &id,
             cmds: &request.cmds,
             timeout_ms: timeout.map(|t| t.as_millis().try_into().unwrap_or(u64::MAX)),
             return_intermediate_results: request.return_intermediate_results,
+            stream,
         })?;
+        let mut message = Message::text(text);
+        for _ in 0..2 {
+            let conn = self.connection().await?;
+            let (waiter, receiver) = make();
+            if conn.register(&id, waiter).is_err() {
+                continue;
+            }
+            match conn.send(message).await {
+                Ok(()) => {
+                    return Ok(Submitted {
+                        conn,
+                        id,
+                        // A deadline too large to add the slack to is no
+                        // client-side limit.
+                        wait: timeout.and_then(|t| t.checked_add(DEADLINE_SLACK)),
+                        receiver,
+                    });
+                }
+                Err(unsent) => {
+                    message = unsent;
+                    conn.forget(&id);
+                }
+            }
+        }
+        Err(Error::Closed)
+    }
 
-        let (tx, rx) = oneshot::channel();
-        match lock(&shared.pending).as_mut() {
-            Some(p) => p.insert(id.clone(), tx),
-            None => return Err(Error::Closed),
-        };
-        let _forget = Forget {
-            pending: &shared.pending,
-            id: &id,
-        };
-        shared
-            .outgoing
-            .send(Message::text(text))
-            .await
-            .map_err(|_| Error::Closed)?;
-        // A deadline too large to add the slack to is no client-side limit.
-        let reply = match timeout.and_then(|t| t.checked_add(DEADLINE_SLACK)) {
-            Some(wait) => tokio::time::timeout(wait, rx)
-                .await
-                .map_err(|_| Error::Timeout(wait))?,
-            None => rx.await,
+    /// The connection to use: the current one while it is open; else, when
+    /// failing over, a new one (one reconnection at a time).
+    async fn connection(&self) -> Result<Arc<Conn>, Error> {
+        let inner = &self.inner;
+        let current = inner.current();
+        if current.is_open() {
+            return Ok(current);
         }
-        .map_err(|_| Error::Closed)?;
-        match (reply.error, reply.r) {
-            (Some(e), _) => Err(Error::Rpc(e)),
-            (None, Some(results)) => Ok(Results::new(results)),
-            (None, None) => Err(Error::Protocol("reply has neither `r` nor `error`")),
+        if !inner.failover {
+            return Err(Error::Closed);
         }
+        let _turn = inner.reconnecting.lock().await;
+        // Someone else may have reconnected while this call waited.
+        let current = inner.current();
+        if current.is_open() {
+            return Ok(current);
+        }
+        let lost = current.url.clone();
+        let conn = Arc::new(dial_from(&inner.seeds, current.seed + 1, &inner.dial).await?);
+        tracing::info!(%lost, now = %conn.url, "connection lost; reconnected");
+        *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = conn.clone();
+        Ok(conn)
+    }
+}
+
+/// The results of a reply, or its error.
+fn results_of(reply: Reply) -> Result<Results, Error> {
+    match (reply.error, reply.r) {
+        (Some(e), _) => Err(Error::Rpc(e)),
+        (None, Some(results)) => Ok(Results::new(results)),
+        (None, None) => Err(Error::Protocol("reply has neither `r` nor `error`")),
     }
 }
 

@@ -218,6 +218,13 @@ pub enum Error {
         #[source]
         source: TransportError,
     },
+    /// None of a client's seed URLs could be connected to: each one tried,
+    /// in the order tried, with why it failed (each an [`Error::Connect`]).
+    #[error("no seed could be reached: {}", seed_failures(.attempts))]
+    NoSeedReachable {
+        /// `(url, why)` for every seed tried.
+        attempts: Vec<(String, Error)>,
+    },
     /// The connection failed while in use.
     #[error("connection failed: {0}")]
     Transport(#[from] TransportError),
@@ -247,6 +254,22 @@ pub enum Error {
     /// A configuration file or value is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+}
+
+/// The failed attempts of [`Error::NoSeedReachable`], one after another.
+fn seed_failures(attempts: &[(String, Error)]) -> String {
+    if attempts.is_empty() {
+        return "no seed was tried".to_owned();
+    }
+    let all: Vec<String> = attempts
+        .iter()
+        .map(|(url, e)| match e {
+            // It already names the URL.
+            Error::Connect { .. } => e.to_string(),
+            other => format!("{url}: {other}"),
+        })
+        .collect();
+    all.join("; ")
 }
 
 /// `Result` with mpreg's [`Error`].

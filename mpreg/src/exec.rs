@@ -11,6 +11,11 @@
 //! Dropping the future returned by [`execute`] cancels every unit still
 //! running (their tasks are aborted): that is how request deadlines and
 //! client disconnects cancel work.
+//!
+//! [`execute_with_progress`] also reports each step's result to a
+//! [`Progress`] the moment it is recorded (a streaming request). It never
+//! ships chains: every step is a unit of its own, so each result is known
+//! (and reported) when its step finishes, not when a whole chain does.
 
 use std::any::Any;
 use std::future::Future;
@@ -119,6 +124,15 @@ fn group<T: PartialEq>(
 /// What a unit's task yields: the unit's index and its outputs' values.
 type Finished = (usize, Result<Vec<Value>, RpcError>);
 
+/// Receives each step's result as soon as the executor records it: how a
+/// streaming request sends per-command results ahead of its reply.
+pub(crate) trait Progress: Sync {
+    /// Step `name` produced `value`. The executor waits for the returned
+    /// future before it goes on (units already running keep running), so a
+    /// slow receiver slows the request down instead of piling results up.
+    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()>;
+}
+
 /// Runs `plan` to completion and returns the wanted results with their
 /// command names. The first failing unit fails the whole run, with the
 /// failing command's name in the error; units still running are cancelled.
@@ -126,6 +140,20 @@ pub(crate) async fn execute<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
+) -> Result<Vec<(String, Value)>, RpcError> {
+    execute_with_progress(plan, dispatcher, wanted, None).await
+}
+
+/// [`execute`], reporting every step's result to `progress` (when given) as
+/// soon as it is recorded. With `progress`, chains are not shipped: each
+/// step is a unit of its own, so its result is reported when it finishes
+/// (a chain on a peer then costs a round trip per step). A value is lent to
+/// `progress`, never copied for it.
+pub(crate) async fn execute_with_progress<D: Dispatch>(
+    plan: Plan,
+    dispatcher: &D,
+    wanted: Wanted,
+    progress: Option<&dyn Progress>,
 ) -> Result<Vec<(String, Value)>, RpcError> {
     let Plan {
         steps,
@@ -143,7 +171,10 @@ pub(crate) async fn execute<D: Dispatch>(
         Wanted::All => (0..n).collect(),
         Wanted::These(these) => these,
     };
-    let (units, unit_of) = group(&steps, &order, &targets, |t| dispatcher.ships_chains(t));
+    let streaming = progress.is_some();
+    let (units, unit_of) = group(&steps, &order, &targets, |t| {
+        !streaming && dispatcher.ships_chains(t)
+    });
 
     // Per step: how many times its result will still be read from outside
     // its unit (each reference, plus once for the reply). The last reader
@@ -161,14 +192,15 @@ pub(crate) async fn execute<D: Dispatch>(
             }
         }
     }
-    // A unit returns the results read from outside it.
+    // A unit returns the results read from outside it (every result, when
+    // they are reported).
     let outputs: Vec<Vec<usize>> = units
         .iter()
         .map(|u| {
             u.steps
                 .iter()
                 .copied()
-                .filter(|&s| reads_left[s] > 0)
+                .filter(|&s| streaming || reads_left[s] > 0)
                 .collect()
         })
         .collect();
@@ -202,6 +234,9 @@ pub(crate) async fn execute<D: Dispatch>(
             ready.clear();
             let values = run.prepare(u, &units[u], &outputs[u]).await;
             run.complete(&units[u], &outputs[u], values, &consumers, &mut ready)?;
+            if let Some(progress) = progress {
+                run.report(progress, &outputs[u]).await;
+            }
         }
         for u in ready.drain(..) {
             run.start(u, &units[u], &outputs[u]);
@@ -212,6 +247,9 @@ pub(crate) async fn execute<D: Dispatch>(
         let (u, outcome) = joined
             .map_err(|e| RpcError::new(ErrorCode::Internal, format!("command task failed: {e}")))?;
         run.complete(&units[u], &outputs[u], outcome, &consumers, &mut ready)?;
+        if let Some(progress) = progress {
+            run.report(progress, &outputs[u]).await;
+        }
     }
     run.finish(wanted)
 }
@@ -282,6 +320,16 @@ impl<D: Dispatch> Dataflow<'_, D> {
             }
         }
         Ok(())
+    }
+
+    /// Reports the just recorded results of `outputs` (before any reader
+    /// can take them).
+    async fn report(&self, progress: &dyn Progress, outputs: &[usize]) {
+        for &o in outputs {
+            if let (Some(step), Some(value)) = (&self.steps[o], &self.results[o]) {
+                progress.report(&step.name, value).await;
+            }
+        }
     }
 
     /// The wanted results, with their command names.

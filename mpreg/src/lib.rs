@@ -60,7 +60,8 @@
 //!   its connections.
 //! - `http`: plain HTTP on the node's port: `/healthz`, `/metrics`
 //!   (Prometheus), a status page; `metrics`: the counters behind them.
-//! - [`Client`]: the Rust client.
+//! - [`Client`]: the Rust client, with failover across seed URLs and
+//!   [`ResultStream`] for per-command results as they complete.
 //! - [`config`]: settings and the TOML config file.
 //! - [`Error`], [`RpcError`], [`ErrorCode`]: errors, with stable wire codes.
 
@@ -117,7 +118,7 @@ pub mod __bench {
     }
 }
 
-pub use client::{Client, ClientBuilder, Results};
+pub use client::{Client, ClientBuilder, Event, Progress, ResultStream, Results};
 pub use config::Config;
 pub use context::{Context, Dataset};
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};

@@ -12,7 +12,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Bytes;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,12 +24,13 @@ use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Job, Wanted, execute};
+use crate::exec::{Job, Progress, Wanted, execute, execute_with_progress};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::plan::{Arg, Plan};
 use crate::protocol::{
-    IncomingRequest, MAX_RESULT_DEPTH, Rejected, Reply, Request, deeper_than, parse_request,
+    IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Reply, Request, deeper_than,
+    parse_request,
 };
 use crate::registry::{Args, Function, Registry, linked_functions};
 
@@ -521,7 +523,8 @@ impl NodeHandle {
     /// Runs a request through this node, without a connection: the same
     /// planning, routing (to peers too) and execution as for a client, in
     /// process. For applications that call their cluster from the node they
-    /// host, and for tests and benchmarks of handlers.
+    /// host, and for tests and benchmarks of handlers. [`Request::stream`]
+    /// has no effect here: the results come back together.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -770,13 +773,19 @@ fn new_generation() -> u64 {
         .map_or(1, |d| d.as_micros() as u64)
 }
 
-/// Answers one client frame with the encoded reply.
-pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String {
+/// Answers one client frame with the encoded reply. A request that asks for
+/// `stream` sends its progress messages to `outgoing` (the connection's
+/// queue) before the reply is returned.
+pub(crate) async fn handle_frame(
+    state: &Arc<NodeState>,
+    frame: Bytes,
+    outgoing: &mpsc::Sender<Message>,
+) -> String {
     let counted = state.metrics.request();
     let size = frame.len();
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
-        Some(Ok(incoming)) => handle(state, incoming).await,
+        Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
         Some(Err(Rejected { u, error })) => Reply::err(u, error),
         None => Reply::err(
             Value::Null,
@@ -795,13 +804,14 @@ pub(crate) async fn handle_frame(state: &Arc<NodeState>, frame: Bytes) -> String
     }
 }
 
-/// Runs `request` (with id `u`) through this node, in process.
+/// Runs `request` (with id `u`) through this node, in process (without
+/// streaming: `stream` is ignored).
 pub(crate) async fn send(
     state: &Arc<NodeState>,
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    let reply = handle(state, IncomingRequest { u, request }).await;
+    let reply = handle(state, IncomingRequest { u, request }, None).await;
     match (reply.error, reply.r) {
         (Some(e), _) => Err(Error::Rpc(e)),
         (None, Some(results)) => Ok(Results::new(results)),
@@ -809,8 +819,32 @@ pub(crate) async fn send(
     }
 }
 
-/// Plans, places and runs a request within its deadline.
-pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) -> Reply {
+/// Sends each result of a streaming request to its connection as a
+/// progress message, through the connection's bounded queue: when the client
+/// reads slowly, the request waits rather than piling messages up.
+struct ToConnection<'a> {
+    u: &'a Value,
+    outgoing: &'a mpsc::Sender<Message>,
+}
+
+impl Progress for ToConnection<'_> {
+    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()> {
+        let text = ProgressMessage::new(self.u, name, value).encode();
+        Box::pin(async move {
+            // Fails only when the connection is already gone.
+            let _ = self.outgoing.send(Message::text(text)).await;
+        })
+    }
+}
+
+/// Plans, places and runs a request within its deadline. When the request
+/// asks for `stream` and `progress_to` is a connection's queue, each
+/// command's result is sent there as soon as it exists.
+pub(crate) async fn handle(
+    state: &Arc<NodeState>,
+    incoming: IncomingRequest,
+    progress_to: Option<&mpsc::Sender<Message>>,
+) -> Reply {
     let IncomingRequest { u, request } = incoming;
     let deadline = request
         .timeout
@@ -835,7 +869,19 @@ pub(crate) async fn handle(state: &Arc<NodeState>, incoming: IncomingRequest) ->
         deadline: far_enough(deadline),
         trace,
     };
-    let run = tokio::time::timeout(deadline, execute(plan, &placer, wanted));
+    let progress = match progress_to {
+        Some(outgoing) if request.stream => Some(ToConnection { u: &u, outgoing }),
+        _ => None,
+    };
+    let run = tokio::time::timeout(
+        deadline,
+        execute_with_progress(
+            plan,
+            &placer,
+            wanted,
+            progress.as_ref().map(|p| p as &dyn Progress),
+        ),
+    );
     match tracing::Instrument::instrument(run, span).await {
         Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
         Ok(Err(e)) => {

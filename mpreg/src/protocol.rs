@@ -116,6 +116,14 @@ pub struct Request {
     pub timeout: Option<Duration>,
     /// Return every command's result, not only the sinks'.
     pub return_intermediate_results: bool,
+    /// Ask the node for each command's result as soon as it exists, ahead of
+    /// the final reply (`stream` on the wire). [`Client::stream`] sets it
+    /// and [`Client::send`] clears it, so it matters only to other users of
+    /// the wire format.
+    ///
+    /// [`Client::stream`]: crate::Client::stream
+    /// [`Client::send`]: crate::Client::send
+    pub stream: bool,
 }
 
 impl Request {
@@ -141,6 +149,13 @@ impl Request {
         self.return_intermediate_results = yes;
         self
     }
+
+    /// Asks for each command's result as soon as it exists (see
+    /// [`stream`](Self#structfield.stream)).
+    pub fn stream(mut self, yes: bool) -> Self {
+        self.stream = yes;
+        self
+    }
 }
 
 impl FromIterator<Command> for Request {
@@ -162,6 +177,8 @@ pub(crate) struct OutgoingRequest<'a> {
     pub(crate) timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) return_intermediate_results: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) stream: bool,
 }
 
 /// A request as a node received it, with its id.
@@ -256,10 +273,16 @@ fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("field `return_intermediate_results` must be a boolean".into()),
     };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("field `stream` must be a boolean".into()),
+    };
     Ok(Request {
         cmds,
         timeout,
         return_intermediate_results,
+        stream,
     })
 }
 
@@ -283,6 +306,43 @@ pub(crate) fn deeper_than(value: &Value, limit: usize) -> bool {
         stack.extend(children.map(|c| (c, depth + 1)));
     }
     false
+}
+
+/// One command's result, sent ahead of the final reply to a request that
+/// asked for `stream`: `{"role":"rpc-progress","u":..,"name":..,"value":..}`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ProgressMessage<'a> {
+    pub(crate) role: &'static str,
+    /// The request's id.
+    pub(crate) u: &'a Value,
+    /// The command's name.
+    pub(crate) name: &'a str,
+    /// Its result.
+    pub(crate) value: &'a Value,
+}
+
+/// The `role` of a progress message.
+pub(crate) const PROGRESS_ROLE: &str = "rpc-progress";
+
+impl<'a> ProgressMessage<'a> {
+    pub(crate) fn new(u: &'a Value, name: &'a str, value: &'a Value) -> Self {
+        Self {
+            role: PROGRESS_ROLE,
+            u,
+            name,
+            value,
+        }
+    }
+
+    /// Encodes the message. A `serde_json::Value` always encodes; should it
+    /// ever fail, the result is sent as `null` rather than not at all.
+    pub(crate) fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "progress message could not be encoded");
+            let fallback = ProgressMessage::new(self.u, self.name, &Value::Null);
+            serde_json::to_string(&fallback).unwrap_or_default()
+        })
+    }
 }
 
 /// A reply to one request.
@@ -381,6 +441,51 @@ mod tests {
         .expect("valid");
         assert_eq!(r.request.timeout, Some(Duration::from_millis(250)));
         assert!(r.request.return_intermediate_results);
+    }
+
+    #[test]
+    fn stream_is_read_in_either_envelope_and_off_by_default() {
+        let cmd = json!({"name":"a","fun":"echo","args":[1]});
+        let flat = parse(json!({"u":"x","cmds":[cmd],"stream":true})).expect("flat");
+        assert!(flat.request.stream);
+        let nested = parse(json!({"rpc":{"u":"x","cmds":[cmd],"stream":true}})).expect("nested");
+        assert!(nested.request.stream);
+        let plain = parse(json!({"u":"x","cmds":[cmd]})).expect("plain");
+        assert!(!plain.request.stream);
+        let null = parse(json!({"u":"x","cmds":[cmd],"stream":null})).expect("null");
+        assert!(!null.request.stream);
+        let e = parse(json!({"u":"x","cmds":[cmd],"stream":"yes"})).expect_err("not a bool");
+        assert_eq!(e.u, json!("x"));
+        assert!(e.error.message.contains("`stream`"), "{}", e.error.message);
+    }
+
+    #[test]
+    fn outgoing_request_mentions_stream_only_when_set() {
+        let cmds = [Command::new("a", "echo")];
+        let mut out = OutgoingRequest {
+            role: "rpc",
+            u: "1",
+            cmds: &cmds,
+            timeout_ms: None,
+            return_intermediate_results: false,
+            stream: false,
+        };
+        let plain = serde_json::to_value(&out).expect("json");
+        assert!(plain.get("stream").is_none(), "{plain}");
+        out.stream = true;
+        assert_eq!(serde_json::to_value(&out).expect("json")["stream"], true);
+    }
+
+    #[test]
+    fn progress_message_shape() {
+        let m: Value = serde_json::from_str(
+            &ProgressMessage::new(&json!("u1"), "first", &json!([1, "x"])).encode(),
+        )
+        .expect("json");
+        assert_eq!(
+            m,
+            json!({"role":"rpc-progress","u":"u1","name":"first","value":[1,"x"]})
+        );
     }
 
     #[test]

@@ -274,8 +274,12 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
         match inflight.clone().try_acquire_owned() {
             Ok(permit) => {
                 let state = state.clone();
-                let mut work =
-                    Box::pin(async move { crate::node::handle_frame(&state, bytes).await });
+                // Progress of a streaming request goes through the same
+                // queue, ahead of its reply.
+                let progress_to = outgoing.clone();
+                let mut work = Box::pin(async move {
+                    crate::node::handle_frame(&state, bytes, &progress_to).await
+                });
                 // Most requests (a quick handler) are done at their first
                 // poll: answer at once, without a task and the wake-ups it
                 // costs. The others go on on a task of their own; polling a

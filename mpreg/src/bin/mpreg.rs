@@ -4,7 +4,7 @@
 //! mpreg server [--config FILE.toml|FILE.yaml] [--name N] [--listen HOST:PORT] [--peer URL]...
 //!              [--dataset D]... [--diagnostics]
 //! mpreg client URL call FUN [JSON-ARG]... [--dataset D]...
-//! mpreg client URL request FILE
+//! mpreg client URL request FILE [--stream]
 //! mpreg client URL demo
 //! mpreg cluster URL [--json]
 //! mpreg bench [URL] [--connections C] [--inflight D] [--duration S]
@@ -182,6 +182,10 @@ enum ClientCmd {
     Request {
         /// The file; `-` reads standard input.
         file: PathBuf,
+        /// Print each command's result as soon as it exists, one JSON line
+        /// `{"name": .., "value": ..}` each, before the final results.
+        #[arg(long)]
+        stream: bool,
     },
     /// Run the five reference examples and print each request and result.
     Demo,
@@ -327,7 +331,7 @@ async fn client(to: &ConnectArgs, action: ClientCmd) -> CliResult {
             let result: Value = client.call_command(command).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
-        ClientCmd::Request { file } => {
+        ClientCmd::Request { file, stream } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
             } else {
@@ -335,7 +339,25 @@ async fn client(to: &ConnectArgs, action: ClientCmd) -> CliResult {
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))?
             };
             let request = parse_request_file(&text)?;
-            let results = client.send(request).await?;
+            let results = if stream {
+                let mut events = client.stream(request).await?;
+                let mut done = None;
+                // Bounded: the stream ends after its final reply or error.
+                while let Some(event) = events.next().await {
+                    match event? {
+                        mpreg::Event::Progress(p) => {
+                            let (name, value) = p.into_parts();
+                            let line = serde_json::json!({ "name": name, "value": value });
+                            println!("{line}");
+                        }
+                        mpreg::Event::Done(results) => done = Some(results),
+                        _ => {}
+                    }
+                }
+                done.ok_or("the stream ended without results")?
+            } else {
+                client.send(request).await?
+            };
             println!("{}", serde_json::to_string_pretty(&results.into_map())?);
         }
         ClientCmd::Describe { fun } => {

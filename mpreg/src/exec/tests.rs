@@ -342,3 +342,110 @@ fn grouping_keeps_units_acyclic() {
     assert_eq!(unit_of[2], unit_of[3]);
     assert_eq!(units[unit_of[2]].inputs, [0, 1]);
 }
+
+/// Collects reported results, in order.
+#[derive(Default)]
+struct Collect(Mutex<Vec<(String, Value)>>);
+
+impl Progress for Collect {
+    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push((name.to_owned(), value.clone()));
+        Box::pin(async {})
+    }
+}
+
+impl Collect {
+    fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn progress_reports_every_step_once_with_its_value() {
+    let d = TestFns::default();
+    let seen = Collect::default();
+    let cmds = vec![
+        c("top", "echo", json!([1])),
+        c("l", "echo", json!(["top"])),
+        c("r", "echo", json!(["top"])),
+        c("join", "echos", json!(["l", "r", "top"])),
+    ];
+    let out = execute_with_progress(plan(cmds), &d, Wanted::Sinks, Some(&seen))
+        .await
+        .expect("runs");
+    assert_eq!(out, [("join".to_owned(), json!([1, 1, 1]))]);
+    let mut got = seen.0.lock().expect("lock").clone();
+    // `top` first, `join` last; `l` and `r` in either order.
+    assert_eq!(got.first().map(|(n, _)| n.as_str()), Some("top"));
+    assert_eq!(got.last(), Some(&("join".to_owned(), json!([1, 1, 1]))));
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            ("join".to_owned(), json!([1, 1, 1])),
+            ("l".to_owned(), json!(1)),
+            ("r".to_owned(), json!(1)),
+            ("top".to_owned(), json!(1)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn progress_does_not_ship_chains() {
+    let d = TestFns::default();
+    let seen = Collect::default();
+    let mut cmds = vec![c("s0", "echo@b", json!(["x"]))];
+    for i in 1..4 {
+        cmds.push(c(
+            &format!("s{i}"),
+            "upper@b",
+            json!([format!("s{}", i - 1)]),
+        ));
+    }
+    let out = execute_with_progress(plan(cmds), &d, Wanted::Sinks, Some(&seen))
+        .await
+        .expect("runs");
+    assert_eq!(out, [("s3".to_owned(), json!("X"))]);
+    assert_eq!(seen.names(), ["s0", "s1", "s2", "s3"]);
+    let jobs = d.jobs.lock().expect("lock").clone();
+    assert_eq!(jobs.len(), 4, "one job per step when streaming: {jobs:?}");
+}
+
+#[tokio::test]
+async fn progress_comes_before_later_steps_finish_and_stops_at_a_failure() {
+    let d = TestFns::default();
+    let seen = Arc::new(Collect::default());
+    let cmds = vec![
+        c("a", "echo", json!(["first"])),
+        c("w", "wait", json!(["a"])),
+        c("bad", "fail", json!(["w"])),
+        c("never", "echo", json!(["bad"])),
+    ];
+    let run = {
+        let (d, seen) = (d.clone(), seen.clone());
+        tokio::spawn(async move {
+            execute_with_progress(plan(cmds), &d, Wanted::Sinks, Some(&*seen)).await
+        })
+    };
+    // `a` is reported while `w` still waits on the gate.
+    for _ in 0..1_000 {
+        if d.in_flight.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(d.in_flight.load(Ordering::SeqCst), 1, "`w` is waiting");
+    assert_eq!(seen.names(), ["a"]);
+    d.gate.notify_one();
+    let e = run.await.expect("joins").expect_err("fails at `bad`");
+    assert_eq!(e.command.as_deref(), Some("bad"));
+    assert_eq!(seen.names(), ["a", "w"]);
+}

@@ -1,0 +1,281 @@
+//! One WebSocket connection of a [`Client`](super::Client) to one node: its
+//! writer and reader tasks, and the callers waiting on it by request id.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::error::{Error, RpcError, TransportError};
+use crate::protocol::Reply;
+use crate::ws;
+
+/// How to dial a node: the settings every seed shares.
+#[derive(Clone)]
+pub(super) struct Dial {
+    pub(super) max_message_size: usize,
+    pub(super) token: Option<String>,
+    pub(super) tls: Option<TlsConnector>,
+    /// Bound on one connection attempt (TCP, TLS and WebSocket handshakes).
+    pub(super) connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dial")
+            .field("max_message_size", &self.max_message_size)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .field("tls", &self.tls.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// What a caller waits with.
+#[derive(Debug)]
+pub(super) enum Waiter {
+    /// The final reply only; progress messages for it are dropped.
+    Reply(oneshot::Sender<Reply>),
+    /// Progress messages, then the final reply. The channel holds one more
+    /// item than the request has commands, so a node that keeps to the
+    /// protocol never fills it and the reader never waits on a caller.
+    Stream(mpsc::Sender<StreamItem>),
+}
+
+/// What the reader hands to a streaming caller.
+#[derive(Debug)]
+pub(super) enum StreamItem {
+    /// One command's result: its name and value.
+    Progress(String, Value),
+    /// The final reply.
+    Done(Reply),
+}
+
+/// Waiting callers by request id; `None` once the connection is gone, so a
+/// late caller fails at once instead of waiting for a reply that cannot come.
+type Pending = Mutex<Option<HashMap<String, Waiter>>>;
+
+fn lock(pending: &Pending) -> MutexGuard<'_, Option<HashMap<String, Waiter>>> {
+    // The lock is held only for map operations that cannot panic.
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An open (or lost) connection.
+pub(super) struct Conn {
+    /// The URL dialed.
+    pub(super) url: String,
+    /// Its place in the client's seed list (where failover goes on from).
+    pub(super) seed: usize,
+    outgoing: mpsc::Sender<Message>,
+    pending: Arc<Pending>,
+    /// The reader and writer tasks, stopped when the connection is dropped.
+    tasks: [AbortHandle; 2],
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("url", &self.url)
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Conn {
+    /// Connects to `url` within `dial.connect_timeout`.
+    pub(super) async fn open(url: &str, seed: usize, dial: &Dial) -> Result<Conn, Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let failed = |e| Error::Connect {
+            url: url.to_owned(),
+            source: TransportError(e),
+        };
+        let mut request = url.into_client_request().map_err(failed)?;
+        if let Some(token) = &dial.token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|e| failed(tungstenite::Error::HttpFormat(e.into())))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let config = ws::config(dial.max_message_size);
+        let connect = crate::tls::connect(request, dial.tls.as_ref(), config);
+        let (stream, _response) = match tokio::time::timeout(dial.connect_timeout, connect).await {
+            Ok(done) => done.map_err(failed)?,
+            Err(_) => {
+                let why = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", dial.connect_timeout),
+                );
+                return Err(failed(tungstenite::Error::Io(why)));
+            }
+        };
+        let (sink, source) = stream.split();
+        let (outgoing, queue) = mpsc::channel(ws::OUTGOING_QUEUE);
+        let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let writer = tokio::spawn(ws::write_loop(sink, queue)).abort_handle();
+        let reader = tokio::spawn(read_loop(source, pending.clone())).abort_handle();
+        Ok(Conn {
+            url: url.to_owned(),
+            seed,
+            outgoing,
+            pending,
+            tasks: [reader, writer],
+        })
+    }
+
+    /// Whether replies can still come on this connection.
+    pub(super) fn is_open(&self) -> bool {
+        lock(&self.pending).is_some() && !self.outgoing.is_closed()
+    }
+
+    /// Waits for the reply to `id` with `waiter`. Gives the waiter back when
+    /// the connection is already gone.
+    pub(super) fn register(&self, id: &str, waiter: Waiter) -> Result<(), Waiter> {
+        match lock(&self.pending).as_mut() {
+            Some(p) => {
+                p.insert(id.to_owned(), waiter);
+                Ok(())
+            }
+            None => Err(waiter),
+        }
+    }
+
+    /// Stops waiting for the reply to `id`; returns its waiter if it was
+    /// still there.
+    pub(super) fn forget(&self, id: &str) -> Option<Waiter> {
+        lock(&self.pending).as_mut().and_then(|p| p.remove(id))
+    }
+
+    /// Queues `message` for the writer; gives it back when the writer is
+    /// gone (the message was then certainly not sent).
+    pub(super) async fn send(&self, message: Message) -> Result<(), Message> {
+        self.outgoing.send(message).await.map_err(|e| e.0)
+    }
+}
+
+/// A message from a node, as the client reads it: a reply, or the progress
+/// of a streaming request.
+#[derive(Deserialize)]
+struct Incoming {
+    #[serde(default)]
+    role: Role,
+    u: Value,
+    #[serde(default)]
+    r: Option<Map<String, Value>>,
+    #[serde(default)]
+    error: Option<RpcError>,
+    /// A progress message's command name.
+    #[serde(default)]
+    name: Option<String>,
+    /// A progress message's value (`null` reads as `None`).
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+enum Role {
+    #[serde(rename = "rpc-progress")]
+    Progress,
+    /// `rpc-response`, or none (the original reply shape).
+    #[default]
+    #[serde(other)]
+    Reply,
+}
+
+/// Clears the waiting callers when the reader ends, however it ends
+/// (including when its task is aborted), so nobody waits forever.
+struct ClearOnExit(Arc<Pending>);
+
+impl Drop for ClearOnExit {
+    fn drop(&mut self) {
+        lock(&self.0).take();
+    }
+}
+
+/// Hands each reply (and each progress message) to the caller waiting for
+/// its id.
+async fn read_loop<S>(mut source: S, pending: Arc<Pending>)
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let _clear = ClearOnExit(pending.clone());
+    while let Some(Ok(message)) = source.next().await {
+        let incoming: Incoming = match &message {
+            // A reply that cannot be read cannot be matched to its caller,
+            // who would wait forever: end the connection, failing every call.
+            Message::Text(text) => match serde_json::from_str(text.as_str()) {
+                Ok(incoming) => incoming,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
+                    break;
+                }
+            },
+            Message::Binary(bytes) => match serde_json::from_slice(bytes) {
+                Ok(incoming) => incoming,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable reply; closing the connection");
+                    break;
+                }
+            },
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Value::String(id) = &incoming.u else {
+            tracing::warn!(reply = ?incoming.error, "reply without a request id");
+            continue;
+        };
+        match incoming.role {
+            Role::Progress => {
+                let Some(name) = incoming.name else {
+                    tracing::warn!(%id, "progress message without a command name");
+                    continue;
+                };
+                let value = incoming.value.unwrap_or(Value::Null);
+                if let Some(Waiter::Stream(tx)) = lock(&pending).as_ref().and_then(|p| p.get(id)) {
+                    // The last place is kept for the final reply; a node
+                    // sending more progress than commands loses the excess.
+                    if tx.capacity() > 1 {
+                        let _ = tx.try_send(StreamItem::Progress(name, value));
+                    } else {
+                        tracing::warn!(%id, "more progress messages than commands; dropped");
+                    }
+                }
+                // Otherwise nobody asked for it, or the caller stopped
+                // waiting: drop it.
+            }
+            Role::Reply => {
+                let waiter = lock(&pending).as_mut().and_then(|p| p.remove(id));
+                let reply = Reply {
+                    role: crate::protocol::ReplyRole,
+                    u: incoming.u,
+                    r: incoming.r,
+                    error: incoming.error,
+                };
+                // The caller may have stopped waiting (timeout, cancelled).
+                match waiter {
+                    Some(Waiter::Reply(tx)) => {
+                        let _ = tx.send(reply);
+                    }
+                    Some(Waiter::Stream(tx)) => {
+                        let _ = tx.try_send(StreamItem::Done(reply));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
