@@ -45,6 +45,40 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Guide
+//!
+//! **Functions.** [`#[mpreg::rpc]`](rpc) registers a free function (sync,
+//! `async`, or `blocking`) with its parameter names, types and doc comment;
+//! [`Function`] registers a closure at runtime
+//! ([`NodeBuilder::function`], [`NodeHandle::register`]). Arguments come by
+//! position or by name (`kwargs`).
+//!
+//! **Datasets and context.** A node has datasets, by name
+//! ([`NodeBuilder::datasets`]) or with typed state
+//! ([`NodeBuilder::dataset`]); a command naming datasets runs on a node
+//! that has all of them. A handler parameter [`Dataset<T>`] is the state of
+//! the dataset its command named, and a [`Context`] parameter tells the
+//! node, the datasets, the deadline and the request id, and calls other
+//! functions anywhere in the cluster within that deadline.
+//!
+//! **Requests and clients.** A [`Request`] is a list of [`Command`]s; an
+//! argument equal to another command's name is that command's result.
+//! [`Client`] sends them to any node: typed [`Client::call`], whole
+//! requests with [`Client::send`], results as they complete with
+//! [`Client::stream`], and failover across several seed URLs with
+//! [`Client::connect_any`]. [`NodeHandle::send`] does the same in process.
+//!
+//! **A cluster.** Give a node the URL of any running node
+//! ([`NodeBuilder::peers`]); membership and abilities spread by gossip,
+//! failed nodes are detected, and every node routes any command to a node
+//! that can run it (balancing by load). [`NodeHandle::cluster_view`] and the
+//! built-in `mpreg.cluster` / `mpreg.functions` show what a node sees.
+//!
+//! **Operating.** [`config`] reads TOML or YAML files and `MPREG_*`
+//! variables; the node's port also answers HTTP `GET /healthz`, `/metrics`
+//! (Prometheus) and `/` (a status page); logs and spans go through
+//! `tracing`. Errors carry stable codes ([`ErrorCode`]).
+//!
 //! # Layout
 //! - [`protocol`](Command): the wire messages (JSON over WebSocket), both
 //!   envelopes of the original Python client.
