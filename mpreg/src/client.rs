@@ -520,7 +520,7 @@ impl Client {
 }
 
 /// The results of a reply, or its error.
-fn results_of(reply: Reply) -> Result<Results, Error> {
+pub(crate) fn results_of(reply: Reply) -> Result<Results, Error> {
     match (reply.error, reply.r) {
         (Some(e), _) => Err(Error::Rpc(e)),
         (None, Some(results)) => Ok(Results::new(results)),

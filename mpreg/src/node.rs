@@ -811,12 +811,7 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    let reply = handle(state, IncomingRequest { u, request }, None).await;
-    match (reply.error, reply.r) {
-        (Some(e), _) => Err(Error::Rpc(e)),
-        (None, Some(results)) => Ok(Results::new(results)),
-        (None, None) => Err(Error::Protocol("reply has neither results nor error")),
-    }
+    crate::client::results_of(handle(state, IncomingRequest { u, request }, None).await)
 }
 
 /// Sends each result of a streaming request to its connection as a
