@@ -65,6 +65,32 @@ async fn kill_at(nodes: &mut [Option<NodeHandle>], at: &str) -> usize {
     i
 }
 
+/// Starts a `hold` call through `client`, kills the nodes at `urls` while
+/// it runs, and checks that the call fails with the connection-lost error
+/// (it is never resent).
+async fn lose_call_in_flight(
+    client: &Client,
+    hold: &Hold,
+    nodes: &mut [Option<NodeHandle>],
+    urls: &[String],
+) {
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<String>("hold", ()).await }
+    });
+    guard("hold started", hold.started.notified()).await;
+    for url in urls {
+        kill_at(nodes, url).await;
+    }
+    let outcome = guard("in-flight call", in_flight)
+        .await
+        .expect("task joins");
+    assert!(
+        matches!(outcome, Err(Error::Closed)),
+        "the call in flight fails with the connection-lost error, got {outcome:?}"
+    );
+}
+
 async fn whoami(client: &Client) -> Result<String, Error> {
     guard("whoami", client.call("mpreg.whoami", ())).await
 }
@@ -109,20 +135,9 @@ async fn in_flight_call_fails_and_the_next_call_runs_on_another_node() {
     assert_eq!(whoami(&client).await.expect("call works"), "n0");
 
     // A call that is running on the node when it dies.
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move { client.call::<String>("hold", ()).await }
-    });
-    guard("hold started", hold.started.notified()).await;
     let lost = client.url();
-    let killed = kill_at(&mut nodes, &lost).await;
-    let outcome = guard("in-flight call", in_flight)
-        .await
-        .expect("task joins");
-    assert!(
-        matches!(outcome, Err(Error::Closed)),
-        "the call in flight fails with the connection-lost error, got {outcome:?}"
-    );
+    lose_call_in_flight(&client, &hold, &mut nodes, std::slice::from_ref(&lost)).await;
+    let killed = seeds.iter().position(|s| *s == lost).expect("a seed");
 
     // The next call reconnects to the next seed.
     let now = whoami(&client).await.expect("next call succeeds");
@@ -162,18 +177,7 @@ async fn no_seed_answering_is_a_typed_error_naming_each_seed() {
     .expect("connects");
 
     // Everything goes down while a call runs on the client's node.
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move { client.call::<String>("hold", ()).await }
-    });
-    guard("hold started", hold.started.notified()).await;
-    for seed in &seeds {
-        kill_at(&mut nodes, seed).await;
-    }
-    let outcome = guard("in-flight call", in_flight)
-        .await
-        .expect("task joins");
-    assert!(matches!(outcome, Err(Error::Closed)), "{outcome:?}");
+    lose_call_in_flight(&client, &hold, &mut nodes, &seeds).await;
 
     // The next call tries every seed once: the others first, the lost one
     // last.
@@ -237,16 +241,7 @@ async fn concurrent_callers_during_failover_share_one_new_connection() {
         .expect("connects");
     assert_eq!(client.url(), seeds[0]);
 
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move { client.call::<String>("hold", ()).await }
-    });
-    guard("hold started", hold.started.notified()).await;
-    kill_at(&mut nodes, &seeds[0]).await;
-    let outcome = guard("in-flight call", in_flight)
-        .await
-        .expect("task joins");
-    assert!(matches!(outcome, Err(Error::Closed)), "{outcome:?}");
+    lose_call_in_flight(&client, &hold, &mut nodes, std::slice::from_ref(&seeds[0])).await;
 
     // Many calls at once find the connection lost: one reconnects, the
     // others wait for it, and all succeed on the one new connection.
@@ -282,16 +277,7 @@ async fn the_token_is_presented_to_every_seed() {
     .expect("connects");
     assert_eq!(whoami(&client).await.expect("authorized"), "n0");
 
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move { client.call::<String>("hold", ()).await }
-    });
-    guard("hold started", hold.started.notified()).await;
-    kill_at(&mut nodes, &seeds[0]).await;
-    let outcome = guard("in-flight call", in_flight)
-        .await
-        .expect("task joins");
-    assert!(matches!(outcome, Err(Error::Closed)), "{outcome:?}");
+    lose_call_in_flight(&client, &hold, &mut nodes, std::slice::from_ref(&seeds[0])).await;
     assert_eq!(
         whoami(&client).await.expect("authorized on the next seed"),
         "n1"
@@ -306,16 +292,7 @@ async fn a_client_on_one_url_does_not_fail_over() {
     let client = guard("connect", Client::connect(&only))
         .await
         .expect("connects");
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move { client.call::<String>("hold", ()).await }
-    });
-    guard("hold started", hold.started.notified()).await;
-    kill_at(&mut nodes, &only).await;
-    let outcome = guard("in-flight call", in_flight)
-        .await
-        .expect("task joins");
-    assert!(matches!(outcome, Err(Error::Closed)), "{outcome:?}");
+    lose_call_in_flight(&client, &hold, &mut nodes, std::slice::from_ref(&only)).await;
     let after = whoami(&client).await;
     assert!(matches!(after, Err(Error::Closed)), "{after:?}");
     assert_eq!(client.url(), only);
