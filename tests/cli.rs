@@ -175,6 +175,26 @@ async fn bad_config_and_unreachable_node_fail_with_a_message() {
     let (ok, _, err) = client("ws://127.0.0.1:1", &["call", "echo", "x"]).await;
     assert!(!ok);
     assert!(err.contains("cannot connect"), "{err}");
+    // Nor on port 2: with several URLs, the error names each.
+    let (ok, _, err) = client("ws://127.0.0.1:1,ws://127.0.0.1:2", &["call", "echo", "x"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("127.0.0.1:2"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn several_urls_connect_to_the_first_that_answers() {
+    let (child, url) = server(&["--name", "second-seed"]).await;
+    let (ok, out, err) = client(
+        &format!("ws://127.0.0.1:1, {url}"),
+        &["call", "mpreg.whoami"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("second-seed"), "{out}");
+    terminate(child).await;
 }
 
 #[tokio::test]

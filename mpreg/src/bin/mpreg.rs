@@ -51,6 +51,7 @@ struct Cli {
 #[derive(Debug, ClapArgs)]
 struct ConnectArgs {
     /// The node's URL, e.g. ws://127.0.0.1:7773 (wss:// needs --tls-ca).
+    /// Several, comma-separated, connect to the first that answers.
     url: String,
     /// Client-side deadline for each request, in milliseconds.
     #[arg(long)]
@@ -314,7 +315,16 @@ async fn connect(to: &ConnectArgs) -> Result<Client, Box<dyn std::error::Error>>
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         builder = builder.tls_ca_pem(pem);
     }
-    Ok(builder.connect(&to.url).await?)
+    let seeds: Vec<&str> = to
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    Ok(match seeds[..] {
+        [one] => builder.connect(one).await?,
+        _ => builder.connect_any(seeds).await?,
+    })
 }
 
 async fn client(to: &ConnectArgs, action: ClientCmd) -> CliResult {
