@@ -23,9 +23,9 @@
 //! throughput and latency percentiles; `--baseline` measures a bare
 //! WebSocket JSON server started in this process with the same load, in the
 //! same run, and prints the ratios. `bench suite` measures every target of
-//! `BENCHMARKS.md` in one run (see `mpreg/src/bin/mpreg/bench.rs`).
+//! `BENCHMARKS.md` in one run (see `mpreg/src/bin/mpreg/bench/`).
 
-#[path = "mpreg/bench.rs"]
+#[path = "mpreg/bench/mod.rs"]
 mod bench;
 
 use std::path::PathBuf;
