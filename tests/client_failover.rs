@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{builder, guard, start_node};
+use common::{builder, guard, start_node, url};
 use mpreg::{Args, Client, Error, Function, NodeBuilder, NodeHandle, RpcError};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,10 +35,6 @@ impl Hold {
             }
         })
     }
-}
-
-fn url(node: &NodeHandle) -> String {
-    node.url().expect("node listens")
 }
 
 /// Three nodes `n0`, `n1`, `n2` (not clustered: a client needs none of

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard};
+use common::{RawWs, guard, node_names, url};
 use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle, Request};
 use serde_json::{Value, json};
 
@@ -43,35 +43,18 @@ async fn busy_peer(entry: &NodeHandle) -> String {
     busy.unwrap_or_default()
 }
 
-fn url(node: &NodeHandle) -> String {
-    node.url().expect("node listens")
-}
-
-/// Names of the nodes this node sees (itself included).
-fn seen(view: &Value) -> Vec<String> {
-    let mut names: Vec<String> = view["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|n| n["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Waits until `node` sees exactly the named nodes.
 async fn converge(node: &NodeHandle, names: &[&str]) {
     let mut want: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
     want.sort();
-    let ok = node.wait_for(CONVERGE, |view| seen(view) == want).await;
+    let ok = node
+        .wait_for(CONVERGE, |view| node_names(view) == want)
+        .await;
     assert!(
         ok,
         "{} sees {:?}, wanted {want:?}",
         node.name(),
-        seen(&node.cluster_view())
+        node_names(&node.cluster_view())
     );
 }
 
@@ -492,14 +475,14 @@ async fn sixteen_nodes_converge() {
     want.sort();
     let complete = |view: &Value| {
         let text = view.to_string();
-        seen(view) == want && (0..16).all(|i| text.contains(&format!("\"d{i:02}\"")))
+        node_names(view) == want && (0..16).all(|i| text.contains(&format!("\"d{i:02}\"")))
     };
     for n in &nodes {
         assert!(
             n.wait_for(CONVERGE, complete).await,
             "{} sees {:?}",
             n.name(),
-            seen(&n.cluster_view())
+            node_names(&n.cluster_view())
         );
     }
     println!("16 nodes converged in {:?}", started.elapsed());

@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard};
-use mpreg::{Client, ErrorCode, Node, NodeHandle};
+use common::{RawWs, guard, node_names, url};
+use mpreg::{Client, ErrorCode, Node};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -16,23 +16,6 @@ fn node(name: &str) -> mpreg::NodeBuilder {
         .listen("127.0.0.1:0")
         .without_linked_functions()
         .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
-}
-
-fn url(node: &NodeHandle) -> String {
-    node.url().expect("node listens")
-}
-
-fn names(view: &Value) -> Vec<String> {
-    let mut names: Vec<String> = view["nodes"]
-        .as_array()
-        .map(|ns| {
-            ns.iter()
-                .filter_map(|n| n["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn self_field(view: &Value, section: &str, field: &str) -> u64 {
@@ -132,7 +115,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
         .await
         .expect("B");
     assert!(
-        a.wait_for(WAIT, |v| names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
         "B joins"
     );
     let client = guard("connect", Client::connect(&url(&a)))
@@ -160,7 +143,11 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
             .await,
         "A drops C's packets"
     );
-    assert_eq!(names(&a.cluster_view()), ["A", "B"], "C is not a member");
+    assert_eq!(
+        node_names(&a.cluster_view()),
+        ["A", "B"],
+        "C is not a member"
+    );
 
     // Peers that cannot prove the secret are refused on the link too.
     let hello = |nonce: Option<&str>| {
@@ -187,7 +174,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
         .await;
     ws.expect_closed().await;
     assert!(self_field(&a.cluster_view(), "security", "refused_peer_links") >= 2);
-    assert_eq!(names(&a.cluster_view()), ["A", "B"]);
+    assert_eq!(node_names(&a.cluster_view()), ["A", "B"]);
 
     for n in [c, b, a] {
         n.shutdown().await;

@@ -8,10 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{RawWs, builder, cmd, flat, guard, nested, ok_r, start_node};
+use common::{RawWs, builder, cmd, flat, guard, nested, ok_r, start_node, url};
 use mpreg::{
-    Args, Client, Command, Error, ErrorCode, Event, Function, Node, NodeHandle, Request,
-    ResultStream, RpcError,
+    Args, Client, Command, Error, ErrorCode, Event, Function, Node, Request, ResultStream, RpcError,
 };
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -45,10 +44,6 @@ impl Gate {
             }
         })
     }
-}
-
-fn url(node: &NodeHandle) -> String {
-    node.url().expect("node listens")
 }
 
 /// The next event, which must be a command's progress: its name and value.

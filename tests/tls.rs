@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::guard;
+use common::{guard, node_names, url};
 use mpreg::{Client, Command, Config, Error, Node, NodeBuilder, NodeHandle};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -67,10 +67,6 @@ fn tls_node(name: &str, ca: &Ca) -> NodeBuilder {
     node(name).tls_pem(cert, key).tls_ca_pem(ca.pem.clone())
 }
 
-fn url(node: &NodeHandle) -> String {
-    node.url().expect("node listens")
-}
-
 async fn tls_client(node: &NodeHandle, ca: &Ca) -> Client {
     guard(
         "connect",
@@ -80,19 +76,6 @@ async fn tls_client(node: &NodeHandle, ca: &Ca) -> Client {
     )
     .await
     .expect("client connects over wss")
-}
-
-fn names(view: &Value) -> Vec<String> {
-    let mut names: Vec<String> = view["nodes"]
-        .as_array()
-        .map(|ns| {
-            ns.iter()
-                .filter_map(|n| n["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn refused(view: &Value) -> u64 {
@@ -246,7 +229,7 @@ async fn tls_nodes_with_the_same_ca_form_a_cluster() {
     assert!(url(&b).starts_with("wss://"));
 
     assert!(
-        a.wait_for(WAIT, |v| names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
         "A sees B: {}",
         a.cluster_view()
     );
@@ -291,8 +274,8 @@ async fn a_node_with_a_certificate_from_another_ca_cannot_link() {
         "A refuses C's link attempts: {}",
         a.cluster_view()
     );
-    assert_eq!(names(&a.cluster_view()), ["A"]);
-    assert_eq!(names(&c.cluster_view()), ["C"]);
+    assert_eq!(node_names(&a.cluster_view()), ["A"]);
+    assert_eq!(node_names(&c.cluster_view()), ["C"]);
     let client = tls_client(&a, &ca).await;
     let e = guard("whoami", whoami(&client, "only-c"))
         .await
@@ -359,7 +342,7 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
         stranger.cluster_view()
     );
     stranger.shutdown().await;
-    assert_eq!(names(&a.cluster_view()), ["A"]);
+    assert_eq!(node_names(&a.cluster_view()), ["A"]);
 
     // A certificate from the CA: linked, and served through A.
     let (cert, key) = ca.leaf("friend");
@@ -376,7 +359,7 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
     .await
     .expect("start friend");
     assert!(
-        a.wait_for(WAIT, |v| names(v) == ["A", "friend"]).await,
+        a.wait_for(WAIT, |v| node_names(v) == ["A", "friend"]).await,
         "A links the friend: {}",
         a.cluster_view()
     );

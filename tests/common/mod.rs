@@ -49,6 +49,27 @@ pub(crate) async fn start_default() -> NodeHandle {
     start_node(builder()).await
 }
 
+/// The URL of `node`, which listens.
+pub(crate) fn url(node: &NodeHandle) -> String {
+    node.url().expect("node listens")
+}
+
+/// The sorted names of the nodes in a cluster view (`mpreg.cluster`,
+/// `NodeHandle::cluster_view`), the node itself included.
+pub(crate) fn node_names(view: &Value) -> Vec<String> {
+    let mut names: Vec<String> = view["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Connects an `mpreg::Client` to `node`.
 pub(crate) async fn client(node: &NodeHandle) -> mpreg::Client {
     guard(
