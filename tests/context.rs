@@ -405,3 +405,22 @@ async fn deadline_and_cancellation_follow_calls_from_handlers() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Calls `echo` from a blocking handler, by blocking on the call.
+#[mpreg::rpc(blocking)]
+fn echo_from_blocking(ctx: Context, text: String) -> Result<String, mpreg::Error> {
+    tokio::runtime::Handle::current().block_on(ctx.call("echo", (text,)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_handlers_call_through_the_context() {
+    let node = start(builder("blocking")).await;
+    let got = one(
+        &node,
+        Command::new("b", "echo_from_blocking").arg("from the pool"),
+    )
+    .await
+    .expect("runs");
+    assert_eq!(got, json!("from the pool"));
+    node.shutdown().await;
+}

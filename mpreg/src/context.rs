@@ -29,6 +29,9 @@ use crate::protocol::{Command, Request};
 /// left of the deadline. Work started that way is cancelled with the call:
 /// when the request times out or its client goes away, the handler's future
 /// is dropped, and with it every call it was waiting for (on peers too).
+/// A `blocking` handler runs on tokio's blocking pool, where
+/// `tokio::runtime::Handle::current().block_on(ctx.call(..))` waits for a
+/// call.
 ///
 /// ```
 /// use mpreg::{Context, Dataset};
