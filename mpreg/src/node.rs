@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Job, Progress, Wanted, execute, execute_with_progress};
+use crate::exec::{Job, Progress, Wanted, execute, execute_one, execute_with_progress};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::plan::{Arg, Plan};
@@ -835,25 +835,50 @@ impl Progress for ToConnection<'_> {
 /// Plans, places and runs a request within its deadline. When the request
 /// asks for `stream` and `progress_to` is a connection's queue, each
 /// command's result is sent there as soon as it exists.
-pub(crate) async fn handle(
-    state: &Arc<NodeState>,
+///
+/// Planning (and, for a single command, placing it and starting its call)
+/// happens at once; the returned future then holds little more than the
+/// call, so that a connection's future per request stays small. Requests of
+/// several commands, and streaming ones, run the executor on a future of
+/// their own.
+pub(crate) fn handle<'a>(
+    state: &'a Arc<NodeState>,
     incoming: IncomingRequest,
-    progress_to: Option<&mpsc::Sender<Message>>,
-) -> Reply {
+    progress_to: Option<&'a mpsc::Sender<Message>>,
+) -> impl Future<Output = Reply> + Send + 'a {
     let IncomingRequest { u, request } = incoming;
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());
     let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
         Ok(plan) => plan,
-        Err(e) => return Reply::err(u, e),
+        Err(e) => return Either::Left(std::future::ready(Reply::err(u, e))),
     };
+    let progress_to = progress_to.filter(|_| request.stream);
     let wanted = if request.return_intermediate_results {
         Wanted::All
     } else {
         Wanted::Sinks
     };
-    let trace: Arc<str> = match &u {
+    if plan.steps.len() != 1 || progress_to.is_some() {
+        let run = run_request(state, u, plan, wanted, deadline, progress_to);
+        return Either::Right(Either::Right(Box::pin(run)));
+    }
+    let (placer, span) = placer_for(state, &u, deadline);
+    let call = {
+        let _in_span = span.enter();
+        execute_one(plan, &placer)
+    };
+    let run = tracing::Instrument::instrument(tokio::time::timeout_at(placer.deadline, call), span);
+    // A combinator, not an async block: awaiting a captured future would
+    // keep room for it twice.
+    let reply = move |outcome| reply_of(state, u, deadline, outcome);
+    Either::Right(Either::Left(futures_util::FutureExt::map(run, reply)))
+}
+
+/// The placer of a client request with id `u`, and its span.
+fn placer_for(state: &Arc<NodeState>, u: &Value, deadline: Duration) -> (Placer, tracing::Span) {
+    let trace: Arc<str> = match u {
         Value::String(s) => s.as_str().into(),
         other => other.to_string().into(),
     };
@@ -864,12 +889,24 @@ pub(crate) async fn handle(
         deadline: far_enough(deadline),
         trace,
     };
-    let progress = match progress_to {
-        Some(outgoing) if request.stream => Some(ToConnection { u: &u, outgoing }),
-        _ => None,
-    };
-    let run = tokio::time::timeout(
-        deadline,
+    (placer, span)
+}
+
+/// [`handle`] for any plan: through the executor, with progress messages
+/// to `progress_to` when given.
+async fn run_request(
+    state: &Arc<NodeState>,
+    u: Value,
+    plan: Plan,
+    wanted: Wanted,
+    deadline: Duration,
+    progress_to: Option<&mpsc::Sender<Message>>,
+) -> Reply {
+    let (placer, span) = placer_for(state, &u, deadline);
+    let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
+    // The same instant as the placer's deadline (one clock read).
+    let run = tokio::time::timeout_at(
+        placer.deadline,
         execute_with_progress(
             plan,
             &placer,
@@ -877,7 +914,18 @@ pub(crate) async fn handle(
             progress.as_ref().map(|p| p as &dyn Progress),
         ),
     );
-    match tracing::Instrument::instrument(run, span).await {
+    let outcome = tracing::Instrument::instrument(run, span).await;
+    reply_of(state, u, deadline, outcome)
+}
+
+/// The reply to request `u` from how its run ended.
+fn reply_of(
+    state: &NodeState,
+    u: Value,
+    deadline: Duration,
+    outcome: Result<Result<Vec<(String, Value)>, RpcError>, tokio::time::error::Elapsed>,
+) -> Reply {
+    match outcome {
         Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
