@@ -786,13 +786,13 @@ pub(crate) async fn handle_frame(
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
         Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
-        Some(Err(Rejected { u, error })) => Reply::err(u, error),
-        None => Reply::err(
+        Some(Err(Rejected { u, error })) => Answer::failed(u, error),
+        None => Answer::failed(
             Value::Null,
             RpcError::new(ErrorCode::Internal, "the node is stopping"),
         ),
     };
-    counted.end(reply.error.as_ref().map(|e| e.code));
+    counted.end(reply.error_code());
     // A large request usually has a large reply.
     match crate::ws::cpu_bound(size, move || reply.encode()).await {
         Some(text) => text,
@@ -811,7 +811,47 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    crate::client::results_of(handle(state, IncomingRequest { u, request }, None).await)
+    crate::client::results_of(
+        handle(state, IncomingRequest { u, request }, None)
+            .await
+            .into_reply(),
+    )
+}
+
+/// How a request ended: its id, and its results or its error.
+pub(crate) struct Answer {
+    u: Value,
+    outcome: Result<Vec<(String, Value)>, RpcError>,
+}
+
+impl Answer {
+    fn failed(u: Value, error: RpcError) -> Self {
+        Self {
+            u,
+            outcome: Err(error),
+        }
+    }
+
+    /// The error's code, when the request failed.
+    fn error_code(&self) -> Option<ErrorCode> {
+        self.outcome.as_ref().err().map(|e| e.code)
+    }
+
+    /// The reply's text, written from the results (no map built).
+    fn encode(self) -> String {
+        match self.outcome {
+            Ok(results) => Reply::encode_ok(&self.u, &results),
+            Err(e) => Reply::err(self.u, e).encode(),
+        }
+    }
+
+    /// The reply.
+    fn into_reply(self) -> Reply {
+        match self.outcome {
+            Ok(results) => Reply::ok(self.u, results.into_iter().collect()),
+            Err(e) => Reply::err(self.u, e),
+        }
+    }
 }
 
 /// Sends each result of a streaming request to its connection as a
@@ -845,14 +885,14 @@ pub(crate) fn handle<'a>(
     state: &'a Arc<NodeState>,
     incoming: IncomingRequest,
     progress_to: Option<&'a mpsc::Sender<Message>>,
-) -> impl Future<Output = Reply> + Send + 'a {
+) -> impl Future<Output = Answer> + Send + 'a {
     let IncomingRequest { u, request } = incoming;
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());
     let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
         Ok(plan) => plan,
-        Err(e) => return Either::Left(std::future::ready(Reply::err(u, e))),
+        Err(e) => return Either::Left(std::future::ready(Answer::failed(u, e))),
     };
     let progress_to = progress_to.filter(|_| request.stream);
     let wanted = if request.return_intermediate_results {
@@ -901,7 +941,7 @@ async fn run_request(
     wanted: Wanted,
     deadline: Duration,
     progress_to: Option<&mpsc::Sender<Message>>,
-) -> Reply {
+) -> Answer {
     let (placer, span) = placer_for(state, &u, deadline);
     let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
     // The same instant as the placer's deadline (one clock read).
@@ -918,20 +958,23 @@ async fn run_request(
     reply_of(state, u, deadline, outcome)
 }
 
-/// The reply to request `u` from how its run ended.
+/// The answer to request `u` from how its run ended.
 fn reply_of(
     state: &NodeState,
     u: Value,
     deadline: Duration,
     outcome: Result<Result<Vec<(String, Value)>, RpcError>, tokio::time::error::Elapsed>,
-) -> Reply {
+) -> Answer {
     match outcome {
-        Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
+        Ok(Ok(results)) => Answer {
+            u,
+            outcome: Ok(results),
+        },
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
-            Reply::err(u, e)
+            Answer::failed(u, e)
         }
-        Err(_) => Reply::err(
+        Err(_) => Answer::failed(
             u,
             RpcError::new(
                 ErrorCode::Timeout,
