@@ -549,6 +549,35 @@ mod tests {
     }
 
     #[test]
+    fn run_from_borrowed_parts_encodes_as_the_message() {
+        let steps = vec![Step {
+            name: "a".into(),
+            fun: "echo".into(),
+            args: vec![Arg::Value(json!({"x": [1, "b"]})), Arg::Ref(0)],
+            kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+            locs: vec!["d".into()],
+            deps: vec![0],
+        }];
+        for trace in [Some("req-1"), None] {
+            let borrowed = RunRef::Run {
+                id: 9,
+                steps: &steps,
+                outputs: &[0],
+                timeout_ms: 250,
+                trace,
+            };
+            let owned = PeerMessage::Run {
+                id: 9,
+                steps: steps.clone(),
+                outputs: vec![0],
+                timeout_ms: 250,
+                trace: trace.map(str::to_owned),
+            };
+            assert_eq!(borrowed.encode(), owned.encode());
+        }
+    }
+
+    #[test]
     fn hello_shape() {
         let hello = PeerMessage::PeerHello(Hello {
             protocol: PEER_PROTOCOL,
