@@ -224,6 +224,43 @@ async fn chain_on_a_remote_node_is_one_job() {
     a.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_panicking_on_a_peer_is_handler_failed_and_the_link_stays() {
+    let a = node("A").start().await.expect("start A");
+    // Panics at its second poll: the job is not done when it arrives, so
+    // it goes on on a task (`debug.panic` panics at the first poll).
+    let later = Function::new("panic_later", |_: mpreg::Args| async move {
+        tokio::task::yield_now().await;
+        panic!("panic_later was called")
+    });
+    let b = joining("B", &a)
+        .datasets(["b"])
+        .function(later)
+        .start()
+        .await
+        .expect("start B");
+    converge(&a, &["A", "B"]).await;
+    let client = guard("connect", Client::connect(&url(&a)))
+        .await
+        .expect("connect");
+    for fun in ["debug.panic", "panic_later"] {
+        let command = Command::new("p", fun).datasets(["b"]);
+        let e = match guard(fun, client.call_command::<Value>(command)).await {
+            Err(mpreg::Error::Rpc(e)) => e,
+            other => panic!("{fun}: expected an error reply, got {other:?}"),
+        };
+        assert_eq!(e.code, ErrorCode::HandlerFailed, "{fun}: {e:?}");
+        assert_eq!(e.command.as_deref(), Some("p"));
+        assert!(e.message.contains("panicked"), "{fun}: {}", e.message);
+    }
+    // The link is still up: B still answers through A.
+    let who = guard("whoami", whoami(&client, &["b"])).await;
+    assert_eq!(who.expect("B answers"), "B");
+
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// A function that sleeps `ms` and returns the name of the node it ran on.
 fn slow(node_name: &str, idempotent: bool) -> Function {
     let name = node_name.to_owned();

@@ -476,12 +476,13 @@ impl Dispatch for Placer {
 /// job is idempotent, runs it once more elsewhere.
 async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, RpcError> {
     let cluster = &placer.state.cluster;
-    let retry = cluster.idempotent(&job).then(|| job.clone());
-    let first = attempt(&placer, key, job).await;
-    let (Err(e), Some(job)) = (&first, retry) else {
+    // The job is encoded from a borrow, so it is still here for a retry.
+    let retry = cluster.idempotent(&job);
+    let first = attempt(&placer, key, &job).await;
+    let Err(e) = &first else {
         return first;
     };
-    if e.code != ErrorCode::NodeLost {
+    if !retry || e.code != ErrorCode::NodeLost {
         return first;
     }
     // Somewhere else that can run every step of the job.
@@ -512,11 +513,13 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Value>
     let target = options[pick].target;
     match target {
         Target::Local => run_local(&placer, job).await,
-        Target::Peer(other) => attempt(&placer, other, job).await,
+        // Boxed: a retry is rare, and its state would otherwise double
+        // that of every forwarded job.
+        Target::Peer(other) => Box::pin(attempt(&placer, other, &job)).await,
     }
 }
 
-async fn attempt(placer: &Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, RpcError> {
+async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Value>, RpcError> {
     let Some(link) = placer.state.cluster.link(key) else {
         return Err(RpcError::new(
             ErrorCode::NodeLost,

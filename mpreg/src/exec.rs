@@ -23,6 +23,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use futures_util::future::Either;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
@@ -121,6 +122,9 @@ fn group<T: PartialEq>(
     (units, unit_of)
 }
 
+/// What a run yields: the wanted results with their command names.
+pub(crate) type RunResults = Result<Vec<(String, Value)>, RpcError>;
+
 /// What a unit's task yields: the unit's index and its outputs' values.
 type Finished = (usize, Result<Vec<Value>, RpcError>);
 
@@ -136,12 +140,12 @@ pub(crate) trait Progress: Sync {
 /// Runs `plan` to completion and returns the wanted results with their
 /// command names. The first failing unit fails the whole run, with the
 /// failing command's name in the error; units still running are cancelled.
-pub(crate) async fn execute<D: Dispatch>(
+pub(crate) fn execute<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
-) -> Result<Vec<(String, Value)>, RpcError> {
-    execute_with_progress(plan, dispatcher, wanted, None).await
+) -> impl Future<Output = Result<Vec<(String, Value)>, RpcError>> + '_ {
+    execute_with_progress(plan, dispatcher, wanted, None)
 }
 
 /// [`execute`], reporting every step's result to `progress` (when given) as
@@ -149,7 +153,77 @@ pub(crate) async fn execute<D: Dispatch>(
 /// step is a unit of its own, so its result is reported when it finishes
 /// (a chain on a peer then costs a round trip per step). A value is lent to
 /// `progress`, never copied for it.
-pub(crate) async fn execute_with_progress<D: Dispatch>(
+pub(crate) fn execute_with_progress<'a, D: Dispatch>(
+    plan: Plan,
+    dispatcher: &'a D,
+    wanted: Wanted,
+    progress: Option<&'a dyn Progress>,
+) -> impl Future<Output = Result<Vec<(String, Value)>, RpcError>> + 'a {
+    let single = plan.steps.len() == 1
+        && progress.is_none()
+        && match &wanted {
+            Wanted::Sinks | Wanted::All => true,
+            Wanted::These(these) => these[..] == [0],
+        };
+    if single {
+        return Either::Left(execute_one(plan, dispatcher));
+    }
+    // Boxed: the state of a whole dataflow run would otherwise make the
+    // future of every request that large, single commands included.
+    Either::Right(Box::pin(execute_many(plan, dispatcher, wanted, progress)))
+}
+
+/// A plan of one step whose result is wanted once: the step is placed and
+/// its job started as the executor would (the same job, span, panic guard
+/// and errors), without the dataflow's bookkeeping. Placement happens now;
+/// the returned future keeps only the call and the command's name.
+pub(crate) fn execute_one<D: Dispatch>(
+    plan: Plan,
+    dispatcher: &D,
+) -> Either<
+    std::future::Ready<RunResults>,
+    impl Future<Output = RunResults> + Send + 'static + use<D>,
+> {
+    let Some(mut step) = plan.steps.into_iter().next() else {
+        let never = RpcError::new(ErrorCode::Internal, "a command never ran");
+        return Either::Left(std::future::ready(Err(never)));
+    };
+    let target = match dispatcher.place(&step) {
+        Ok(target) => target,
+        Err(e) => return Either::Left(std::future::ready(Err(e.with_command(step.name)))),
+    };
+    let name = step.name.clone();
+    // One step has no references (a plan never lets a step name itself).
+    step.deps.clear();
+    let span = tracing::debug_span!(
+        "command",
+        name = %step.name,
+        fun = %step.fun,
+        steps = 1usize,
+        at = ?target,
+    );
+    let job = Job {
+        steps: vec![step],
+        outputs: vec![0],
+    };
+    let call = tracing::Instrument::instrument(guarded(dispatcher.run(target, job)), span);
+    // A combinator, not an async block: awaiting a captured future would
+    // keep room for it twice.
+    Either::Right(call.map(move |values| {
+        let values = values.map_err(|e| e.with_command(&name))?;
+        match <[Value; 1]>::try_from(values) {
+            Ok([value]) => Ok(vec![(name, value)]),
+            Err(values) => Err(RpcError::new(
+                ErrorCode::Internal,
+                format!("expected 1 results, got {}", values.len()),
+            )
+            .with_command(name)),
+        }
+    }))
+}
+
+/// [`execute_with_progress`] for any plan.
+async fn execute_many<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,

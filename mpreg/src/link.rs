@@ -138,6 +138,28 @@ pub(crate) enum PeerMessage {
     Cancel { id: u64 },
 }
 
+/// [`PeerMessage::Run`] made of borrowed parts: the same encoding, without
+/// moving or copying the job (which a caller may still need, to retry it).
+#[derive(Serialize)]
+#[serde(tag = "role", content = "body", rename_all = "kebab-case")]
+enum RunRef<'a> {
+    Run {
+        id: u64,
+        steps: &'a [Step],
+        outputs: &'a [usize],
+        timeout_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace: Option<&'a str>,
+    },
+}
+
+impl RunRef<'_> {
+    fn encode(&self) -> Message {
+        // Only strings, numbers and JSON values: encoding cannot fail.
+        Message::text(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
 impl PeerMessage {
     pub(crate) fn encode(&self) -> Message {
         // Only strings, numbers and JSON values: encoding cannot fail.
@@ -230,14 +252,19 @@ impl Link {
 
     /// Queues a message; false when the link is gone.
     pub(crate) async fn send(&self, message: &PeerMessage) -> bool {
-        !self.is_closed() && self.inner.outgoing.send(message.encode()).await.is_ok()
+        self.send_encoded(message.encode()).await
+    }
+
+    /// Queues an encoded message; false when the link is gone.
+    async fn send_encoded(&self, message: Message) -> bool {
+        !self.is_closed() && self.inner.outgoing.send(message).await.is_ok()
     }
 
     /// Runs `job` on the peer and waits for its outputs. Dropping the future
     /// before the answer tells the peer to stop the job.
     pub(crate) async fn run_job(
         &self,
-        job: Job,
+        job: &Job,
         timeout: Duration,
         trace: &str,
     ) -> Result<Vec<Value>, RpcError> {
@@ -253,14 +280,14 @@ impl Link {
             answered: false,
         };
         self.inner.inflight.fetch_add(1, Ordering::Relaxed);
-        let run = PeerMessage::Run {
+        let run = RunRef::Run {
             id,
-            steps: job.steps,
-            outputs: job.outputs,
+            steps: &job.steps,
+            outputs: &job.outputs,
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-            trace: (!trace.is_empty()).then(|| trace.to_owned()),
+            trace: (!trace.is_empty()).then_some(trace),
         };
-        if !self.send(&run).await {
+        if !self.send_encoded(run.encode()).await {
             guard.answered = true;
             return Err(self.lost());
         }
@@ -391,29 +418,39 @@ where
                 timeout_ms,
                 trace,
             } => {
-                let work = handler.run(
+                let mut work = handler.run(
                     Job { steps, outputs },
                     Duration::from_millis(timeout_ms),
                     trace,
                 );
-                let link = link.clone();
-                let abort = jobs.spawn(async move {
-                    let done = match crate::exec::guarded(work).await {
-                        Ok(values) => PeerMessage::Done {
-                            id,
-                            values: Some(values),
-                            error: None,
-                        },
-                        Err(error) => PeerMessage::Done {
-                            id,
-                            values: None,
-                            error: Some(error),
-                        },
-                    };
-                    link.send(&done).await;
-                    id
-                });
-                running.insert(id, abort);
+                // Most jobs (a quick handler) are done at their first poll:
+                // answer at once, without a task and its wake-ups (as a
+                // client connection does). The others go on on a task.
+                match poll_once(&mut work) {
+                    std::task::Poll::Ready(answer) => {
+                        match link.inner.outgoing.try_send(done(id, answer).encode()) {
+                            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                            // The queue is full: wait for room on a task,
+                            // never in this loop (which must keep reading).
+                            Err(mpsc::error::TrySendError::Full(message)) => {
+                                let link = link.clone();
+                                jobs.spawn(async move {
+                                    link.send_encoded(message).await;
+                                    id
+                                });
+                            }
+                        }
+                    }
+                    std::task::Poll::Pending => {
+                        let link = link.clone();
+                        let abort = jobs.spawn(async move {
+                            let answer = crate::exec::guarded(work).await;
+                            link.send(&done(id, answer)).await;
+                            id
+                        });
+                        running.insert(id, abort);
+                    }
+                }
             }
             PeerMessage::Done { id, values, error } => {
                 let answer = match (error, values) {
@@ -439,6 +476,39 @@ where
     }
     link.close();
     jobs.abort_all();
+}
+
+/// The answer to job `id`.
+fn done(id: u64, answer: Result<Vec<Value>, RpcError>) -> PeerMessage {
+    match answer {
+        Ok(values) => PeerMessage::Done {
+            id,
+            values: Some(values),
+            error: None,
+        },
+        Err(error) => PeerMessage::Done {
+            id,
+            values: None,
+            error: Some(error),
+        },
+    }
+}
+
+/// Polls a job's future once, without a task to wake (a future still
+/// pending registers the waker of the task it moves to at its next poll).
+/// A panic is a `handler_failed` answer, as with [`crate::exec::guarded`].
+fn poll_once(
+    work: &mut futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>,
+) -> std::task::Poll<Result<Vec<Value>, RpcError>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(&mut cx)));
+    polled.unwrap_or_else(|payload| {
+        std::task::Poll::Ready(Err(RpcError::handler_failed(format!(
+            "handler panicked: {}",
+            crate::exec::panic_message(&*payload)
+        ))))
+    })
 }
 
 #[cfg(test)]
@@ -479,6 +549,35 @@ mod tests {
     }
 
     #[test]
+    fn run_from_borrowed_parts_encodes_as_the_message() {
+        let steps = vec![Step {
+            name: "a".into(),
+            fun: "echo".into(),
+            args: vec![Arg::Value(json!({"x": [1, "b"]})), Arg::Ref(0)],
+            kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+            locs: vec!["d".into()],
+            deps: vec![0],
+        }];
+        for trace in [Some("req-1"), None] {
+            let borrowed = RunRef::Run {
+                id: 9,
+                steps: &steps,
+                outputs: &[0],
+                timeout_ms: 250,
+                trace,
+            };
+            let owned = PeerMessage::Run {
+                id: 9,
+                steps: steps.clone(),
+                outputs: vec![0],
+                timeout_ms: 250,
+                trace: trace.map(str::to_owned),
+            };
+            assert_eq!(borrowed.encode(), owned.encode());
+        }
+    }
+
+    #[test]
     fn hello_shape() {
         let hello = PeerMessage::PeerHello(Hello {
             protocol: PEER_PROTOCOL,
@@ -508,7 +607,7 @@ mod tests {
         };
         let waiting = tokio::spawn({
             let link = link.clone();
-            async move { link.run_job(job, Duration::from_secs(60), "").await }
+            async move { link.run_job(&job, Duration::from_secs(60), "").await }
         });
         // The Run message went out; the answer never comes.
         let sent = rx.recv().await.expect("run sent");
@@ -525,7 +624,7 @@ mod tests {
         // A closed link refuses new jobs at once.
         let e = link
             .run_job(
-                Job {
+                &Job {
                     steps: Vec::new(),
                     outputs: Vec::new(),
                 },
@@ -545,7 +644,7 @@ mod tests {
             steps: Vec::new(),
             outputs: Vec::new(),
         };
-        let fut = link.run_job(job, Duration::from_secs(60), "");
+        let fut = link.run_job(&job, Duration::from_secs(60), "");
         // Poll until the Run is queued, then drop the caller.
         let _ = tokio::time::timeout(Duration::from_millis(50), fut).await;
         let first = rx.recv().await.expect("run");

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Job, Progress, Wanted, execute, execute_with_progress};
+use crate::exec::{Job, Progress, Wanted, execute, execute_one, execute_with_progress};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::plan::{Arg, Plan};
@@ -786,13 +786,13 @@ pub(crate) async fn handle_frame(
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
         Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
-        Some(Err(Rejected { u, error })) => Reply::err(u, error),
-        None => Reply::err(
+        Some(Err(Rejected { u, error })) => Answer::failed(u, error),
+        None => Answer::failed(
             Value::Null,
             RpcError::new(ErrorCode::Internal, "the node is stopping"),
         ),
     };
-    counted.end(reply.error.as_ref().map(|e| e.code));
+    counted.end(reply.error_code());
     // A large request usually has a large reply.
     match crate::ws::cpu_bound(size, move || reply.encode()).await {
         Some(text) => text,
@@ -811,7 +811,47 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    crate::client::results_of(handle(state, IncomingRequest { u, request }, None).await)
+    crate::client::results_of(
+        handle(state, IncomingRequest { u, request }, None)
+            .await
+            .into_reply(),
+    )
+}
+
+/// How a request ended: its id, and its results or its error.
+pub(crate) struct Answer {
+    u: Value,
+    outcome: Result<Vec<(String, Value)>, RpcError>,
+}
+
+impl Answer {
+    fn failed(u: Value, error: RpcError) -> Self {
+        Self {
+            u,
+            outcome: Err(error),
+        }
+    }
+
+    /// The error's code, when the request failed.
+    fn error_code(&self) -> Option<ErrorCode> {
+        self.outcome.as_ref().err().map(|e| e.code)
+    }
+
+    /// The reply's text, written from the results (no map built).
+    fn encode(self) -> String {
+        match self.outcome {
+            Ok(results) => Reply::encode_ok(&self.u, &results),
+            Err(e) => Reply::err(self.u, e).encode(),
+        }
+    }
+
+    /// The reply.
+    fn into_reply(self) -> Reply {
+        match self.outcome {
+            Ok(results) => Reply::ok(self.u, results.into_iter().collect()),
+            Err(e) => Reply::err(self.u, e),
+        }
+    }
 }
 
 /// Sends each result of a streaming request to its connection as a
@@ -835,25 +875,50 @@ impl Progress for ToConnection<'_> {
 /// Plans, places and runs a request within its deadline. When the request
 /// asks for `stream` and `progress_to` is a connection's queue, each
 /// command's result is sent there as soon as it exists.
-pub(crate) async fn handle(
-    state: &Arc<NodeState>,
+///
+/// Planning (and, for a single command, placing it and starting its call)
+/// happens at once; the returned future then holds little more than the
+/// call, so that a connection's future per request stays small. Requests of
+/// several commands, and streaming ones, run the executor on a future of
+/// their own.
+pub(crate) fn handle<'a>(
+    state: &'a Arc<NodeState>,
     incoming: IncomingRequest,
-    progress_to: Option<&mpsc::Sender<Message>>,
-) -> Reply {
+    progress_to: Option<&'a mpsc::Sender<Message>>,
+) -> impl Future<Output = Answer> + Send + 'a {
     let IncomingRequest { u, request } = incoming;
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());
     let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
         Ok(plan) => plan,
-        Err(e) => return Reply::err(u, e),
+        Err(e) => return Either::Left(std::future::ready(Answer::failed(u, e))),
     };
+    let progress_to = progress_to.filter(|_| request.stream);
     let wanted = if request.return_intermediate_results {
         Wanted::All
     } else {
         Wanted::Sinks
     };
-    let trace: Arc<str> = match &u {
+    if plan.steps.len() != 1 || progress_to.is_some() {
+        let run = run_request(state, u, plan, wanted, deadline, progress_to);
+        return Either::Right(Either::Right(Box::pin(run)));
+    }
+    let (placer, span) = placer_for(state, &u, deadline);
+    let call = {
+        let _in_span = span.enter();
+        execute_one(plan, &placer)
+    };
+    let run = tracing::Instrument::instrument(tokio::time::timeout_at(placer.deadline, call), span);
+    // A combinator, not an async block: awaiting a captured future would
+    // keep room for it twice.
+    let reply = move |outcome| reply_of(state, u, deadline, outcome);
+    Either::Right(Either::Left(futures_util::FutureExt::map(run, reply)))
+}
+
+/// The placer of a client request with id `u`, and its span.
+fn placer_for(state: &Arc<NodeState>, u: &Value, deadline: Duration) -> (Placer, tracing::Span) {
+    let trace: Arc<str> = match u {
         Value::String(s) => s.as_str().into(),
         other => other.to_string().into(),
     };
@@ -864,12 +929,24 @@ pub(crate) async fn handle(
         deadline: far_enough(deadline),
         trace,
     };
-    let progress = match progress_to {
-        Some(outgoing) if request.stream => Some(ToConnection { u: &u, outgoing }),
-        _ => None,
-    };
-    let run = tokio::time::timeout(
-        deadline,
+    (placer, span)
+}
+
+/// [`handle`] for any plan: through the executor, with progress messages
+/// to `progress_to` when given.
+async fn run_request(
+    state: &Arc<NodeState>,
+    u: Value,
+    plan: Plan,
+    wanted: Wanted,
+    deadline: Duration,
+    progress_to: Option<&mpsc::Sender<Message>>,
+) -> Answer {
+    let (placer, span) = placer_for(state, &u, deadline);
+    let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
+    // The same instant as the placer's deadline (one clock read).
+    let run = tokio::time::timeout_at(
+        placer.deadline,
         execute_with_progress(
             plan,
             &placer,
@@ -877,13 +954,27 @@ pub(crate) async fn handle(
             progress.as_ref().map(|p| p as &dyn Progress),
         ),
     );
-    match tracing::Instrument::instrument(run, span).await {
-        Ok(Ok(results)) => Reply::ok(u, results.into_iter().collect()),
+    let outcome = tracing::Instrument::instrument(run, span).await;
+    reply_of(state, u, deadline, outcome)
+}
+
+/// The answer to request `u` from how its run ended.
+fn reply_of(
+    state: &NodeState,
+    u: Value,
+    deadline: Duration,
+    outcome: Result<Result<Vec<(String, Value)>, RpcError>, tokio::time::error::Elapsed>,
+) -> Answer {
+    match outcome {
+        Ok(Ok(results)) => Answer {
+            u,
+            outcome: Ok(results),
+        },
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
-            Reply::err(u, e)
+            Answer::failed(u, e)
         }
-        Err(_) => Reply::err(
+        Err(_) => Answer::failed(
             u,
             RpcError::new(
                 ErrorCode::Timeout,

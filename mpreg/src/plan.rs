@@ -87,41 +87,32 @@ impl Plan {
             ))
             .with_details(json!({ "limit": max_commands })));
         }
-        let mut index: HashMap<String, usize> = HashMap::with_capacity(commands.len());
-        for (i, c) in commands.iter().enumerate() {
-            if index.insert(c.name.clone(), i).is_some() {
-                return Err(RpcError::new(
-                    ErrorCode::DuplicateName,
-                    format!("more than one command is named '{}'", c.name),
-                )
-                .with_command(c.name.clone()));
-            }
-        }
-        // A string naming *another* command is a reference; a command's own
-        // name is a plain value (there is no result to substitute yet).
-        let resolve = |me: usize, v: Value| -> Arg {
-            if let Value::String(s) = &v
-                && let Some(&j) = index.get(s.as_str())
-                && j != me
-            {
-                return Arg::Ref(j);
-            }
-            Arg::Value(v)
-        };
+        let mut refs = references(&commands)?.into_iter().peekable();
         let steps: Vec<Step> = commands
             .into_iter()
             .enumerate()
-            .map(|(i, c)| Step {
-                args: c.args.into_iter().map(|v| resolve(i, v)).collect(),
-                kwargs: c
-                    .kwargs
-                    .into_iter()
-                    .map(|(k, v)| (k, resolve(i, v)))
-                    .collect(),
-                name: c.name,
-                fun: c.fun,
-                locs: c.locs,
-                deps: Vec::new(),
+            .map(|(i, c)| {
+                // Arguments are numbered as `references` numbers them:
+                // positional, then named.
+                let mut at = 0;
+                let mut resolve = |v: Value| {
+                    let this = at;
+                    at += 1;
+                    match refs.next_if(|&(ci, ai, _)| ci == i && ai == this) {
+                        Some((_, _, j)) => Arg::Ref(j),
+                        None => Arg::Value(v),
+                    }
+                };
+                let args = c.args.into_iter().map(&mut resolve).collect();
+                let kwargs = c.kwargs.into_iter().map(|(k, v)| (k, resolve(v))).collect();
+                Step {
+                    args,
+                    kwargs,
+                    name: c.name,
+                    fun: c.fun,
+                    locs: c.locs,
+                    deps: Vec::new(),
+                }
             })
             .collect();
         Self::from_steps(steps)
@@ -134,6 +125,26 @@ impl Plan {
         let n = steps.len();
         if n == 0 {
             return Err(RpcError::bad_request("request has no commands"));
+        }
+        if n == 1 {
+            // A single step cannot refer to anything: no graph to build.
+            let step = &mut steps[0];
+            if let Some(j) = step.all_args().find_map(|a| match *a {
+                Arg::Ref(j) => Some(j),
+                Arg::Value(_) => None,
+            }) {
+                return Err(RpcError::bad_request(format!(
+                    "command '{}' refers to step {j}, which does not exist",
+                    step.name
+                )));
+            }
+            step.deps.clear();
+            return Ok(Self {
+                steps,
+                dependents: vec![Vec::new()],
+                sinks: vec![0],
+                order: vec![0],
+            });
         }
         for (i, step) in steps.iter_mut().enumerate() {
             let mut deps = Vec::new();
@@ -167,6 +178,63 @@ impl Plan {
             order,
         })
     }
+}
+
+/// Up to this many commands, names are looked up by scanning them (no
+/// hash map to build).
+const FEW_COMMANDS: usize = 8;
+
+/// Where the references of `commands` are, in order: `(command, argument,
+/// command referred to)`, arguments numbered positional first, then named
+/// (in the map's order). The reference rule: a top-level argument that is a
+/// string equal to *another* command's name (a command's own name is a
+/// plain value: there is no result to substitute yet). Fails when two
+/// commands share a name.
+fn references(commands: &[Command]) -> Result<Vec<(usize, usize, usize)>, RpcError> {
+    let n = commands.len();
+    let duplicate = |c: &Command| {
+        Err(RpcError::new(
+            ErrorCode::DuplicateName,
+            format!("more than one command is named '{}'", c.name),
+        )
+        .with_command(c.name.clone()))
+    };
+    let index = if n <= FEW_COMMANDS {
+        for (i, c) in commands.iter().enumerate() {
+            if commands[..i].iter().any(|d| d.name == c.name) {
+                return duplicate(c);
+            }
+        }
+        None
+    } else {
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, c) in commands.iter().enumerate() {
+            if index.insert(c.name.as_str(), i).is_some() {
+                return duplicate(c);
+            }
+        }
+        Some(index)
+    };
+    let mut refs = Vec::new();
+    if n == 1 {
+        return Ok(refs);
+    }
+    let find = |name: &str| match &index {
+        Some(index) => index.get(name).copied(),
+        None => commands.iter().position(|c| c.name == name),
+    };
+    for (i, c) in commands.iter().enumerate() {
+        let values = c.args.iter().chain(c.kwargs.values());
+        for (at, v) in values.enumerate() {
+            if let Value::String(s) = v
+                && let Some(j) = find(s)
+                && j != i
+            {
+                refs.push((i, at, j));
+            }
+        }
+    }
+    Ok(refs)
 }
 
 /// Kahn's algorithm; when steps are left over, names one cycle among them.
@@ -280,6 +348,37 @@ mod tests {
         // Nested values are not searched.
         assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"])));
         assert_eq!(p.steps[1].deps, [0]);
+    }
+
+    #[test]
+    fn many_commands_follow_the_same_rules() {
+        // Past FEW_COMMANDS, names are looked up in a map instead of
+        // scanned: the same references, the same errors.
+        let mut cmds: Vec<Command> = (0..FEW_COMMANDS + 2)
+            .map(|i| cmd(&format!("c{i}"), "echo", json!([i])))
+            .collect();
+        cmds.push(
+            Command::new("last", "f")
+                .arg("c0")
+                .arg("last")
+                .kwarg("k", "c3")
+                .kwarg("v", "nobody"),
+        );
+        let p = plan(cmds.clone()).expect("valid");
+        let last = p.steps.last().expect("steps");
+        assert_eq!(last.args, [Arg::Ref(0), Arg::Value(json!("last"))]);
+        assert_eq!(
+            last.kwargs,
+            [
+                ("k".to_owned(), Arg::Ref(3)),
+                ("v".to_owned(), Arg::Value(json!("nobody")))
+            ]
+        );
+        assert_eq!(last.deps, [0, 3]);
+        cmds.push(cmd("c5", "echo", json!([])));
+        let e = plan(cmds).expect_err("duplicate");
+        assert_eq!(e.code, ErrorCode::DuplicateName);
+        assert_eq!(e.command.as_deref(), Some("c5"));
     }
 
     #[test]

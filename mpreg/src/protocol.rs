@@ -293,6 +293,10 @@ pub(crate) const MAX_RESULT_DEPTH: usize = 128;
 /// Whether `value` nests deeper than `limit` arrays and objects. Iterative:
 /// it must not itself overflow the stack on the values it rejects.
 pub(crate) fn deeper_than(value: &Value, limit: usize) -> bool {
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        // A scalar (most results): nothing to walk, nothing to allocate.
+        return false;
+    }
     let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
     while let Some((v, depth)) = stack.pop() {
         let children: Box<dyn Iterator<Item = &Value>> = match v {
@@ -388,6 +392,28 @@ impl Reply {
         }
     }
 
+    /// Encodes `Reply::ok(u, results…)` straight from the results, without
+    /// building their map: the same text (results by name, in the map's
+    /// key order; of two results with one name, the last).
+    pub(crate) fn encode_ok(u: &Value, results: &[(String, Value)]) -> String {
+        let reply = OkReply {
+            role: ReplyRole,
+            u,
+            r: ByName(results),
+            error: None,
+        };
+        serde_json::to_string(&reply).unwrap_or_else(|e| {
+            Reply::err(
+                u.clone(),
+                RpcError::new(
+                    crate::ErrorCode::Internal,
+                    format!("reply could not be encoded: {e}"),
+                ),
+            )
+            .encode()
+        })
+    }
+
     /// Encodes the reply. Results are `serde_json::Value`s, whose encoding
     /// cannot fail; should it ever, the client still gets an error reply.
     pub(crate) fn encode(&self) -> String {
@@ -402,6 +428,44 @@ impl Reply {
             // A reply of an id, a code and a string always encodes.
             serde_json::to_string(&fallback).unwrap_or_default()
         })
+    }
+}
+
+/// A successful [`Reply`] made of borrowed parts (see [`Reply::encode_ok`]).
+#[derive(Serialize)]
+struct OkReply<'a> {
+    role: ReplyRole,
+    u: &'a Value,
+    r: ByName<'a>,
+    error: Option<()>,
+}
+
+/// Results serialized as a map by name, as a `Map<String, Value>` of them
+/// would be.
+struct ByName<'a>(&'a [(String, Value)]);
+
+impl Serialize for ByName<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let results = self.0;
+        let mut map = s.serialize_map(Some(results.len()))?;
+        if results.is_sorted_by(|a, b| a.0 < b.0) {
+            // The usual case (one result, or names in order): no copy.
+            for (name, value) in results {
+                map.serialize_entry(name, value)?;
+            }
+        } else {
+            let mut sorted: Vec<&(String, Value)> = results.iter().collect();
+            // Stable: of equal names, the last stays last.
+            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (name, value)) in sorted.iter().map(|r| (&r.0, &r.1)).enumerate() {
+                if sorted.get(i + 1).is_some_and(|next| &next.0 == name) {
+                    continue;
+                }
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.end()
     }
 }
 
@@ -540,6 +604,27 @@ mod tests {
             "{}",
             e.error.message
         );
+    }
+
+    #[test]
+    fn ok_replies_encode_as_their_map_would() {
+        let cases: [&[(&str, Value)]; 4] = [
+            &[],
+            &[("a", json!(1))],
+            &[("b", json!(1)), ("a", json!([2]))],
+            &[("x", json!(1)), ("a", json!(2)), ("x", json!({"k": 3}))],
+        ];
+        for case in cases {
+            let results: Vec<(String, Value)> = case
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            let map: Map<String, Value> = results.iter().cloned().collect();
+            assert_eq!(
+                Reply::encode_ok(&json!(7), &results),
+                Reply::ok(json!(7), map).encode()
+            );
+        }
     }
 
     #[test]
