@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::error::{ErrorCode, RpcError};
+use crate::payload::Payload;
 use crate::plan::{Arg, Plan, Step};
 
 /// Decides where steps run, and runs jobs there.
@@ -47,7 +48,7 @@ pub(crate) trait Dispatch: Sync {
         &self,
         target: Self::Target,
         job: Job,
-    ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>>;
 }
 
 /// Steps sent to one place together. References point only at earlier steps
@@ -122,7 +123,7 @@ fn group<T: PartialEq>(
 }
 
 /// What a unit's task yields: the unit's index and its outputs' values.
-type Finished = (usize, Result<Vec<Value>, RpcError>);
+type Finished = (usize, Result<Vec<Payload>, RpcError>);
 
 /// Receives each step's result as soon as the executor records it: how a
 /// streaming request sends per-command results ahead of its reply.
@@ -130,7 +131,7 @@ pub(crate) trait Progress: Sync {
     /// Step `name` produced `value`. The executor waits for the returned
     /// future before it goes on (units already running keep running), so a
     /// slow receiver slows the request down instead of piling results up.
-    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()>;
+    fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()>;
 }
 
 /// Runs `plan` to completion and returns the wanted results with their
@@ -140,7 +141,7 @@ pub(crate) async fn execute<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
-) -> Result<Vec<(String, Value)>, RpcError> {
+) -> Result<Vec<(String, Payload)>, RpcError> {
     execute_with_progress(plan, dispatcher, wanted, None).await
 }
 
@@ -154,7 +155,7 @@ pub(crate) async fn execute_with_progress<D: Dispatch>(
     dispatcher: &D,
     wanted: Wanted,
     progress: Option<&dyn Progress>,
-) -> Result<Vec<(String, Value)>, RpcError> {
+) -> Result<Vec<(String, Payload)>, RpcError> {
     let Plan {
         steps,
         dependents: _,
@@ -264,7 +265,7 @@ struct Dataflow<'d, D: Dispatch> {
     /// Inputs each unit still waits for.
     waiting: Vec<usize>,
     /// Finished results, until their last reader takes them.
-    results: Vec<Option<Value>>,
+    results: Vec<Option<Payload>>,
     reads_left: Vec<usize>,
     /// A step's index within its job (scratch space for `start`).
     position: Vec<usize>,
@@ -282,7 +283,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     }
 
     /// Takes one read of step `j`'s result.
-    fn take(&mut self, j: usize) -> Option<Value> {
+    fn take(&mut self, j: usize) -> Option<Payload> {
         self.reads_left[j] -= 1;
         if self.reads_left[j] == 0 {
             self.results[j].take()
@@ -297,7 +298,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
         &mut self,
         unit: &Unit,
         outputs: &[usize],
-        outcome: Result<Vec<Value>, RpcError>,
+        outcome: Result<Vec<Payload>, RpcError>,
         consumers: &[Vec<usize>],
         ready: &mut Vec<usize>,
     ) -> Result<(), RpcError> {
@@ -333,7 +334,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     }
 
     /// The wanted results, with their command names.
-    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Value)>, RpcError> {
+    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Payload)>, RpcError> {
         wanted
             .into_iter()
             .map(|w| {
@@ -360,7 +361,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
         u: usize,
         unit: &Unit,
         outputs: &[usize],
-    ) -> impl Future<Output = Result<Vec<Value>, RpcError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Vec<Payload>, RpcError>> + Send + 'static {
         let mut job_steps = Vec::with_capacity(unit.steps.len());
         for (pos, &s) in unit.steps.iter().enumerate() {
             self.position[s] = pos;
@@ -411,7 +412,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     fn localize(&mut self, u: usize, arg: Arg) -> Arg {
         match arg {
             Arg::Ref(j) if self.unit_of[j] == u => Arg::Ref(self.position[j]),
-            Arg::Ref(j) => Arg::Value(self.take(j).unwrap_or(Value::Null)),
+            Arg::Ref(j) => Arg::Value(self.take(j).unwrap_or(Payload::Tree(Value::Null))),
             value => value,
         }
     }

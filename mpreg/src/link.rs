@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::Job;
+use crate::payload::Payload;
 use crate::plan::Step;
 
 /// Version of the node-to-node protocol spoken here.
@@ -129,8 +129,10 @@ pub(crate) enum PeerMessage {
     /// The answer to `Run`: `values` (one per output) or `error`.
     Done {
         id: u64,
-        #[serde(default)]
-        values: Option<Vec<Value>>,
+        /// Kept as raw JSON text on receipt: the receiver usually only
+        /// forwards them (into its reply, or into another job).
+        #[serde(default, deserialize_with = "crate::payload::raw_payloads")]
+        values: Option<Vec<Payload>>,
         #[serde(default)]
         error: Option<RpcError>,
     },
@@ -153,7 +155,7 @@ impl PeerMessage {
     }
 }
 
-type Waiter = oneshot::Sender<Result<Vec<Value>, RpcError>>;
+type Waiter = oneshot::Sender<Result<Vec<Payload>, RpcError>>;
 
 /// The sending side of a link, shared by everyone who sends jobs over it.
 #[derive(Debug, Clone)]
@@ -240,7 +242,7 @@ impl Link {
         job: Job,
         timeout: Duration,
         trace: &str,
-    ) -> Result<Vec<Value>, RpcError> {
+    ) -> Result<Vec<Payload>, RpcError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending().as_mut() {
@@ -271,7 +273,7 @@ impl Link {
     }
 
     /// Hands `Done { id }` to the job's caller.
-    fn complete(&self, id: u64, answer: Result<Vec<Value>, RpcError>) {
+    fn complete(&self, id: u64, answer: Result<Vec<Payload>, RpcError>) {
         let waiter = self.pending().as_mut().and_then(|p| p.remove(&id));
         if let Some(waiter) = waiter {
             // The caller may have stopped waiting.
@@ -324,7 +326,7 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
         job: Job,
         timeout: Duration,
         trace: Option<String>,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Payload>, RpcError>>;
     /// The peer's abilities changed.
     fn catalog(&self, catalog: Catalog);
 }
@@ -445,7 +447,7 @@ where
 mod tests {
     use super::*;
     use crate::plan::Arg;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn messages_round_trip_and_keep_values_apart_from_references() {
@@ -454,8 +456,8 @@ mod tests {
             steps: vec![Step {
                 name: "a".into(),
                 fun: "echo".into(),
-                args: vec![Arg::Value(json!("b")), Arg::Ref(0)],
-                kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+                args: vec![Arg::Value(json!("b").into()), Arg::Ref(0)],
+                kwargs: vec![("k".into(), Arg::Value(json!(1).into()))],
                 locs: vec!["d".into()],
                 deps: vec![0],
             }],

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, RpcError};
-use crate::protocol::Command;
+use crate::payload::Payload;
+use crate::protocol::WireCommand;
 
 /// An argument after planning. On peer links it travels as `{"ref": 3}`
 /// or `{"value": ..}`, so a value is never re-read as a reference.
@@ -22,16 +23,16 @@ pub(crate) enum Arg {
     /// The result of the step at this index.
     Ref(usize),
     /// A literal value.
-    Value(Value),
+    Value(Payload),
 }
 
 impl Arg {
     /// The value of an argument whose references were all resolved (a
     /// one-step job has none left); a stray reference reads as `null`.
-    pub(crate) fn into_value(self) -> Value {
+    pub(crate) fn into_value(self) -> Result<Value, serde_json::Error> {
         match self {
-            Arg::Value(v) => v,
-            Arg::Ref(_) => Value::Null,
+            Arg::Value(v) => v.into_value(),
+            Arg::Ref(_) => Ok(Value::Null),
         }
     }
 }
@@ -76,7 +77,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// Validates and plans `commands`: names unique, at least one command, at
     /// most `max_commands`, no cycle.
-    pub(crate) fn new(commands: Vec<Command>, max_commands: usize) -> Result<Self, RpcError> {
+    pub(crate) fn new(commands: Vec<WireCommand>, max_commands: usize) -> Result<Self, RpcError> {
         if commands.is_empty() {
             return Err(RpcError::bad_request("request has no commands"));
         }
@@ -99,9 +100,9 @@ impl Plan {
         }
         // A string naming *another* command is a reference; a command's own
         // name is a plain value (there is no result to substitute yet).
-        let resolve = |me: usize, v: Value| -> Arg {
-            if let Value::String(s) = &v
-                && let Some(&j) = index.get(s.as_str())
+        let resolve = |me: usize, v: Payload| -> Arg {
+            if let Some(s) = v.as_string()
+                && let Some(&j) = index.get(s.as_ref())
                 && j != me
             {
                 return Arg::Ref(j);
@@ -224,13 +225,14 @@ fn topological_order(steps: &[Step], dependents: &[Vec<usize>]) -> Result<Vec<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Command;
 
     fn cmd(name: &str, fun: &str, args: Value) -> Command {
         Command::new(name, fun).args(args.as_array().cloned().unwrap_or_default())
     }
 
     fn plan(cmds: Vec<Command>) -> Result<Plan, RpcError> {
-        Plan::new(cmds, 1000)
+        Plan::new(cmds.into_iter().map(Into::into).collect(), 1000)
     }
 
     fn names<'a>(p: &'a Plan, idx: &[usize]) -> Vec<&'a str> {
@@ -248,7 +250,7 @@ mod tests {
         assert_eq!(p.steps[1].args, [Arg::Ref(0)]);
         assert_eq!(
             p.steps[2].args,
-            [Arg::Ref(0), Arg::Value(json!("AND ME TOO"))]
+            [Arg::Ref(0), Arg::Value(json!("AND ME TOO").into())]
         );
         assert_eq!(names(&p, &p.sinks), ["|second", "|third"]);
     }
@@ -278,14 +280,14 @@ mod tests {
         .expect("valid");
         assert_eq!(p.steps[1].kwargs, [("x".to_owned(), Arg::Ref(0))]);
         // Nested values are not searched.
-        assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"])));
+        assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"]).into()));
         assert_eq!(p.steps[1].deps, [0]);
     }
 
     #[test]
     fn own_name_is_a_value_not_a_reference() {
         let p = plan(vec![cmd("a", "echo", json!(["a"]))]).expect("valid");
-        assert_eq!(p.steps[0].args, [Arg::Value(json!("a"))]);
+        assert_eq!(p.steps[0].args, [Arg::Value(json!("a").into())]);
     }
 
     #[test]
@@ -366,7 +368,7 @@ mod tests {
     fn empty_and_oversized_requests_are_rejected() {
         assert_eq!(plan(vec![]).expect_err("empty").code, ErrorCode::BadRequest);
         let many = (0..3)
-            .map(|i| cmd(&i.to_string(), "echo", json!([])))
+            .map(|i| cmd(&i.to_string(), "echo", json!([])).into())
             .collect();
         assert_eq!(
             Plan::new(many, 2).expect_err("too many").code,
