@@ -106,58 +106,59 @@ pub(crate) fn raw_payloads<'de, D: Deserializer<'de>>(
 /// reading checked the syntax); what a [`Value`] parse also rejects is a
 /// number out of `f64` range, a lone surrogate escape and nesting past its
 /// limit. This scan answers `false` for anything that might be one of
-/// those: more than 200 digits in a row, an exponent of three digits or
+/// those: about 190 digits in a row or more, an exponent of three digits or
 /// more, any `\uD...` escape, nesting past `max_depth`. A `false` is thus
-/// "maybe not", never a verdict. One pass over the bytes, no recursion.
+/// "maybe not", never a verdict. One pass, no recursion; outside strings it
+/// looks at 8 bytes at a time.
 pub(crate) fn checked_raw(raw: &RawValue, max_depth: usize) -> bool {
-    const CHUNK: usize = 32;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Nonzero when a byte of `v` is zero; its lowest set bit marks the
+    // first such byte.
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    // 24 words of digits in a row hold 192 digits: an integer part that
+    // long, or an exponent of three digits, could be out of `f64` range;
+    // less cannot (10^200 * 10^99 is in range).
+    const MAX_DIGIT_WORDS: usize = 24;
     let bytes = raw.get().as_bytes();
     let mut depth = 0usize;
-    // Digits in a row so far (an integer part, a fraction or an exponent).
-    let mut digits = 0usize;
+    let mut digit_words = 0usize;
     let mut i = 0;
     while i < bytes.len() {
-        // Fast way: up to the next byte that matters, 32 bytes at a time,
-        // only counting digits in a row.
-        if let Some(chunk) = bytes.get(i..i + CHUNK) {
-            let (mut special, mut digit) = (0u32, 0u32);
-            for (k, &b) in chunk.iter().enumerate() {
-                let matters = matches!(b, b'"' | b'[' | b']' | b'{' | b'}' | b'e' | b'E');
-                special |= u32::from(matters) << k;
-                digit |= u32::from(b.is_ascii_digit()) << k;
-            }
-            let p = special.trailing_zeros() as usize; // 32: none
-            if p > 0 {
-                let prefix = if p == CHUNK { u32::MAX } else { (1 << p) - 1 };
-                let d = digit & prefix;
-                if d == prefix {
-                    digits += p;
-                } else {
-                    // The run going on ends; the one at the end of the
-                    // prefix (if any) starts.
-                    if digits + d.trailing_ones() as usize > 200 {
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            let x = u64::from_le_bytes(word);
+            // Outside strings every byte is ASCII. `| 0x20` folds `[` into
+            // `{`, `]` into `}` and `E` into `e` (and nothing else valid
+            // here into any of those or `"`).
+            let y = x | (0x20 * ONES);
+            let special = zero_byte(y ^ (b'"' as u64 * ONES))
+                | zero_byte(y ^ (b'{' as u64 * ONES))
+                | zero_byte(y ^ (b'}' as u64 * ONES))
+                | zero_byte(y ^ (b'e' as u64 * ONES));
+            if special == 0 {
+                let digits =
+                    (x.wrapping_add(0x46 * ONES) | !((x | HIGH).wrapping_sub(0x30 * ONES))) & HIGH
+                        == 0;
+                if digits {
+                    digit_words += 1;
+                    if digit_words >= MAX_DIGIT_WORDS {
                         return false;
                     }
-                    digits = (d << (CHUNK - p)).leading_ones() as usize;
+                } else {
+                    digit_words = 0;
                 }
-                if digits > 200 {
-                    return false;
-                }
-                i += p;
-                if p == CHUNK {
-                    continue;
-                }
+                i += 8;
+                continue;
             }
+            // Up to the first byte that matters (a digit run ends there).
+            i += special.trailing_zeros() as usize / 8;
         }
-        // One byte, the slow way.
+        digit_words = 0;
         match bytes[i] {
-            b'0'..=b'9' => {
-                digits += 1;
-                if digits > 200 {
-                    return false;
-                }
-            }
-            b'e' | b'E' if digits > 0 => {
+            b'e' | b'E' if i > 0 && bytes[i - 1].is_ascii_digit() => {
                 // An exponent (a letter after a digit is nothing else).
                 let start = i + 1 + usize::from(matches!(bytes.get(i + 1), Some(b'+' | b'-')));
                 let len = bytes[start.min(bytes.len())..]
@@ -167,12 +168,8 @@ pub(crate) fn checked_raw(raw: &RawValue, max_depth: usize) -> bool {
                 if len >= 3 {
                     return false;
                 }
-                digits = 0;
-                i = start + len;
-                continue;
             }
             b'"' => {
-                digits = 0;
                 i += 1;
                 loop {
                     let Some(k) = bytes[i.min(bytes.len())..]
@@ -194,17 +191,14 @@ pub(crate) fn checked_raw(raw: &RawValue, max_depth: usize) -> bool {
                 }
             }
             b'[' | b'{' => {
-                digits = 0;
                 depth += 1;
                 if depth > max_depth {
                     return false;
                 }
             }
-            b']' | b'}' => {
-                digits = 0;
-                depth = depth.saturating_sub(1);
-            }
-            _ => digits = 0,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            // A digit run in the last bytes: fewer than 8 of them.
+            _ => {}
         }
         i += 1;
     }
@@ -246,7 +240,7 @@ mod tests {
     #[test]
     fn checked_raw_is_cautious_with_numbers_and_escapes() {
         // Parse fine, but the scan cannot tell cheaply: it says "maybe not".
-        let long = "9".repeat(201);
+        let long = "9".repeat(250);
         for unsure in [long.as_str(), "1e100", "\"\\ud83d\\ude00\""] {
             assert!(serde_json::from_str::<Value>(unsure).is_ok(), "{unsure}");
             assert!(!checked_raw(&raw(unsure), 8), "{unsure}");
@@ -262,12 +256,13 @@ mod tests {
 
     #[test]
     fn checked_raw_counts_digits_across_chunks() {
-        // Runs of digits around the 32-byte steps of the scan.
-        for (at, run) in [(0, 200), (5, 200), (31, 200), (33, 200), (64, 200)] {
-            let text = format!("[{}{},1]", " ".repeat(at), "7".repeat(run));
-            assert!(checked_raw(&raw(&text), 8), "{at} {run}");
-            let text = format!("[{}{},1]", " ".repeat(at), "7".repeat(run + 1));
-            assert!(!checked_raw(&raw(&text), 8), "{at} {}", run + 1);
+        // Runs of digits around the 8-byte steps of the scan: up to 190 in
+        // a row always pass, 199 (24 whole words at any offset) never do.
+        for at in 0..9 {
+            let text = format!("[{}{},1]", " ".repeat(at), "7".repeat(190));
+            assert!(checked_raw(&raw(&text), 8), "{at}");
+            let text = format!("[{}{},1]", " ".repeat(at), "7".repeat(199));
+            assert!(!checked_raw(&raw(&text), 8), "{at}");
         }
         // Many short numbers pass; brackets and exponents past a chunk count.
         let many = format!("[{}1]", "1234567890,".repeat(1000));
