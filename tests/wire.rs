@@ -334,3 +334,82 @@ async fn shutdown_completes_when_a_client_stops_reading() {
     guard("shutdown with a stalled client", node.shutdown()).await;
     drop(ws);
 }
+
+/// Whether `view` shows a node offering `dataset`.
+fn offers_dataset(view: &Value, dataset: &str) -> bool {
+    view["nodes"].as_array().is_some_and(|nodes| {
+        nodes.iter().any(|n| {
+            n["functions"].as_array().is_some_and(|fs| {
+                fs.iter().any(|f| {
+                    f["datasets"]
+                        .as_array()
+                        .is_some_and(|ds| ds.iter().any(|d| d == dataset))
+                })
+            })
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
+    // The entry node forwards arguments and results as raw JSON text: what
+    // comes back must be what a tree would have given, and a frame a tree
+    // parse refuses is refused as before (not valid JSON, so no id).
+    let b = start_node(builder().name("B").datasets(["b"])).await;
+    let a = start_node(builder().name("A").peers([b.url().expect("B listens")])).await;
+    let seen = a
+        .wait_for(common::HANG_GUARD, |v| offers_dataset(v, "b"))
+        .await;
+    assert!(seen, "A never saw B's dataset");
+    let mut ws = RawWs::connect(&a.url().expect("A listens")).await;
+
+    let values = json!([
+        1.5e30,
+        2.5E-7,
+        -0.0,
+        18_446_744_073_709_551_615u64,
+        -9_223_372_036_854_775_808i64,
+        "caf\u{e9} \u{1F600} \"quoted\" back\\slash",
+        {"z": [1, {"y": null}], "a": true},
+        [],
+        {}
+    ]);
+    // Spaces and escapes as a client might write them.
+    let frame = format!(
+        r#"{{ "role" : "rpc", "u" : "hop", "cmds" : [ {{ "name" : "e", "fun" : "echo", "args" : [ {} ], "locs" : [ "b" ] }} ] }}"#,
+        serde_json::to_string_pretty(&values).expect("json")
+    );
+    ws.send_text(&frame).await;
+    let reply = guard("hop reply", ws.recv_json()).await;
+    assert_eq!(ok_r(&reply, &json!("hop")), json!({ "e": values }));
+    // A `\u` escape of a surrogate pair goes the plain way and still works.
+    let pair =
+        r#"{"u":"pair","cmds":[{"name":"e","fun":"echo","args":["\ud83d\ude00"],"locs":["b"]}]}"#;
+    ws.send_text(pair).await;
+    let reply = guard("pair reply", ws.recv_json()).await;
+    assert_eq!(ok_r(&reply, &json!("pair")), json!({ "e": "\u{1F600}" }));
+
+    for (u, arg) in [
+        ("range", "1e999"),
+        ("surrogate", r#""\ud800""#),
+        ("deep", &format!("{}1{}", "[".repeat(200), "]".repeat(200))),
+    ] {
+        let frame = format!(
+            r#"{{"u":"{u}","cmds":[{{"name":"e","fun":"echo","args":[{arg}],"locs":["b"]}}]}}"#
+        );
+        ws.send_text(&frame).await;
+        let reply = guard("bad reply", ws.recv_json()).await;
+        let e = err_of(&reply, &Value::Null, "bad_request");
+        assert!(
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not valid JSON")),
+            "{u}: {e}"
+        );
+    }
+    // The link and the connection still work.
+    ws.send_text(r#"{"u":"after","cmds":[{"name":"e","fun":"echo","args":[[1,2]],"locs":["b"]}]}"#)
+        .await;
+    let reply = guard("after reply", ws.recv_json()).await;
+    assert_eq!(ok_r(&reply, &json!("after")), json!({ "e": [1, 2] }));
+}

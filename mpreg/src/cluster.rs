@@ -25,6 +25,7 @@ use crate::exec::{Dispatch, Job, Wanted, execute};
 use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCOL, PeerMessage};
 use crate::membership::MemberEvent;
 use crate::node::{NodeState, run_local};
+use crate::payload::Payload;
 use crate::plan::{Plan, Step};
 use crate::registry::{Registry, Unavailable};
 use crate::route::{Candidate, choose, random_below};
@@ -464,7 +465,7 @@ impl Dispatch for Placer {
         matches!(target, Target::Peer(_))
     }
 
-    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         match target {
             Target::Local => run_local(self, job),
             Target::Peer(key) => Box::pin(run_remote(self.clone(), key, job)),
@@ -474,7 +475,7 @@ impl Dispatch for Placer {
 
 /// Runs a job on a peer. If the peer is lost and every function of the
 /// job is idempotent, runs it once more elsewhere.
-async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Value>, RpcError> {
+async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payload>, RpcError> {
     let cluster = &placer.state.cluster;
     // The job is encoded from a borrow, so it is still here for a retry.
     let retry = cluster.idempotent(&job);
@@ -519,7 +520,7 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Value>
     }
 }
 
-async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Value>, RpcError> {
+async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload>, RpcError> {
     let Some(link) = placer.state.cluster.link(key) else {
         return Err(RpcError::new(
             ErrorCode::NodeLost,
@@ -542,7 +543,7 @@ impl LinkHandler for Served {
         job: Job,
         timeout: Duration,
         trace: Option<String>,
-    ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         let trace: Arc<str> = trace.unwrap_or_default().into();
         let span = tracing::debug_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
         let placer = Placer {

@@ -28,6 +28,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::error::{ErrorCode, RpcError};
+use crate::payload::Payload;
 use crate::plan::{Arg, Plan, Step};
 
 /// Decides where steps run, and runs jobs there.
@@ -48,7 +49,7 @@ pub(crate) trait Dispatch: Sync {
         &self,
         target: Self::Target,
         job: Job,
-    ) -> BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>>;
 }
 
 /// Steps sent to one place together. References point only at earlier steps
@@ -123,10 +124,10 @@ fn group<T: PartialEq>(
 }
 
 /// What a run yields: the wanted results with their command names.
-pub(crate) type RunResults = Result<Vec<(String, Value)>, RpcError>;
+pub(crate) type RunResults = Result<Vec<(String, Payload)>, RpcError>;
 
 /// What a unit's task yields: the unit's index and its outputs' values.
-type Finished = (usize, Result<Vec<Value>, RpcError>);
+type Finished = (usize, Result<Vec<Payload>, RpcError>);
 
 /// Receives each step's result as soon as the executor records it: how a
 /// streaming request sends per-command results ahead of its reply.
@@ -134,7 +135,7 @@ pub(crate) trait Progress: Sync {
     /// Step `name` produced `value`. The executor waits for the returned
     /// future before it goes on (units already running keep running), so a
     /// slow receiver slows the request down instead of piling results up.
-    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()>;
+    fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()>;
 }
 
 /// Runs `plan` to completion and returns the wanted results with their
@@ -144,7 +145,7 @@ pub(crate) fn execute<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
-) -> impl Future<Output = Result<Vec<(String, Value)>, RpcError>> + '_ {
+) -> impl Future<Output = Result<Vec<(String, Payload)>, RpcError>> + '_ {
     execute_with_progress(plan, dispatcher, wanted, None)
 }
 
@@ -158,7 +159,7 @@ pub(crate) fn execute_with_progress<'a, D: Dispatch>(
     dispatcher: &'a D,
     wanted: Wanted,
     progress: Option<&'a dyn Progress>,
-) -> impl Future<Output = Result<Vec<(String, Value)>, RpcError>> + 'a {
+) -> impl Future<Output = Result<Vec<(String, Payload)>, RpcError>> + 'a {
     let single = plan.steps.len() == 1
         && progress.is_none()
         && match &wanted {
@@ -211,7 +212,7 @@ pub(crate) fn execute_one<D: Dispatch>(
     // keep room for it twice.
     Either::Right(call.map(move |values| {
         let values = values.map_err(|e| e.with_command(&name))?;
-        match <[Value; 1]>::try_from(values) {
+        match <[Payload; 1]>::try_from(values) {
             Ok([value]) => Ok(vec![(name, value)]),
             Err(values) => Err(RpcError::new(
                 ErrorCode::Internal,
@@ -228,7 +229,7 @@ async fn execute_many<D: Dispatch>(
     dispatcher: &D,
     wanted: Wanted,
     progress: Option<&dyn Progress>,
-) -> Result<Vec<(String, Value)>, RpcError> {
+) -> Result<Vec<(String, Payload)>, RpcError> {
     let Plan {
         steps,
         dependents: _,
@@ -338,7 +339,7 @@ struct Dataflow<'d, D: Dispatch> {
     /// Inputs each unit still waits for.
     waiting: Vec<usize>,
     /// Finished results, until their last reader takes them.
-    results: Vec<Option<Value>>,
+    results: Vec<Option<Payload>>,
     reads_left: Vec<usize>,
     /// A step's index within its job (scratch space for `start`).
     position: Vec<usize>,
@@ -356,7 +357,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     }
 
     /// Takes one read of step `j`'s result.
-    fn take(&mut self, j: usize) -> Option<Value> {
+    fn take(&mut self, j: usize) -> Option<Payload> {
         self.reads_left[j] -= 1;
         if self.reads_left[j] == 0 {
             self.results[j].take()
@@ -371,7 +372,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
         &mut self,
         unit: &Unit,
         outputs: &[usize],
-        outcome: Result<Vec<Value>, RpcError>,
+        outcome: Result<Vec<Payload>, RpcError>,
         consumers: &[Vec<usize>],
         ready: &mut Vec<usize>,
     ) -> Result<(), RpcError> {
@@ -407,7 +408,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     }
 
     /// The wanted results, with their command names.
-    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Value)>, RpcError> {
+    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Payload)>, RpcError> {
         wanted
             .into_iter()
             .map(|w| {
@@ -434,7 +435,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
         u: usize,
         unit: &Unit,
         outputs: &[usize],
-    ) -> impl Future<Output = Result<Vec<Value>, RpcError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Vec<Payload>, RpcError>> + Send + 'static {
         let mut job_steps = Vec::with_capacity(unit.steps.len());
         for (pos, &s) in unit.steps.iter().enumerate() {
             self.position[s] = pos;
@@ -485,7 +486,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
     fn localize(&mut self, u: usize, arg: Arg) -> Arg {
         match arg {
             Arg::Ref(j) if self.unit_of[j] == u => Arg::Ref(self.position[j]),
-            Arg::Ref(j) => Arg::Value(self.take(j).unwrap_or(Value::Null)),
+            Arg::Ref(j) => Arg::Value(self.take(j).unwrap_or(Payload::Tree(Value::Null))),
             value => value,
         }
     }

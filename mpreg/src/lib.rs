@@ -115,6 +115,7 @@ mod link;
 mod membership;
 mod metrics;
 mod node;
+mod payload;
 mod plan;
 mod protocol;
 mod registry;
@@ -136,13 +137,14 @@ pub mod __bench {
 
     /// Plans `commands` as a request would be; returns the number of sinks.
     pub fn plan(commands: Vec<Command>) -> Result<usize, RpcError> {
-        crate::plan::Plan::new(commands, usize::MAX).map(|p| p.sinks.len())
+        crate::plan::Plan::new(commands.into_iter().map(Into::into).collect(), usize::MAX)
+            .map(|p| p.sinks.len())
     }
 
     /// Parses one client frame; returns its number of commands.
     pub fn parse_frame(frame: &[u8]) -> Result<usize, RpcError> {
         crate::protocol::parse_request(frame)
-            .map(|r| r.request.cmds.len())
+            .map(|r| r.cmds.len())
             .map_err(|r| r.error)
     }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::Job;
+use crate::payload::Payload;
 use crate::plan::Step;
 
 /// Version of the node-to-node protocol spoken here.
@@ -129,8 +129,10 @@ pub(crate) enum PeerMessage {
     /// The answer to `Run`: `values` (one per output) or `error`.
     Done {
         id: u64,
-        #[serde(default)]
-        values: Option<Vec<Value>>,
+        /// Kept as raw JSON text on receipt: the receiver usually only
+        /// forwards them (into its reply, or into another job).
+        #[serde(default, deserialize_with = "crate::payload::raw_payloads")]
+        values: Option<Vec<Payload>>,
         #[serde(default)]
         error: Option<RpcError>,
     },
@@ -175,7 +177,7 @@ impl PeerMessage {
     }
 }
 
-type Waiter = oneshot::Sender<Result<Vec<Value>, RpcError>>;
+type Waiter = oneshot::Sender<Result<Vec<Payload>, RpcError>>;
 
 /// The sending side of a link, shared by everyone who sends jobs over it.
 #[derive(Debug, Clone)]
@@ -267,7 +269,7 @@ impl Link {
         job: &Job,
         timeout: Duration,
         trace: &str,
-    ) -> Result<Vec<Value>, RpcError> {
+    ) -> Result<Vec<Payload>, RpcError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending().as_mut() {
@@ -298,7 +300,7 @@ impl Link {
     }
 
     /// Hands `Done { id }` to the job's caller.
-    fn complete(&self, id: u64, answer: Result<Vec<Value>, RpcError>) {
+    fn complete(&self, id: u64, answer: Result<Vec<Payload>, RpcError>) {
         let waiter = self.pending().as_mut().and_then(|p| p.remove(&id));
         if let Some(waiter) = waiter {
             // The caller may have stopped waiting.
@@ -351,7 +353,7 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
         job: Job,
         timeout: Duration,
         trace: Option<String>,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>;
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Payload>, RpcError>>;
     /// The peer's abilities changed.
     fn catalog(&self, catalog: Catalog);
 }
@@ -479,7 +481,7 @@ where
 }
 
 /// The answer to job `id`.
-fn done(id: u64, answer: Result<Vec<Value>, RpcError>) -> PeerMessage {
+fn done(id: u64, answer: Result<Vec<Payload>, RpcError>) -> PeerMessage {
     match answer {
         Ok(values) => PeerMessage::Done {
             id,
@@ -498,8 +500,8 @@ fn done(id: u64, answer: Result<Vec<Value>, RpcError>) -> PeerMessage {
 /// pending registers the waker of the task it moves to at its next poll).
 /// A panic is a `handler_failed` answer, as with [`crate::exec::guarded`].
 fn poll_once(
-    work: &mut futures_util::future::BoxFuture<'static, Result<Vec<Value>, RpcError>>,
-) -> std::task::Poll<Result<Vec<Value>, RpcError>> {
+    work: &mut futures_util::future::BoxFuture<'static, Result<Vec<Payload>, RpcError>>,
+) -> std::task::Poll<Result<Vec<Payload>, RpcError>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let polled =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(&mut cx)));
@@ -515,7 +517,7 @@ fn poll_once(
 mod tests {
     use super::*;
     use crate::plan::Arg;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn messages_round_trip_and_keep_values_apart_from_references() {
@@ -524,8 +526,8 @@ mod tests {
             steps: vec![Step {
                 name: "a".into(),
                 fun: "echo".into(),
-                args: vec![Arg::Value(json!("b")), Arg::Ref(0)],
-                kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+                args: vec![Arg::Value(json!("b").into()), Arg::Ref(0)],
+                kwargs: vec![("k".into(), Arg::Value(json!(1).into()))],
                 locs: vec!["d".into()],
                 deps: vec![0],
             }],
@@ -553,8 +555,8 @@ mod tests {
         let steps = vec![Step {
             name: "a".into(),
             fun: "echo".into(),
-            args: vec![Arg::Value(json!({"x": [1, "b"]})), Arg::Ref(0)],
-            kwargs: vec![("k".into(), Arg::Value(json!(1)))],
+            args: vec![Arg::Value(json!({"x": [1, "b"]}).into()), Arg::Ref(0)],
+            kwargs: vec![("k".into(), Arg::Value(json!(1).into()))],
             locs: vec!["d".into()],
             deps: vec![0],
         }];

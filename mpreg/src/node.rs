@@ -27,9 +27,10 @@ use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Progress, Wanted, execute, execute_one, execute_with_progress};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
+use crate::payload::Payload;
 use crate::plan::{Arg, Plan};
 use crate::protocol::{
-    IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Reply, Request, deeper_than,
+    Answer, IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Request, deeper_than,
     parse_request,
 };
 use crate::registry::{Args, Function, Registry, linked_functions};
@@ -786,17 +787,17 @@ pub(crate) async fn handle_frame(
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
         Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
-        Some(Err(Rejected { u, error })) => Answer::failed(u, error),
-        None => Answer::failed(
+        Some(Err(Rejected { u, error })) => Answer::err(u, error),
+        None => Answer::err(
             Value::Null,
             RpcError::new(ErrorCode::Internal, "the node is stopping"),
         ),
     };
-    counted.end(reply.error_code());
+    counted.end(reply.error.as_ref().map(|e| e.code));
     // A large request usually has a large reply.
     match crate::ws::cpu_bound(size, move || reply.encode()).await {
         Some(text) => text,
-        None => Reply::err(
+        None => Answer::err(
             Value::Null,
             RpcError::new(ErrorCode::Internal, "the node is stopping"),
         )
@@ -811,47 +812,8 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    crate::client::results_of(
-        handle(state, IncomingRequest { u, request }, None)
-            .await
-            .into_reply(),
-    )
-}
-
-/// How a request ended: its id, and its results or its error.
-pub(crate) struct Answer {
-    u: Value,
-    outcome: Result<Vec<(String, Value)>, RpcError>,
-}
-
-impl Answer {
-    fn failed(u: Value, error: RpcError) -> Self {
-        Self {
-            u,
-            outcome: Err(error),
-        }
-    }
-
-    /// The error's code, when the request failed.
-    fn error_code(&self) -> Option<ErrorCode> {
-        self.outcome.as_ref().err().map(|e| e.code)
-    }
-
-    /// The reply's text, written from the results (no map built).
-    fn encode(self) -> String {
-        match self.outcome {
-            Ok(results) => Reply::encode_ok(&self.u, &results),
-            Err(e) => Reply::err(self.u, e).encode(),
-        }
-    }
-
-    /// The reply.
-    fn into_reply(self) -> Reply {
-        match self.outcome {
-            Ok(results) => Reply::ok(self.u, results.into_iter().collect()),
-            Err(e) => Reply::err(self.u, e),
-        }
-    }
+    let answer = handle(state, IncomingRequest::new(u, request), None).await;
+    crate::client::results_of(answer.into_reply())
 }
 
 /// Sends each result of a streaming request to its connection as a
@@ -863,7 +825,7 @@ struct ToConnection<'a> {
 }
 
 impl Progress for ToConnection<'_> {
-    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()> {
+    fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()> {
         let text = ProgressMessage::new(self.u, name, value).encode();
         Box::pin(async move {
             // Fails only when the connection is already gone.
@@ -886,13 +848,14 @@ pub(crate) fn handle<'a>(
     incoming: IncomingRequest,
     progress_to: Option<&'a mpsc::Sender<Message>>,
 ) -> impl Future<Output = Answer> + Send + 'a {
-    let IncomingRequest { u, request } = incoming;
+    let request = incoming;
+    let u = request.u;
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());
     let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
         Ok(plan) => plan,
-        Err(e) => return Either::Left(std::future::ready(Answer::failed(u, e))),
+        Err(e) => return Either::Left(std::future::ready(Answer::err(u, e))),
     };
     let progress_to = progress_to.filter(|_| request.stream);
     let wanted = if request.return_intermediate_results {
@@ -963,18 +926,15 @@ fn reply_of(
     state: &NodeState,
     u: Value,
     deadline: Duration,
-    outcome: Result<Result<Vec<(String, Value)>, RpcError>, tokio::time::error::Elapsed>,
+    outcome: Result<Result<Vec<(String, Payload)>, RpcError>, tokio::time::error::Elapsed>,
 ) -> Answer {
     match outcome {
-        Ok(Ok(results)) => Answer {
-            u,
-            outcome: Ok(results),
-        },
+        Ok(Ok(results)) => Answer::ok(u, results),
         Ok(Err(e)) => {
             tracing::debug!(node = %state.name, %u, error = %e, "request failed");
-            Answer::failed(u, e)
+            Answer::err(u, e)
         }
-        Err(_) => Answer::failed(
+        Err(_) => Answer::err(
             u,
             RpcError::new(
                 ErrorCode::Timeout,
@@ -989,7 +949,7 @@ fn reply_of(
 pub(crate) fn run_local(
     placer: &Placer,
     mut job: Job,
-) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
     if job.steps.len() != 1 {
         let placer = Placer {
             scope: Scope::Here,
@@ -1016,14 +976,10 @@ pub(crate) fn run_local(
         deadline: placer.deadline,
         request_id: placer.trace.clone(),
     };
-    let args = Args::new(
-        step.args.into_iter().map(Arg::into_value).collect(),
-        step.kwargs
-            .into_iter()
-            .map(|(k, a)| (k, a.into_value()))
-            .collect(),
-    )
-    .with_context(context);
+    let args = match read_args(step.args, step.kwargs) {
+        Ok(args) => args.with_context(context),
+        Err(e) => return Box::pin(async move { Err(e) }),
+    };
     // The handler is called inside the future, so a panic while it builds
     // its future is caught like any other.
     Box::pin(async move {
@@ -1039,12 +995,29 @@ pub(crate) fn run_local(
                     "the result nests deeper than {MAX_RESULT_DEPTH} arrays and objects"
                 )));
             }
-            Ok(vec![value])
+            Ok(vec![Payload::Tree(value)])
         }
         .await;
         call.end(Outcome::of(&result));
         result
     })
+}
+
+/// A step's arguments as a handler takes them (raw ones parsed).
+fn read_args(args: Vec<Arg>, kwargs: Vec<(String, Arg)>) -> Result<Args, RpcError> {
+    let unreadable =
+        |e: serde_json::Error| RpcError::bad_request(format!("an argument could not be read: {e}"));
+    let positional = args
+        .into_iter()
+        .map(Arg::into_value)
+        .collect::<Result<_, _>>()
+        .map_err(unreadable)?;
+    let named = kwargs
+        .into_iter()
+        .map(|(k, a)| a.into_value().map(|v| (k, v)))
+        .collect::<Result<_, _>>()
+        .map_err(unreadable)?;
+    Ok(Args::new(positional, named))
 }
 
 /// The instant `after` from now; past what the clock can represent, a

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, RpcError};
-use crate::protocol::Command;
+use crate::payload::Payload;
+use crate::protocol::WireCommand;
 
 /// An argument after planning. On peer links it travels as `{"ref": 3}`
 /// or `{"value": ..}`, so a value is never re-read as a reference.
@@ -22,16 +23,16 @@ pub(crate) enum Arg {
     /// The result of the step at this index.
     Ref(usize),
     /// A literal value.
-    Value(Value),
+    Value(Payload),
 }
 
 impl Arg {
     /// The value of an argument whose references were all resolved (a
     /// one-step job has none left); a stray reference reads as `null`.
-    pub(crate) fn into_value(self) -> Value {
+    pub(crate) fn into_value(self) -> Result<Value, serde_json::Error> {
         match self {
-            Arg::Value(v) => v,
-            Arg::Ref(_) => Value::Null,
+            Arg::Value(v) => v.into_value(),
+            Arg::Ref(_) => Ok(Value::Null),
         }
     }
 }
@@ -76,7 +77,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// Validates and plans `commands`: names unique, at least one command, at
     /// most `max_commands`, no cycle.
-    pub(crate) fn new(commands: Vec<Command>, max_commands: usize) -> Result<Self, RpcError> {
+    pub(crate) fn new(commands: Vec<WireCommand>, max_commands: usize) -> Result<Self, RpcError> {
         if commands.is_empty() {
             return Err(RpcError::bad_request("request has no commands"));
         }
@@ -95,7 +96,7 @@ impl Plan {
                 // Arguments are numbered as `references` numbers them:
                 // positional, then named.
                 let mut at = 0;
-                let mut resolve = |v: Value| {
+                let mut resolve = |v: Payload| {
                     let this = at;
                     at += 1;
                     match refs.next_if(|&(ci, ai, _)| ci == i && ai == this) {
@@ -190,9 +191,9 @@ const FEW_COMMANDS: usize = 8;
 /// string equal to *another* command's name (a command's own name is a
 /// plain value: there is no result to substitute yet). Fails when two
 /// commands share a name.
-fn references(commands: &[Command]) -> Result<Vec<(usize, usize, usize)>, RpcError> {
+fn references(commands: &[WireCommand]) -> Result<Vec<(usize, usize, usize)>, RpcError> {
     let n = commands.len();
-    let duplicate = |c: &Command| {
+    let duplicate = |c: &WireCommand| {
         Err(RpcError::new(
             ErrorCode::DuplicateName,
             format!("more than one command is named '{}'", c.name),
@@ -224,10 +225,10 @@ fn references(commands: &[Command]) -> Result<Vec<(usize, usize, usize)>, RpcErr
         None => commands.iter().position(|c| c.name == name),
     };
     for (i, c) in commands.iter().enumerate() {
-        let values = c.args.iter().chain(c.kwargs.values());
+        let values = c.args.iter().chain(c.kwargs.iter().map(|(_, v)| v));
         for (at, v) in values.enumerate() {
-            if let Value::String(s) = v
-                && let Some(j) = find(s)
+            if let Some(s) = v.as_string()
+                && let Some(j) = find(&s)
                 && j != i
             {
                 refs.push((i, at, j));
@@ -292,13 +293,14 @@ fn topological_order(steps: &[Step], dependents: &[Vec<usize>]) -> Result<Vec<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Command;
 
     fn cmd(name: &str, fun: &str, args: Value) -> Command {
         Command::new(name, fun).args(args.as_array().cloned().unwrap_or_default())
     }
 
     fn plan(cmds: Vec<Command>) -> Result<Plan, RpcError> {
-        Plan::new(cmds, 1000)
+        Plan::new(cmds.into_iter().map(Into::into).collect(), 1000)
     }
 
     fn names<'a>(p: &'a Plan, idx: &[usize]) -> Vec<&'a str> {
@@ -316,7 +318,7 @@ mod tests {
         assert_eq!(p.steps[1].args, [Arg::Ref(0)]);
         assert_eq!(
             p.steps[2].args,
-            [Arg::Ref(0), Arg::Value(json!("AND ME TOO"))]
+            [Arg::Ref(0), Arg::Value(json!("AND ME TOO").into())]
         );
         assert_eq!(names(&p, &p.sinks), ["|second", "|third"]);
     }
@@ -346,7 +348,7 @@ mod tests {
         .expect("valid");
         assert_eq!(p.steps[1].kwargs, [("x".to_owned(), Arg::Ref(0))]);
         // Nested values are not searched.
-        assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"])));
+        assert_eq!(p.steps[1].args[0], Arg::Value(json!(["a"]).into()));
         assert_eq!(p.steps[1].deps, [0]);
     }
 
@@ -366,12 +368,12 @@ mod tests {
         );
         let p = plan(cmds.clone()).expect("valid");
         let last = p.steps.last().expect("steps");
-        assert_eq!(last.args, [Arg::Ref(0), Arg::Value(json!("last"))]);
+        assert_eq!(last.args, [Arg::Ref(0), Arg::Value(json!("last").into())]);
         assert_eq!(
             last.kwargs,
             [
                 ("k".to_owned(), Arg::Ref(3)),
-                ("v".to_owned(), Arg::Value(json!("nobody")))
+                ("v".to_owned(), Arg::Value(json!("nobody").into()))
             ]
         );
         assert_eq!(last.deps, [0, 3]);
@@ -384,7 +386,7 @@ mod tests {
     #[test]
     fn own_name_is_a_value_not_a_reference() {
         let p = plan(vec![cmd("a", "echo", json!(["a"]))]).expect("valid");
-        assert_eq!(p.steps[0].args, [Arg::Value(json!("a"))]);
+        assert_eq!(p.steps[0].args, [Arg::Value(json!("a").into())]);
     }
 
     #[test]
@@ -465,7 +467,7 @@ mod tests {
     fn empty_and_oversized_requests_are_rejected() {
         assert_eq!(plan(vec![]).expect_err("empty").code, ErrorCode::BadRequest);
         let many = (0..3)
-            .map(|i| cmd(&i.to_string(), "echo", json!([])))
+            .map(|i| cmd(&i.to_string(), "echo", json!([])).into())
             .collect();
         assert_eq!(
             Plan::new(many, 2).expect_err("too many").code,

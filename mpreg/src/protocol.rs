@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::RpcError;
+use crate::payload::Payload;
+
+mod fast;
 
 /// One command of a request: run `fun` with `args` and `kwargs` on a node
 /// that has every dataset in `locs`, and call the result `name`.
@@ -181,11 +184,55 @@ pub(crate) struct OutgoingRequest<'a> {
     pub(crate) stream: bool,
 }
 
+/// A command as the executor takes it: arguments may still be the raw JSON
+/// text they arrived as (see [`Payload`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WireCommand {
+    pub(crate) name: String,
+    pub(crate) fun: String,
+    pub(crate) args: Vec<Payload>,
+    /// In name order (as a [`Command`]'s map has them).
+    pub(crate) kwargs: Vec<(String, Payload)>,
+    pub(crate) locs: Vec<String>,
+}
+
+impl From<Command> for WireCommand {
+    fn from(c: Command) -> Self {
+        Self {
+            name: c.name,
+            fun: c.fun,
+            args: c.args.into_iter().map(Payload::Tree).collect(),
+            kwargs: c
+                .kwargs
+                .into_iter()
+                .map(|(k, v)| (k, Payload::Tree(v)))
+                .collect(),
+            locs: c.locs,
+        }
+    }
+}
+
 /// A request as a node received it, with its id.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(crate) struct IncomingRequest {
     pub(crate) u: Value,
-    pub(crate) request: Request,
+    pub(crate) cmds: Vec<WireCommand>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) return_intermediate_results: bool,
+    pub(crate) stream: bool,
+}
+
+impl IncomingRequest {
+    /// A request made in process (its arguments are trees already).
+    pub(crate) fn new(u: Value, request: Request) -> Self {
+        Self {
+            u,
+            cmds: request.cmds.into_iter().map(WireCommand::from).collect(),
+            timeout: request.timeout,
+            return_intermediate_results: request.return_intermediate_results,
+            stream: request.stream,
+        }
+    }
 }
 
 /// A request that could not be read: the error, and the request id when it
@@ -205,7 +252,21 @@ fn read_id(obj: &Map<String, Value>) -> Option<Value> {
 }
 
 /// Parses one client frame (either envelope).
+///
+/// A well-formed request is read in one pass that keeps each argument as
+/// its raw JSON text (checked to parse, see [`checked_raw`]), so a node
+/// that forwards a large argument never builds its tree. Anything unusual
+/// (an error, a duplicate field, deep nesting) is read again the plain
+/// way, which words the error.
 pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
+    if let Some(request) = fast::parse(bytes) {
+        return Ok(request);
+    }
+    parse_request_slowly(bytes)
+}
+
+/// Parses one client frame through a [`Value`] tree.
+fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
     let reject = |u: Value, message: String| Rejected {
         u,
         error: RpcError::bad_request(message),
@@ -241,7 +302,7 @@ pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
         return Err(reject(Value::Null, msg.into()));
     };
     let request = read_body(&mut body).map_err(|message| reject(u.clone(), message))?;
-    Ok(IncomingRequest { u, request })
+    Ok(IncomingRequest::new(u, request))
 }
 
 fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
@@ -322,14 +383,14 @@ pub(crate) struct ProgressMessage<'a> {
     /// The command's name.
     pub(crate) name: &'a str,
     /// Its result.
-    pub(crate) value: &'a Value,
+    pub(crate) value: &'a Payload,
 }
 
 /// The `role` of a progress message.
 pub(crate) const PROGRESS_ROLE: &str = "rpc-progress";
 
 impl<'a> ProgressMessage<'a> {
-    pub(crate) fn new(u: &'a Value, name: &'a str, value: &'a Value) -> Self {
+    pub(crate) fn new(u: &'a Value, name: &'a str, value: &'a Payload) -> Self {
         Self {
             role: PROGRESS_ROLE,
             u,
@@ -343,7 +404,8 @@ impl<'a> ProgressMessage<'a> {
     pub(crate) fn encode(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "progress message could not be encoded");
-            let fallback = ProgressMessage::new(self.u, self.name, &Value::Null);
+            let null = Payload::Tree(Value::Null);
+            let fallback = ProgressMessage::new(self.u, self.name, &null);
             serde_json::to_string(&fallback).unwrap_or_default()
         })
     }
@@ -392,28 +454,6 @@ impl Reply {
         }
     }
 
-    /// Encodes `Reply::ok(u, results…)` straight from the results, without
-    /// building their map: the same text (results by name, in the map's
-    /// key order; of two results with one name, the last).
-    pub(crate) fn encode_ok(u: &Value, results: &[(String, Value)]) -> String {
-        let reply = OkReply {
-            role: ReplyRole,
-            u,
-            r: ByName(results),
-            error: None,
-        };
-        serde_json::to_string(&reply).unwrap_or_else(|e| {
-            Reply::err(
-                u.clone(),
-                RpcError::new(
-                    crate::ErrorCode::Internal,
-                    format!("reply could not be encoded: {e}"),
-                ),
-            )
-            .encode()
-        })
-    }
-
     /// Encodes the reply. Results are `serde_json::Value`s, whose encoding
     /// cannot fail; should it ever, the client still gets an error reply.
     pub(crate) fn encode(&self) -> String {
@@ -431,41 +471,110 @@ impl Reply {
     }
 }
 
-/// A successful [`Reply`] made of borrowed parts (see [`Reply::encode_ok`]).
-#[derive(Serialize)]
-struct OkReply<'a> {
-    role: ReplyRole,
-    u: &'a Value,
-    r: ByName<'a>,
-    error: Option<()>,
+/// A reply as a node sends it: [`Reply`]'s wire form, with results that
+/// may still be the raw JSON text a peer sent (copied, never parsed).
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// The request's id (`null` when it could not be read).
+    pub(crate) u: Value,
+    /// Results by command name (sorted by name), on success.
+    pub(crate) r: Option<Vec<(String, Payload)>>,
+    /// The error, on failure.
+    pub(crate) error: Option<RpcError>,
 }
 
-/// Results serialized as a map by name, as a `Map<String, Value>` of them
-/// would be.
-struct ByName<'a>(&'a [(String, Value)]);
-
-impl Serialize for ByName<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let results = self.0;
-        let mut map = s.serialize_map(Some(results.len()))?;
-        if results.is_sorted_by(|a, b| a.0 < b.0) {
-            // The usual case (one result, or names in order): no copy.
-            for (name, value) in results {
-                map.serialize_entry(name, value)?;
+impl Answer {
+    pub(crate) fn ok(u: Value, mut results: Vec<(String, Payload)>) -> Self {
+        // A map sorted by name, as `Reply` has it.
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        // Of two results with one name, the last stays (as in a map).
+        results.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
             }
-        } else {
-            let mut sorted: Vec<&(String, Value)> = results.iter().collect();
-            // Stable: of equal names, the last stays last.
-            sorted.sort_by(|a, b| a.0.cmp(&b.0));
-            for (i, (name, value)) in sorted.iter().map(|r| (&r.0, &r.1)).enumerate() {
-                if sorted.get(i + 1).is_some_and(|next| &next.0 == name) {
-                    continue;
+            same
+        });
+        Self {
+            u,
+            r: Some(results),
+            error: None,
+        }
+    }
+
+    pub(crate) fn err(u: Value, error: RpcError) -> Self {
+        Self {
+            u,
+            r: None,
+            error: Some(error),
+        }
+    }
+
+    /// The reply with every result parsed (for a request made in process).
+    pub(crate) fn into_reply(self) -> Reply {
+        let Some(results) = self.r else {
+            return Reply {
+                role: ReplyRole,
+                u: self.u,
+                r: None,
+                error: self.error,
+            };
+        };
+        let mut r = Map::new();
+        for (name, payload) in results {
+            match payload.into_value() {
+                Ok(value) => {
+                    r.insert(name, value);
                 }
-                map.serialize_entry(name, value)?;
+                Err(e) => {
+                    let error = RpcError::new(
+                        crate::ErrorCode::Internal,
+                        format!("result could not be read: {e}"),
+                    )
+                    .with_command(name);
+                    return Reply::err(self.u, error);
+                }
             }
         }
-        map.end()
+        Reply::ok(self.u, r)
+    }
+
+    /// Encodes the reply (as [`Reply::encode`] does).
+    pub(crate) fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            let fallback = Reply::err(
+                self.u.clone(),
+                RpcError::new(
+                    crate::ErrorCode::Internal,
+                    format!("reply could not be encoded: {e}"),
+                ),
+            );
+            serde_json::to_string(&fallback).unwrap_or_default()
+        })
+    }
+}
+
+impl Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeStruct};
+
+        struct Results<'a>(&'a [(String, Payload)]);
+        impl Serialize for Results<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(self.0.len()))?;
+                for (name, value) in self.0 {
+                    map.serialize_entry(name, value)?;
+                }
+                map.end()
+            }
+        }
+
+        let mut reply = s.serialize_struct("Reply", 4)?;
+        reply.serialize_field("role", &ReplyRole)?;
+        reply.serialize_field("u", &self.u)?;
+        reply.serialize_field("r", &self.r.as_deref().map(Results))?;
+        reply.serialize_field("error", &self.error)?;
+        reply.end()
     }
 }
 
@@ -484,17 +593,18 @@ mod tests {
         let nested = parse(json!({"role":"rpc","rpc":{"cmds":[cmd],"u":"01J"}})).expect("nested");
         let flat = parse(json!({"role":"rpc","u":"01J","cmds":[cmd]})).expect("flat");
         assert_eq!(nested.u, json!("01J"));
-        assert_eq!(nested.request, flat.request);
-        assert_eq!(flat.request.cmds[0].args, [json!("hi there!")]);
+        assert_eq!(nested.cmds, flat.cmds);
+        assert_eq!(nested.timeout, flat.timeout);
+        assert_eq!(flat.cmds[0].args, [Payload::from(json!("hi there!"))]);
     }
 
     #[test]
     fn defaults_for_missing_fields() {
         let r = parse(json!({"u": 7, "cmds":[{"name":"a","fun":"f"}]})).expect("valid");
-        let c = &r.request.cmds[0];
+        let c = &r.cmds[0];
         assert!(c.args.is_empty() && c.kwargs.is_empty() && c.locs.is_empty());
-        assert_eq!(r.request.timeout, None);
-        assert!(!r.request.return_intermediate_results);
+        assert_eq!(r.timeout, None);
+        assert!(!r.return_intermediate_results);
     }
 
     #[test]
@@ -503,21 +613,21 @@ mod tests {
             json!({"rpc":{"u":"x","cmds":[],"timeout_ms":250,"return_intermediate_results":true}}),
         )
         .expect("valid");
-        assert_eq!(r.request.timeout, Some(Duration::from_millis(250)));
-        assert!(r.request.return_intermediate_results);
+        assert_eq!(r.timeout, Some(Duration::from_millis(250)));
+        assert!(r.return_intermediate_results);
     }
 
     #[test]
     fn stream_is_read_in_either_envelope_and_off_by_default() {
         let cmd = json!({"name":"a","fun":"echo","args":[1]});
         let flat = parse(json!({"u":"x","cmds":[cmd],"stream":true})).expect("flat");
-        assert!(flat.request.stream);
+        assert!(flat.stream);
         let nested = parse(json!({"rpc":{"u":"x","cmds":[cmd],"stream":true}})).expect("nested");
-        assert!(nested.request.stream);
+        assert!(nested.stream);
         let plain = parse(json!({"u":"x","cmds":[cmd]})).expect("plain");
-        assert!(!plain.request.stream);
+        assert!(!plain.stream);
         let null = parse(json!({"u":"x","cmds":[cmd],"stream":null})).expect("null");
-        assert!(!null.request.stream);
+        assert!(!null.stream);
         let e = parse(json!({"u":"x","cmds":[cmd],"stream":"yes"})).expect_err("not a bool");
         assert_eq!(e.u, json!("x"));
         assert!(e.error.message.contains("`stream`"), "{}", e.error.message);
@@ -543,7 +653,7 @@ mod tests {
     #[test]
     fn progress_message_shape() {
         let m: Value = serde_json::from_str(
-            &ProgressMessage::new(&json!("u1"), "first", &json!([1, "x"])).encode(),
+            &ProgressMessage::new(&json!("u1"), "first", &json!([1, "x"]).into()).encode(),
         )
         .expect("json");
         assert_eq!(
@@ -620,8 +730,12 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
             let map: Map<String, Value> = results.iter().cloned().collect();
+            let payloads = results
+                .into_iter()
+                .map(|(k, v)| (k, Payload::Tree(v)))
+                .collect();
             assert_eq!(
-                Reply::encode_ok(&json!(7), &results),
+                Answer::ok(json!(7), payloads).encode(),
                 Reply::ok(json!(7), map).encode()
             );
         }

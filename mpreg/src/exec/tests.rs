@@ -1,5 +1,12 @@
 use super::*;
 use crate::protocol::Command;
+
+/// Results as trees.
+fn trees(out: Vec<(String, Payload)>) -> serde_json::Map<String, Value> {
+    out.into_iter()
+        .map(|(k, v)| (k, v.into_value().expect("readable")))
+        .collect()
+}
 use crate::registry::Args;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,7 +71,7 @@ impl TestFns {
         })
     }
 
-    fn run_here(&self, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    fn run_here(&self, job: Job) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         if let [step] = &job.steps[..] {
             let args = Args::new(
                 step.args.iter().map(literal).collect(),
@@ -74,7 +81,7 @@ impl TestFns {
                     .collect(),
             );
             let call = self.call(&step.fun, args);
-            return Box::pin(async move { call.await.map(|v| vec![v]) });
+            return Box::pin(async move { call.await.map(|v| vec![Payload::Tree(v)]) });
         }
         let here = OnlyHere(self.clone());
         Box::pin(async move {
@@ -87,7 +94,7 @@ impl TestFns {
 
 fn literal(arg: &Arg) -> Value {
     match arg {
-        Arg::Value(v) => v.clone(),
+        Arg::Value(v) => v.clone().into_value().expect("a readable value"),
         Arg::Ref(_) => panic!("a one-step job has no references"),
     }
 }
@@ -106,7 +113,7 @@ impl Dispatch for TestFns {
         matches!(target, Where::Node(_))
     }
 
-    fn run(&self, target: Where, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    fn run(&self, target: Where, job: Job) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         let names = job.steps.iter().map(|s| s.name.clone()).collect();
         self.jobs.lock().expect("lock").push((target, names));
         self.run_here(job)
@@ -124,13 +131,13 @@ impl Dispatch for OnlyHere {
         false
     }
 
-    fn run(&self, _target: Where, job: Job) -> BoxFuture<'static, Result<Vec<Value>, RpcError>> {
+    fn run(&self, _target: Where, job: Job) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         self.0.run_here(job)
     }
 }
 
 fn plan(cmds: Vec<Command>) -> Plan {
-    Plan::new(cmds, 10_000).expect("valid plan")
+    Plan::new(cmds.into_iter().map(Into::into).collect(), 10_000).expect("valid plan")
 }
 
 fn c(name: &str, fun: &str, args: Value) -> Command {
@@ -139,7 +146,7 @@ fn c(name: &str, fun: &str, args: Value) -> Command {
 
 async fn run(d: &TestFns, cmds: Vec<Command>, wanted: Wanted) -> Result<Value, RpcError> {
     let out = execute(plan(cmds), d, wanted).await?;
-    Ok(Value::Object(out.into_iter().collect()))
+    Ok(Value::Object(trees(out)))
 }
 
 #[tokio::test]
@@ -147,13 +154,17 @@ async fn reference_examples() {
     let d = TestFns::default();
     for example in crate::demo::reference_examples() {
         let out = execute(
-            Plan::new(example.request.cmds, 100).expect("valid"),
+            Plan::new(
+                example.request.cmds.into_iter().map(Into::into).collect(),
+                100,
+            )
+            .expect("valid"),
             &d,
             Wanted::Sinks,
         )
         .await
         .expect("runs");
-        assert_eq!(Value::Object(out.into_iter().collect()), example.expected);
+        assert_eq!(Value::Object(trees(out)), example.expected);
     }
 }
 
@@ -348,11 +359,11 @@ fn grouping_keeps_units_acyclic() {
 struct Collect(Mutex<Vec<(String, Value)>>);
 
 impl Progress for Collect {
-    fn report<'a>(&'a self, name: &'a str, value: &'a Value) -> BoxFuture<'a, ()> {
-        self.0
-            .lock()
-            .expect("lock")
-            .push((name.to_owned(), value.clone()));
+    fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()> {
+        self.0.lock().expect("lock").push((
+            name.to_owned(),
+            value.clone().into_value().expect("readable"),
+        ));
         Box::pin(async {})
     }
 }
@@ -381,7 +392,7 @@ async fn progress_reports_every_step_once_with_its_value() {
     let out = execute_with_progress(plan(cmds), &d, Wanted::Sinks, Some(&seen))
         .await
         .expect("runs");
-    assert_eq!(out, [("join".to_owned(), json!([1, 1, 1]))]);
+    assert_eq!(out, [("join".to_owned(), json!([1, 1, 1]).into())]);
     let mut got = seen.0.lock().expect("lock").clone();
     // `top` first, `join` last; `l` and `r` in either order.
     assert_eq!(got.first().map(|(n, _)| n.as_str()), Some("top"));
@@ -413,7 +424,7 @@ async fn progress_does_not_ship_chains() {
     let out = execute_with_progress(plan(cmds), &d, Wanted::Sinks, Some(&seen))
         .await
         .expect("runs");
-    assert_eq!(out, [("s3".to_owned(), json!("X"))]);
+    assert_eq!(out, [("s3".to_owned(), json!("X").into())]);
     assert_eq!(seen.names(), ["s0", "s1", "s2", "s3"]);
     let jobs = d.jobs.lock().expect("lock").clone();
     assert_eq!(jobs.len(), 4, "one job per step when streaming: {jobs:?}");
