@@ -457,18 +457,24 @@ impl Reply {
     /// Encodes the reply. Results are `serde_json::Value`s, whose encoding
     /// cannot fail; should it ever, the client still gets an error reply.
     pub(crate) fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            let fallback = Reply::err(
-                self.u.clone(),
-                RpcError::new(
-                    crate::ErrorCode::Internal,
-                    format!("reply could not be encoded: {e}"),
-                ),
-            );
-            // A reply of an id, a code and a string always encodes.
-            serde_json::to_string(&fallback).unwrap_or_default()
-        })
+        encode_or_error(self, &self.u)
     }
+}
+
+/// `reply` as JSON text; should encoding fail, an `internal` error reply
+/// for request `u` instead.
+fn encode_or_error(reply: &impl Serialize, u: &Value) -> String {
+    serde_json::to_string(reply).unwrap_or_else(|e| {
+        let fallback = Reply::err(
+            u.clone(),
+            RpcError::new(
+                crate::ErrorCode::Internal,
+                format!("reply could not be encoded: {e}"),
+            ),
+        );
+        // A reply of an id, a code and a string always encodes.
+        serde_json::to_string(&fallback).unwrap_or_default()
+    })
 }
 
 /// A reply as a node sends it: [`Reply`]'s wire form, with results that
@@ -541,16 +547,7 @@ impl Answer {
 
     /// Encodes the reply (as [`Reply::encode`] does).
     pub(crate) fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            let fallback = Reply::err(
-                self.u.clone(),
-                RpcError::new(
-                    crate::ErrorCode::Internal,
-                    format!("reply could not be encoded: {e}"),
-                ),
-            );
-            serde_json::to_string(&fallback).unwrap_or_default()
-        })
+        encode_or_error(self, &self.u)
     }
 }
 
