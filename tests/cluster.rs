@@ -108,12 +108,10 @@ async fn balancer_routes_by_datasets() {
         "C"
     );
 
-    let e = guard("ac", whoami(&client, &["model-a", "model-c"]))
-        .await
-        .expect_err("no node has both");
-    let mpreg::Error::Rpc(e) = e else {
-        panic!("expected an rpc error, got {e:?}");
-    };
+    let e = common::rpc_error(
+        guard("ac", whoami(&client, &["model-a", "model-c"])).await,
+        ErrorCode::NoNodeForDatasets,
+    );
     assert_eq!(e.code, ErrorCode::NoNodeForDatasets);
     assert_eq!(e.command.as_deref(), Some("w"));
 
@@ -362,13 +360,10 @@ async fn killed_node_fails_its_calls_with_node_lost_and_leaves_the_routes() {
             .await
     );
     b.kill().await;
-    let e = guard("call on a killed node", call)
-        .await
-        .expect("join")
-        .expect_err("node lost");
-    let mpreg::Error::Rpc(e) = e else {
-        panic!("expected an rpc error, got {e:?}");
-    };
+    let e = common::rpc_error(
+        guard("call on a killed node", call).await.expect("join"),
+        ErrorCode::NodeLost,
+    );
     assert_eq!(e.code, ErrorCode::NodeLost);
     assert_eq!(e.command.as_deref(), Some("s"));
     converge(&a, &["A"]).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{guard, wait_until};
+use common::{guard, rpc_error, wait_until};
 use mpreg::{
     Args, Command, Context, Dataset, ErrorCode, Function, Node, NodeHandle, Request, RpcError,
 };
@@ -96,13 +96,6 @@ async fn one(node: &NodeHandle, command: Command) -> Result<Value, mpreg::Error>
         .get(&name)
 }
 
-fn rpc_error(result: Result<Value, mpreg::Error>) -> RpcError {
-    match result {
-        Err(mpreg::Error::Rpc(e)) => e,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn context_tells_node_datasets_deadline_and_request_id() {
     let node = start(builder("ctx-node").datasets(["d1", "d2"])).await;
@@ -157,7 +150,10 @@ async fn context_tells_node_datasets_deadline_and_request_id() {
     assert_eq!(params("lexicon_size"), json!([]));
 
     // A third positional argument has no parameter to go to.
-    let e = rpc_error(one(&node, Command::new("c", "describe_call").args([1, 2, 3])).await);
+    let e = rpc_error(
+        one(&node, Command::new("c", "describe_call").args([1, 2, 3])).await,
+        ErrorCode::BadArguments,
+    );
     assert_eq!(e.code, ErrorCode::BadArguments);
     assert!(e.message.contains("a: i64, b: i64"), "{}", e.message);
     node.shutdown().await;
@@ -194,7 +190,10 @@ async fn dataset_state_is_the_one_the_command_named() {
     assert_eq!(words, json!(3));
 
     // Named none: a clear error naming the type and the datasets that fit.
-    let e = rpc_error(one(&node, Command::new("s", "scale").arg(5)).await);
+    let e = rpc_error(
+        one(&node, Command::new("s", "scale").arg(5)).await,
+        ErrorCode::BadArguments,
+    );
     assert_eq!(e.code, ErrorCode::BadArguments);
     assert!(e.message.contains("Model"), "{}", e.message);
     assert!(e.message.contains("named none"), "{}", e.message);
@@ -203,7 +202,10 @@ async fn dataset_state_is_the_one_the_command_named() {
     assert_eq!(e.command.as_deref(), Some("s"));
 
     // Named only datasets of other types.
-    let e = rpc_error(one(&node, Command::new("s", "scale").arg(5).dataset("words")).await);
+    let e = rpc_error(
+        one(&node, Command::new("s", "scale").arg(5).dataset("words")).await,
+        ErrorCode::BadArguments,
+    );
     assert_eq!(e.code, ErrorCode::BadArguments);
     assert!(e.message.contains("only [\"words\"]"), "{}", e.message);
 
@@ -216,18 +218,25 @@ async fn dataset_state_is_the_one_the_command_named() {
                 .datasets(["small", "large"]),
         )
         .await,
+        ErrorCode::BadArguments,
     );
     assert_eq!(e.code, ErrorCode::BadArguments);
     assert!(e.message.contains("name exactly one"), "{}", e.message);
 
     // Through the context too: the handler's `?` keeps the error's code.
-    let e = rpc_error(one(&node, Command::new("w", "lexicon_size").dataset("small")).await);
+    let e = rpc_error(
+        one(&node, Command::new("w", "lexicon_size").dataset("small")).await,
+        ErrorCode::BadArguments,
+    );
     assert_eq!(e.code, ErrorCode::BadArguments);
     assert!(e.message.contains("Lexicon"), "{}", e.message);
     assert_eq!(e.command.as_deref(), Some("w"));
 
     // A dataset no node has cannot be routed at all.
-    let e = rpc_error(one(&node, Command::new("s", "scale").arg(5).dataset("huge")).await);
+    let e = rpc_error(
+        one(&node, Command::new("s", "scale").arg(5).dataset("huge")).await,
+        ErrorCode::NoNodeForDatasets,
+    );
     assert_eq!(e.code, ErrorCode::NoNodeForDatasets);
     node.shutdown().await;
 }
@@ -302,7 +311,10 @@ async fn handlers_call_functions_on_other_nodes() {
     );
 
     // A failing inner call fails the outer command with its message.
-    let e = rpc_error(one(&a, Command::new("r", "relay").arg("").dataset("relay-here")).await);
+    let e = rpc_error(
+        one(&a, Command::new("r", "relay").arg("").dataset("relay-here")).await,
+        ErrorCode::HandlerFailed,
+    );
     assert_eq!(e.code, ErrorCode::HandlerFailed);
     assert!(e.message.contains("nothing to shout"), "{}", e.message);
     assert_eq!(e.command.as_deref(), Some("r"));

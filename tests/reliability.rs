@@ -122,13 +122,10 @@ async fn stalled_link_is_detected_by_keepalive() {
     stall.store(true, Ordering::SeqCst);
 
     // No FIN, no RST: only keepalive can tell the link is gone.
-    let e = guard("call over a stalled link", call)
-        .await
-        .expect("join")
-        .expect_err("the link is lost");
-    let mpreg::Error::Rpc(e) = e else {
-        panic!("expected an rpc error, got {e:?}");
-    };
+    let e = common::rpc_error(
+        guard("call over a stalled link", call).await.expect("join"),
+        ErrorCode::NodeLost,
+    );
     assert_eq!(e.code, ErrorCode::NodeLost);
     assert!(
         gateway.wait_for(WAIT, |v| !offers(v)).await,

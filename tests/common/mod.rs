@@ -70,6 +70,20 @@ pub(crate) fn node_names(view: &Value) -> Vec<String> {
     names
 }
 
+/// The error of a request that must fail with an rpc error of `code`.
+pub(crate) fn rpc_error<T: std::fmt::Debug>(
+    result: Result<T, mpreg::Error>,
+    code: mpreg::ErrorCode,
+) -> RpcError {
+    match result {
+        Err(mpreg::Error::Rpc(e)) => {
+            assert_eq!(e.code, code, "{e}");
+            e
+        }
+        other => panic!("expected an rpc error {code:?}, got {other:?}"),
+    }
+}
+
 /// Connects an `mpreg::Client` to `node`.
 pub(crate) async fn client(node: &NodeHandle) -> mpreg::Client {
     guard(
