@@ -55,6 +55,19 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_INFLIGHT: usize = 4096;
 /// Default maximum number of commands in one request.
 pub const DEFAULT_MAX_COMMANDS: usize = 100_000;
+/// Default budget of bytes held for all requests of a node together
+/// (1 GiB).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 1 << 30;
+/// Default cap on connections that have not yet authenticated, in total.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 4096;
+/// Default cap on connections that have not yet authenticated, per source
+/// address.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 256;
+/// Default budget of bytes queued for one connection to write.
+pub const DEFAULT_MAX_OUTGOING_BYTES: usize = 16 << 20;
+/// Bytes a connection may send before it has authenticated (a client
+/// token, a peer's proof): the pre-authentication messages are small.
+pub const PRE_AUTH_BYTES: usize = 16 << 10;
 
 /// Everything that configures a node. Built by [`NodeBuilder`](crate::NodeBuilder)
 /// or read from a file with [`Config::from_file`].
@@ -93,6 +106,38 @@ pub struct Config {
     /// On shutdown, how long requests in flight may take to finish, and
     /// then how long replies may take to be written, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Most bytes of results one request may hold, and so the largest
+    /// reply: checked as results are produced, so a request past it fails
+    /// with `too_large` naming the command that crossed it. `None`: the
+    /// message limit ([`max_message_size`](Self::max_message_size)).
+    pub max_reply_bytes: Option<usize>,
+    /// Most bytes held for all requests of the node together (their frames
+    /// and results); past it new requests, and requests whose results would
+    /// cross it, get `overloaded`.
+    pub max_inflight_bytes: usize,
+    /// Most connections that have not yet authenticated (open, upgrading,
+    /// or without their first message yet), in total; more are refused
+    /// before the upgrade with HTTP 503.
+    pub max_unauthenticated_connections: usize,
+    /// Like [`max_unauthenticated_connections`](Self::max_unauthenticated_connections),
+    /// per source address. A client with a valid token in its upgrade
+    /// request and a peer with a valid proof are never refused for it.
+    pub max_unauthenticated_per_address: usize,
+    /// How long a new connection has for its upgrade (TLS and request head
+    /// included), authentication and first message, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// A client connection with no request in flight for this long is
+    /// closed (the Rust client reconnects when next used), in milliseconds;
+    /// 0: never.
+    pub idle_timeout_ms: u64,
+    /// Most bytes queued for one connection to write; producers (replies,
+    /// progress) wait beyond it. One message larger than the budget still
+    /// goes when the queue is empty.
+    pub max_outgoing_bytes: usize,
+    /// A connection whose outgoing queue stays full for this long (its
+    /// reader stopped reading) is closed and its requests cancelled, in
+    /// milliseconds.
+    pub slow_reader_timeout_ms: u64,
     /// Peer links: how often to ping the peer, in milliseconds.
     pub keepalive_interval_ms: u64,
     /// Peer links: how long a link may stay silent (no message, no pong)
@@ -144,6 +189,20 @@ impl std::fmt::Debug for Config {
             )
             .field("max_commands_per_request", &self.max_commands_per_request)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field(
+                "max_unauthenticated_connections",
+                &self.max_unauthenticated_connections,
+            )
+            .field(
+                "max_unauthenticated_per_address",
+                &self.max_unauthenticated_per_address,
+            )
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_outgoing_bytes", &self.max_outgoing_bytes)
+            .field("slow_reader_timeout_ms", &self.slow_reader_timeout_ms)
             .field("keepalive_interval_ms", &self.keepalive_interval_ms)
             .field("keepalive_timeout_ms", &self.keepalive_timeout_ms)
             .field("probe_interval_ms", &self.probe_interval_ms)
@@ -176,6 +235,14 @@ impl Default for Config {
             max_inflight_per_connection: DEFAULT_MAX_INFLIGHT,
             max_commands_per_request: DEFAULT_MAX_COMMANDS,
             shutdown_grace_ms: 10_000,
+            max_reply_bytes: None,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_address: DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_outgoing_bytes: DEFAULT_MAX_OUTGOING_BYTES,
+            slow_reader_timeout_ms: 30_000,
             keepalive_interval_ms: 5_000,
             keepalive_timeout_ms: 20_000,
             probe_interval_ms: 1_000,
@@ -314,6 +381,14 @@ impl Config {
     /// | `MPREG_MAX_INFLIGHT_PER_CONNECTION` | `max_inflight_per_connection` |
     /// | `MPREG_MAX_COMMANDS_PER_REQUEST` | `max_commands_per_request` |
     /// | `MPREG_SHUTDOWN_GRACE_MS` | `shutdown_grace_ms` |
+    /// | `MPREG_MAX_REPLY_BYTES` | `max_reply_bytes`, in bytes |
+    /// | `MPREG_MAX_INFLIGHT_BYTES` | `max_inflight_bytes`, in bytes |
+    /// | `MPREG_MAX_UNAUTHENTICATED_CONNECTIONS` | `max_unauthenticated_connections` |
+    /// | `MPREG_MAX_UNAUTHENTICATED_PER_ADDRESS` | `max_unauthenticated_per_address` |
+    /// | `MPREG_HANDSHAKE_TIMEOUT_MS` | `handshake_timeout_ms` |
+    /// | `MPREG_IDLE_TIMEOUT_MS` | `idle_timeout_ms` (0: never) |
+    /// | `MPREG_MAX_OUTGOING_BYTES` | `max_outgoing_bytes`, in bytes |
+    /// | `MPREG_SLOW_READER_TIMEOUT_MS` | `slow_reader_timeout_ms` |
     /// | `MPREG_KEEPALIVE_INTERVAL_MS` | `keepalive_interval_ms` |
     /// | `MPREG_KEEPALIVE_TIMEOUT_MS` | `keepalive_timeout_ms` |
     /// | `MPREG_PROBE_INTERVAL_MS` | `probe_interval_ms` |
@@ -393,6 +468,22 @@ impl Config {
                     self.max_commands_per_request = number(setting, &value)?;
                 }
                 "MPREG_SHUTDOWN_GRACE_MS" => self.shutdown_grace_ms = number(setting, &value)?,
+                "MPREG_MAX_REPLY_BYTES" => self.max_reply_bytes = Some(number(setting, &value)?),
+                "MPREG_MAX_INFLIGHT_BYTES" => self.max_inflight_bytes = number(setting, &value)?,
+                "MPREG_MAX_UNAUTHENTICATED_CONNECTIONS" => {
+                    self.max_unauthenticated_connections = number(setting, &value)?;
+                }
+                "MPREG_MAX_UNAUTHENTICATED_PER_ADDRESS" => {
+                    self.max_unauthenticated_per_address = number(setting, &value)?;
+                }
+                "MPREG_HANDSHAKE_TIMEOUT_MS" => {
+                    self.handshake_timeout_ms = number(setting, &value)?;
+                }
+                "MPREG_IDLE_TIMEOUT_MS" => self.idle_timeout_ms = number(setting, &value)?,
+                "MPREG_MAX_OUTGOING_BYTES" => self.max_outgoing_bytes = number(setting, &value)?,
+                "MPREG_SLOW_READER_TIMEOUT_MS" => {
+                    self.slow_reader_timeout_ms = number(setting, &value)?;
+                }
                 "MPREG_KEEPALIVE_INTERVAL_MS" => {
                     self.keepalive_interval_ms = number(setting, &value)?;
                 }
@@ -430,12 +521,34 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+
+    /// The reply budget in bytes: [`max_reply_bytes`](Self::max_reply_bytes),
+    /// or the message limit when it is not set.
+    pub fn reply_budget(&self) -> usize {
+        self.max_reply_bytes.unwrap_or(self.max_message_size)
+    }
+
+    /// [`handshake_timeout_ms`](Self::handshake_timeout_ms) as a [`Duration`].
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+
+    /// [`idle_timeout_ms`](Self::idle_timeout_ms) as a [`Duration`];
+    /// `None` when connections never time out for idleness.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    /// [`slow_reader_timeout_ms`](Self::slow_reader_timeout_ms) as a [`Duration`].
+    pub fn slow_reader_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_reader_timeout_ms.max(1))
+    }
 }
 
 /// The environment variables [`Config::apply_vars`] reads, as `&'static`
 /// names for [`ConfigError::Invalid`]: `MPREG_` and each setting in
 /// capitals, in the order of the fields of [`Config`].
-const ENV_VARS: [&str; 19] = [
+const ENV_VARS: [&str; 27] = [
     "MPREG_NAME",
     "MPREG_LISTEN",
     "MPREG_PEERS",
@@ -446,6 +559,14 @@ const ENV_VARS: [&str; 19] = [
     "MPREG_MAX_INFLIGHT_PER_CONNECTION",
     "MPREG_MAX_COMMANDS_PER_REQUEST",
     "MPREG_SHUTDOWN_GRACE_MS",
+    "MPREG_MAX_REPLY_BYTES",
+    "MPREG_MAX_INFLIGHT_BYTES",
+    "MPREG_MAX_UNAUTHENTICATED_CONNECTIONS",
+    "MPREG_MAX_UNAUTHENTICATED_PER_ADDRESS",
+    "MPREG_HANDSHAKE_TIMEOUT_MS",
+    "MPREG_IDLE_TIMEOUT_MS",
+    "MPREG_MAX_OUTGOING_BYTES",
+    "MPREG_SLOW_READER_TIMEOUT_MS",
     "MPREG_KEEPALIVE_INTERVAL_MS",
     "MPREG_KEEPALIVE_TIMEOUT_MS",
     "MPREG_PROBE_INTERVAL_MS",

@@ -14,7 +14,8 @@ use serde_json::Value;
 /// Which one to use:
 /// - the request itself is wrong and retrying it unchanged cannot help:
 ///   [`BadRequest`](Self::BadRequest), [`DuplicateName`](Self::DuplicateName),
-///   [`Cycle`](Self::Cycle), [`BadArguments`](Self::BadArguments);
+///   [`Cycle`](Self::Cycle), [`BadArguments`](Self::BadArguments),
+///   [`TooLarge`](Self::TooLarge);
 /// - nothing in the cluster can serve it (now):
 ///   [`UnknownFunction`](Self::UnknownFunction),
 ///   [`NoNodeForDatasets`](Self::NoNodeForDatasets);
@@ -46,6 +47,10 @@ pub enum ErrorCode {
     NodeLost,
     /// A limit was reached (in-flight requests, queue length); try later.
     Overloaded,
+    /// A result, or the request's results together, crossed a byte budget
+    /// (the reply's, a peer job's, the client's); the command that crossed
+    /// it is named. Retrying unchanged cannot help.
+    TooLarge,
     /// Credentials were missing or wrong.
     Unauthorized,
     /// A bug or an unexpected state inside mpreg.
@@ -57,7 +62,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, `Unknown` last.
-    pub(crate) const ALL: [ErrorCode; 13] = [
+    pub(crate) const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::DuplicateName,
         ErrorCode::Cycle,
@@ -68,6 +73,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::NodeLost,
         ErrorCode::Overloaded,
+        ErrorCode::TooLarge,
         ErrorCode::Unauthorized,
         ErrorCode::Internal,
         ErrorCode::Unknown,
@@ -90,6 +96,7 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::NodeLost => "node_lost",
             Self::Overloaded => "overloaded",
+            Self::TooLarge => "too_large",
             Self::Unauthorized => "unauthorized",
             Self::Internal => "internal",
             Self::Unknown => "unknown",

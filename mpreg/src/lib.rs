@@ -102,6 +102,7 @@
 #![deny(missing_docs)]
 
 mod auth;
+mod budget;
 mod builtins;
 mod client;
 mod cluster;

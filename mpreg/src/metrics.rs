@@ -54,7 +54,7 @@ pub(crate) fn bucket_bound(i: usize) -> Option<f64> {
 }
 
 /// Every error code, in the order of their counters.
-const CODES: [ErrorCode; 13] = ErrorCode::ALL;
+const CODES: [ErrorCode; 14] = ErrorCode::ALL;
 
 /// Number of outcomes: `ok`, every error code, `cancelled`.
 const OUTCOMES: usize = CODES.len() + 2;
@@ -111,9 +111,10 @@ fn code_index(code: ErrorCode) -> usize {
         ErrorCode::Timeout => 7,
         ErrorCode::NodeLost => 8,
         ErrorCode::Overloaded => 9,
-        ErrorCode::Unauthorized => 10,
-        ErrorCode::Internal => 11,
-        ErrorCode::Unknown => 12,
+        ErrorCode::TooLarge => 10,
+        ErrorCode::Unauthorized => 11,
+        ErrorCode::Internal => 12,
+        ErrorCode::Unknown => 13,
     }
 }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secret, Tokens};
+use crate::budget::{ByteBudget, Unauthenticated};
 use crate::builtins;
 use crate::client::Results;
 use crate::cluster::{Cluster, Placer, Scope};
@@ -356,6 +357,11 @@ impl NodeBuilder {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let config_budgets = (
+            config.max_inflight_bytes,
+            config.max_unauthenticated_connections,
+            config.max_unauthenticated_per_address,
+        );
         let state = Arc::new(NodeState {
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
@@ -374,6 +380,8 @@ impl NodeBuilder {
             dataset_states: self.dataset_states,
             metrics: NodeMetrics::default(),
             draining: AtomicBool::new(false),
+            inflight_bytes: ByteBudget::new(config_budgets.0),
+            unauthenticated: Unauthenticated::new(config_budgets.1, config_budgets.2),
         });
         let _ = cluster_view.set(Arc::downgrade(&state));
         state.routing_changed(false);
@@ -433,6 +441,25 @@ fn validate(config: &Config) -> Result<(), crate::config::ConfigError> {
     if config.max_inflight_per_connection == 0 {
         return Err(Invalid {
             setting: "max_inflight_per_connection",
+            reason: "must be at least 1".into(),
+        });
+    }
+    for (setting, value) in [
+        ("max_inflight_bytes", config.max_inflight_bytes),
+        ("max_outgoing_bytes", config.max_outgoing_bytes),
+        ("max_unauthenticated_connections", config.max_unauthenticated_connections),
+        ("max_unauthenticated_per_address", config.max_unauthenticated_per_address),
+    ] {
+        if value == 0 {
+            return Err(Invalid {
+                setting,
+                reason: "must be at least 1".into(),
+            });
+        }
+    }
+    if config.max_reply_bytes == Some(0) {
+        return Err(Invalid {
+            setting: "max_reply_bytes",
             reason: "must be at least 1".into(),
         });
     }
@@ -668,6 +695,11 @@ pub(crate) struct NodeState {
     pub(crate) metrics: NodeMetrics,
     /// Set when a graceful shutdown begins (`/healthz` then fails).
     draining: AtomicBool,
+    /// Bytes held for all requests (frames and results), node-wide.
+    pub(crate) inflight_bytes: Arc<ByteBudget>,
+    /// Connections that have not yet authenticated, in total and per
+    /// source address.
+    pub(crate) unauthenticated: Arc<Unauthenticated>,
 }
 
 impl NodeState {
