@@ -43,7 +43,7 @@ impl ByteBudget {
 
     /// Takes `bytes` when they fit: the budget is never crossed, whatever
     /// the races between holders.
-    fn take(&self, bytes: usize) -> bool {
+    pub(crate) fn take(&self, bytes: usize) -> bool {
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(bytes).filter(|&total| total <= self.limit)
@@ -65,6 +65,77 @@ impl ByteBudget {
             budget: self.clone(),
             bytes: 0,
         }
+    }
+}
+
+/// Gives back `bytes` taken with [`ByteBudget::take`].
+impl ByteBudget {
+    pub(crate) fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The results one request (or one job a peer sent) holds: at most `limit`
+/// bytes of them at once, each also taken from the node's budget. A result
+/// is held from when it is produced until its last reader lets it go (see
+/// `payload::Held`), so a request never holds more than its limit, however
+/// its results are referenced.
+#[derive(Debug)]
+pub(crate) struct ResultBudget {
+    limit: usize,
+    used: AtomicUsize,
+    node: Arc<ByteBudget>,
+}
+
+/// Why a result could not be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// The request would hold `would_hold` bytes of results, over `limit`.
+    Request { limit: usize, would_hold: usize },
+    /// The node holds its whole budget (`limit`) for requests.
+    Node { limit: usize },
+}
+
+impl ResultBudget {
+    pub(crate) fn new(limit: usize, node: Arc<ByteBudget>) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            node,
+        })
+    }
+
+    /// Bytes that may still be held.
+    pub(crate) fn left(&self) -> usize {
+        self.limit.saturating_sub(self.used.load(Ordering::Relaxed))
+    }
+
+    /// Holds `bytes` more, or says which budget they would cross (and
+    /// holds nothing).
+    pub(crate) fn hold(&self, bytes: usize) -> Result<(), Over> {
+        let mut would_hold = 0;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                would_hold = used.saturating_add(bytes);
+                (would_hold <= self.limit).then_some(would_hold)
+            })
+            .map_err(|_| Over::Request {
+                limit: self.limit,
+                would_hold,
+            })?;
+        if !self.node.take(bytes) {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(Over::Node {
+                limit: self.node.limit(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Lets go of `bytes` held before.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.node.give_back(bytes);
     }
 }
 
@@ -355,6 +426,28 @@ mod tests {
         drop(b);
         assert_eq!(budget.used(), 0);
         assert!(budget.charge(usize::MAX).is_none(), "no overflow");
+    }
+
+    #[test]
+    fn result_budget_holds_within_its_limit_and_the_nodes() {
+        let node = ByteBudget::new(150);
+        let a = ResultBudget::new(100, node.clone());
+        let b = ResultBudget::new(100, node.clone());
+        a.hold(60).expect("fits");
+        assert_eq!(
+            a.hold(50),
+            Err(Over::Request {
+                limit: 100,
+                would_hold: 110
+            })
+        );
+        assert_eq!(a.left(), 40);
+        b.hold(90).expect("fits the node: 150");
+        assert_eq!(b.hold(1), Err(Over::Node { limit: 150 }));
+        assert_eq!(b.left(), 10, "a refused hold holds nothing");
+        a.release(60);
+        b.hold(10).expect("room again");
+        assert_eq!(node.used(), 100);
     }
 
     #[test]

@@ -20,9 +20,12 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth;
+use crate::budget::ResultBudget;
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::{Dispatch, Job, Wanted, execute};
-use crate::link::{self, Ability, Catalog, Hello, Link, LinkHandler, PEER_PROTOCOL, PeerMessage};
+use crate::link::{
+    self, Ability, Catalog, Hello, JobLimits, Link, LinkHandler, PEER_PROTOCOL, PeerMessage,
+};
 use crate::membership::MemberEvent;
 use crate::node::{NodeState, run_local};
 use crate::payload::Payload;
@@ -447,6 +450,8 @@ pub(crate) struct Placer {
     /// The request's id, carried to peers so one request can be followed
     /// across the cluster's logs.
     pub(crate) trace: Arc<str>,
+    /// The bytes of results the request (or job) may hold.
+    pub(crate) budget: Arc<ResultBudget>,
 }
 
 impl Dispatch for Placer {
@@ -528,7 +533,21 @@ async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload
         ));
     };
     let left = placer.deadline.saturating_duration_since(Instant::now());
-    link.run_job(job, left, &placer.trace).await
+    let limits = JobLimits {
+        max_message: placer.state.config.max_message_size,
+        // What the job's results may add to what the request holds.
+        budget: placer.budget.left(),
+    };
+    let values = link.run_job(job, left, &placer.trace, limits).await?;
+    // The peer kept within `budget`; other parts of the request may have
+    // taken some of it meanwhile.
+    values
+        .into_iter()
+        .map(|v| {
+            let bytes = v.json_len();
+            Payload::held(v, bytes, &placer.budget)
+        })
+        .collect()
 }
 
 /// Serves a peer's messages for this node.
@@ -543,14 +562,22 @@ impl LinkHandler for Served {
         job: Job,
         timeout: Duration,
         trace: Option<String>,
+        budget: Option<u64>,
     ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
         let trace: Arc<str> = trace.unwrap_or_default().into();
         let span = tracing::debug_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
+        // What the sender accepts, within this node's own budgets.
+        let config = &self.state.config;
+        let limit = budget
+            .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX))
+            .min(config.reply_budget())
+            .min(config.max_message_size);
         let placer = Placer {
             state: self.state.clone(),
             scope: Scope::Here,
             deadline: crate::node::far_enough(timeout),
             trace,
+            budget: ResultBudget::new(limit, self.state.inflight_bytes.clone()),
         };
         Box::pin(tracing::Instrument::instrument(
             async move {
@@ -572,6 +599,10 @@ impl LinkHandler for Served {
             },
             span,
         ))
+    }
+
+    fn max_answer(&self) -> usize {
+        self.state.config.max_message_size
     }
 
     fn catalog(&self, catalog: Catalog) {

@@ -125,6 +125,10 @@ pub(crate) enum PeerMessage {
         /// The id of the request this job belongs to (for logs).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trace: Option<String>,
+        /// The most bytes of results the sender accepts for this job (as
+        /// JSON text); more is a `too_large` answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget: Option<u64>,
     },
     /// The answer to `Run`: `values` (one per output) or `error`.
     Done {
@@ -152,7 +156,18 @@ enum RunRef<'a> {
         timeout_ms: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         trace: Option<&'a str>,
+        budget: Option<u64>,
     },
+}
+
+/// The bounds of one job sent over a link.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JobLimits {
+    /// The largest message the link carries: a job that encodes larger
+    /// fails (`too_large`) and is never sent, so it cannot close the link.
+    pub(crate) max_message: usize,
+    /// The most bytes of results the job may answer with.
+    pub(crate) budget: usize,
 }
 
 impl RunRef<'_> {
@@ -269,8 +284,25 @@ impl Link {
         job: &Job,
         timeout: Duration,
         trace: &str,
+        limits: JobLimits,
     ) -> Result<Vec<Payload>, RpcError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let run = RunRef::Run {
+            id,
+            steps: &job.steps,
+            outputs: &job.outputs,
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            trace: (!trace.is_empty()).then_some(trace),
+            budget: Some(limits.budget.try_into().unwrap_or(u64::MAX)),
+        }
+        .encode();
+        if run.len() > limits.max_message {
+            return Err(too_large_message(
+                "the job's arguments",
+                run.len(),
+                limits.max_message,
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         match self.pending().as_mut() {
             Some(p) => p.insert(id, tx),
@@ -282,14 +314,7 @@ impl Link {
             answered: false,
         };
         self.inner.inflight.fetch_add(1, Ordering::Relaxed);
-        let run = RunRef::Run {
-            id,
-            steps: &job.steps,
-            outputs: &job.outputs,
-            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-            trace: (!trace.is_empty()).then_some(trace),
-        };
-        if !self.send_encoded(run.encode()).await {
+        if !self.send_encoded(run).await {
             guard.answered = true;
             return Err(self.lost());
         }
@@ -353,7 +378,11 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
         job: Job,
         timeout: Duration,
         trace: Option<String>,
+        budget: Option<u64>,
     ) -> futures_util::future::BoxFuture<'static, Result<Vec<Payload>, RpcError>>;
+    /// The largest answer the link carries: a larger one is answered with
+    /// `too_large` instead, so one job's result never closes the link.
+    fn max_answer(&self) -> usize;
     /// The peer's abilities changed.
     fn catalog(&self, catalog: Catalog);
 }
@@ -419,18 +448,21 @@ where
                 outputs,
                 timeout_ms,
                 trace,
+                budget,
             } => {
                 let mut work = handler.run(
                     Job { steps, outputs },
                     Duration::from_millis(timeout_ms),
                     trace,
+                    budget,
                 );
+                let max = handler.max_answer();
                 // Most jobs (a quick handler) are done at their first poll:
                 // answer at once, without a task and its wake-ups (as a
                 // client connection does). The others go on on a task.
                 match poll_once(&mut work) {
                     std::task::Poll::Ready(answer) => {
-                        match link.inner.outgoing.try_send(done(id, answer).encode()) {
+                        match link.inner.outgoing.try_send(done(id, answer, max)) {
                             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                             // The queue is full: wait for room on a task,
                             // never in this loop (which must keep reading).
@@ -447,7 +479,7 @@ where
                         let link = link.clone();
                         let abort = jobs.spawn(async move {
                             let answer = crate::exec::guarded(work).await;
-                            link.send(&done(id, answer)).await;
+                            link.send_encoded(done(id, answer, max)).await;
                             id
                         });
                         running.insert(id, abort);
@@ -480,8 +512,27 @@ where
     jobs.abort_all();
 }
 
-/// The answer to job `id`.
-fn done(id: u64, answer: Result<Vec<Payload>, RpcError>) -> PeerMessage {
+/// The answer to job `id`, encoded; `too_large` instead when it would be
+/// over `max` bytes (the link's message limit).
+fn done(id: u64, answer: Result<Vec<Payload>, RpcError>, max: usize) -> Message {
+    let message = done_message(id, answer).encode();
+    if message.len() <= max {
+        return message;
+    }
+    let error = too_large_message("the job's answer", message.len(), max);
+    done_message(id, Err(error)).encode()
+}
+
+/// `too_large`: `what` is `bytes` long, over the link's message limit.
+fn too_large_message(what: &str, bytes: usize, max: usize) -> RpcError {
+    RpcError::new(
+        ErrorCode::TooLarge,
+        format!("{what} would be a message of {bytes} bytes, over the link's limit of {max}"),
+    )
+    .with_details(serde_json::json!({ "limit": max, "bytes": bytes }))
+}
+
+fn done_message(id: u64, answer: Result<Vec<Payload>, RpcError>) -> PeerMessage {
     match answer {
         Ok(values) => PeerMessage::Done {
             id,
@@ -519,6 +570,65 @@ mod tests {
     use crate::plan::Arg;
     use serde_json::{Value, json};
 
+    const LIMITS: JobLimits = JobLimits {
+        max_message: 1 << 20,
+        budget: 1 << 20,
+    };
+
+    #[tokio::test]
+    async fn a_job_too_large_for_the_link_fails_alone_and_is_never_sent() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let link = Link::new("p".into(), tx);
+        let job = Job {
+            steps: vec![Step {
+                name: "a".into(),
+                fun: "echo".into(),
+                args: vec![Arg::Value(json!("x".repeat(2000)).into())],
+                kwargs: Vec::new(),
+                locs: Vec::new(),
+                deps: Vec::new(),
+            }],
+            outputs: vec![0],
+        };
+        let limits = JobLimits {
+            max_message: 1000,
+            budget: 1000,
+        };
+        let e = link
+            .run_job(&job, Duration::from_secs(1), "", limits)
+            .await
+            .expect_err("too large");
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert_eq!(
+            e.details.as_ref().map(|d| d["limit"].clone()),
+            Some(json!(1000))
+        );
+        assert!(rx.try_recv().is_err(), "nothing was sent");
+        assert!(!link.is_closed());
+        assert_eq!(link.load(), 0);
+    }
+
+    #[test]
+    fn an_answer_too_large_for_the_link_is_too_large_instead() {
+        let big = Ok(vec![Payload::from(json!("y".repeat(5000)))]);
+        let message = done(3, big, 1000);
+        assert!(message.len() <= 1000);
+        let Some(Ok(PeerMessage::Done { id, values, error })) = PeerMessage::decode(&message)
+        else {
+            panic!("not a done: {message:?}");
+        };
+        assert_eq!((id, values), (3, None));
+        assert_eq!(error.map(|e| e.code), Some(ErrorCode::TooLarge));
+        let small = done(4, Ok(vec![Payload::from(json!(1))]), 1000);
+        assert!(matches!(
+            PeerMessage::decode(&small),
+            Some(Ok(PeerMessage::Done {
+                values: Some(_),
+                ..
+            }))
+        ));
+    }
+
     #[test]
     fn messages_round_trip_and_keep_values_apart_from_references() {
         let run = PeerMessage::Run {
@@ -534,6 +644,7 @@ mod tests {
             outputs: vec![0],
             timeout_ms: 5,
             trace: Some("req-1".into()),
+            budget: Some(1 << 20),
         };
         let text = serde_json::to_string(&run).expect("encode");
         assert!(text.contains(r#""role":"run""#), "{text}");
@@ -567,6 +678,7 @@ mod tests {
                 outputs: &[0],
                 timeout_ms: 250,
                 trace,
+                budget: Some(4096),
             };
             let owned = PeerMessage::Run {
                 id: 9,
@@ -574,6 +686,7 @@ mod tests {
                 outputs: vec![0],
                 timeout_ms: 250,
                 trace: trace.map(str::to_owned),
+                budget: Some(4096),
             };
             assert_eq!(borrowed.encode(), owned.encode());
         }
@@ -609,7 +722,10 @@ mod tests {
         };
         let waiting = tokio::spawn({
             let link = link.clone();
-            async move { link.run_job(&job, Duration::from_secs(60), "").await }
+            async move {
+                link.run_job(&job, Duration::from_secs(60), "", LIMITS)
+                    .await
+            }
         });
         // The Run message went out; the answer never comes.
         let sent = rx.recv().await.expect("run sent");
@@ -632,6 +748,7 @@ mod tests {
                 },
                 Duration::from_secs(1),
                 "",
+                LIMITS,
             )
             .await
             .expect_err("closed");
@@ -646,7 +763,7 @@ mod tests {
             steps: Vec::new(),
             outputs: Vec::new(),
         };
-        let fut = link.run_job(&job, Duration::from_secs(60), "");
+        let fut = link.run_job(&job, Duration::from_secs(60), "", LIMITS);
         // Poll until the Run is queued, then drop the caller.
         let _ = tokio::time::timeout(Duration::from_millis(50), fut).await;
         let first = rx.recv().await.expect("run");

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secret, Tokens};
-use crate::budget::{ByteBudget, Unauthenticated};
+use crate::budget::{ByteBudget, ResultBudget, Unauthenticated};
 use crate::builtins;
 use crate::client::Results;
 use crate::cluster::{Cluster, Placer, Scope};
@@ -28,11 +28,10 @@ use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{Job, Progress, Wanted, execute, execute_one, execute_with_progress};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
-use crate::payload::Payload;
+use crate::payload::{Payload, encoded_len};
 use crate::plan::{Arg, Plan};
 use crate::protocol::{
-    Answer, IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Request, deeper_than,
-    parse_request,
+    Answer, IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Request, parse_request,
 };
 use crate::registry::{Args, Function, Registry, linked_functions};
 
@@ -447,8 +446,14 @@ fn validate(config: &Config) -> Result<(), crate::config::ConfigError> {
     for (setting, value) in [
         ("max_inflight_bytes", config.max_inflight_bytes),
         ("max_outgoing_bytes", config.max_outgoing_bytes),
-        ("max_unauthenticated_connections", config.max_unauthenticated_connections),
-        ("max_unauthenticated_per_address", config.max_unauthenticated_per_address),
+        (
+            "max_unauthenticated_connections",
+            config.max_unauthenticated_connections,
+        ),
+        (
+            "max_unauthenticated_per_address",
+            config.max_unauthenticated_per_address,
+        ),
     ] {
         if value == 0 {
             return Err(Invalid {
@@ -816,6 +821,19 @@ pub(crate) async fn handle_frame(
 ) -> String {
     let counted = state.metrics.request();
     let size = frame.len();
+    // The frame, and what is planned from it, is held until the reply is
+    // written: node-wide, requests hold at most `max_inflight_bytes`.
+    let Some(_frame_bytes) = state.inflight_bytes.charge(size) else {
+        counted.end(Some(ErrorCode::Overloaded));
+        let limit = state.inflight_bytes.limit();
+        let error = RpcError::new(
+            ErrorCode::Overloaded,
+            format!("the node holds its budget of {limit} bytes for requests; try later"),
+        )
+        .with_details(json!({ "limit": limit }));
+        let u = parse_request(&frame).map_or_else(|r| r.u, |r| r.u);
+        return Answer::err(u, error).encode();
+    };
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
         Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
@@ -882,6 +900,8 @@ pub(crate) fn handle<'a>(
 ) -> impl Future<Output = Answer> + Send + 'a {
     let request = incoming;
     let u = request.u;
+    // The bytes of results the request may hold: its reply's budget.
+    let reply_budget = state.config.reply_budget();
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());
@@ -896,10 +916,10 @@ pub(crate) fn handle<'a>(
         Wanted::Sinks
     };
     if plan.steps.len() != 1 || progress_to.is_some() {
-        let run = run_request(state, u, plan, wanted, deadline, progress_to);
+        let run = run_request(state, u, plan, wanted, deadline, reply_budget, progress_to);
         return Either::Right(Either::Right(Box::pin(run)));
     }
-    let (placer, span) = placer_for(state, &u, deadline);
+    let (placer, span) = placer_for(state, &u, deadline, reply_budget);
     let call = {
         let _in_span = span.enter();
         execute_one(plan, &placer)
@@ -912,7 +932,12 @@ pub(crate) fn handle<'a>(
 }
 
 /// The placer of a client request with id `u`, and its span.
-fn placer_for(state: &Arc<NodeState>, u: &Value, deadline: Duration) -> (Placer, tracing::Span) {
+fn placer_for(
+    state: &Arc<NodeState>,
+    u: &Value,
+    deadline: Duration,
+    reply_budget: usize,
+) -> (Placer, tracing::Span) {
     let trace: Arc<str> = match u {
         Value::String(s) => s.as_str().into(),
         other => other.to_string().into(),
@@ -923,6 +948,7 @@ fn placer_for(state: &Arc<NodeState>, u: &Value, deadline: Duration) -> (Placer,
         scope: Scope::Cluster,
         deadline: far_enough(deadline),
         trace,
+        budget: ResultBudget::new(reply_budget, state.inflight_bytes.clone()),
     };
     (placer, span)
 }
@@ -935,9 +961,10 @@ async fn run_request(
     plan: Plan,
     wanted: Wanted,
     deadline: Duration,
+    reply_budget: usize,
     progress_to: Option<&mpsc::Sender<Message>>,
 ) -> Answer {
-    let (placer, span) = placer_for(state, &u, deadline);
+    let (placer, span) = placer_for(state, &u, deadline, reply_budget);
     let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
     // The same instant as the placer's deadline (one clock read).
     let run = tokio::time::timeout_at(
@@ -994,6 +1021,7 @@ pub(crate) fn run_local(
         });
     }
     let state = placer.state.clone();
+    let budget = placer.budget.clone();
     let step = job.steps.remove(0);
     let (handler, metrics) = match state.registry().lookup(&step.fun, &step.locs) {
         Ok(f) => (f.handler.clone(), f.metrics.clone()),
@@ -1021,13 +1049,13 @@ pub(crate) fn run_local(
         let call = metrics.start();
         let result = async {
             let value = handler(args).await?;
-            if deeper_than(&value, MAX_RESULT_DEPTH) {
+            let Some(bytes) = encoded_len(&value, MAX_RESULT_DEPTH) else {
                 dismantle(value);
                 return Err(RpcError::handler_failed(format!(
                     "the result nests deeper than {MAX_RESULT_DEPTH} arrays and objects"
                 )));
-            }
-            Ok(vec![Payload::Tree(value)])
+            };
+            Ok(vec![Payload::held(Payload::Tree(value), bytes, &budget)?])
         }
         .await;
         call.end(Outcome::of(&result));

@@ -5,10 +5,21 @@
 //! a peer's result sent back to the client) never needs its tree: it keeps
 //! the text and copies it into the next message. A value is parsed only
 //! where something reads it (a handler on this node).
+//!
+//! A result is [`Payload::Held`]: counted against its request's
+//! [`ResultBudget`] from when it is produced until its last reader lets it
+//! go, and shared by its readers (a clone is a reference, never a copy of
+//! the value).
+
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
+
+use crate::budget::{Over, ResultBudget};
+use crate::error::{ErrorCode, RpcError};
 
 /// One value: a tree, or JSON text already checked to be valid.
 #[derive(Debug, Clone)]
@@ -18,39 +29,121 @@ pub(crate) enum Payload {
     /// The value's JSON text, as received: valid JSON that parses into a
     /// [`Value`] (checked on receipt, see [`checked_raw`]).
     Raw(Box<RawValue>),
+    /// A result held against its request's budget, shared by its readers.
+    Held(Arc<Held>),
+}
+
+/// A result counted against a [`ResultBudget`] while it lives: the bytes
+/// are given back when the last reader drops it (or takes its value).
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// A tree or raw text, never another `Held`.
+    payload: Payload,
+    /// Its size as compact JSON text.
+    bytes: usize,
+    budget: Arc<ResultBudget>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 impl Payload {
-    /// The value as a tree (parsing the text of a raw value).
-    pub(crate) fn into_value(self) -> Result<Value, serde_json::Error> {
+    /// `payload` (a tree or raw text, `bytes` long as JSON) as a result
+    /// held against `budget`: `too_large` when the request would hold more
+    /// than its budget, `overloaded` when the node would.
+    pub(crate) fn held(
+        payload: Payload,
+        bytes: usize,
+        budget: &Arc<ResultBudget>,
+    ) -> Result<Payload, RpcError> {
+        match budget.hold(bytes) {
+            Ok(()) => Ok(Payload::Held(Arc::new(Held {
+                payload: payload.unheld(),
+                bytes,
+                budget: budget.clone(),
+            }))),
+            Err(Over::Request { limit, would_hold }) => Err(RpcError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a result of {bytes} bytes would make the request hold {would_hold} bytes of results, over its budget of {limit}"
+                ),
+            )
+            .with_details(serde_json::json!({ "limit": limit, "bytes": bytes }))),
+            Err(Over::Node { limit }) => Err(RpcError::new(
+                ErrorCode::Overloaded,
+                format!("the node holds its budget of {limit} bytes for requests; try later"),
+            )
+            .with_details(serde_json::json!({ "limit": limit }))),
+        }
+    }
+
+    /// The tree or raw text itself (a held value's, copied when others
+    /// still read it).
+    fn unheld(self) -> Payload {
         match self {
+            Payload::Held(held) => match Arc::try_unwrap(held) {
+                Ok(mut held) => std::mem::replace(&mut held.payload, Payload::Tree(Value::Null)),
+                Err(shared) => shared.payload.clone(),
+            },
+            other => other,
+        }
+    }
+
+    /// The value's length as JSON text: known for raw text and held
+    /// results, measured for a tree (`usize::MAX` for one nested too deep
+    /// to be sent).
+    pub(crate) fn json_len(&self) -> usize {
+        match self {
+            Payload::Tree(v) => {
+                encoded_len(v, crate::protocol::MAX_RESULT_DEPTH).unwrap_or(usize::MAX)
+            }
+            Payload::Raw(raw) => raw.get().len(),
+            Payload::Held(held) => held.bytes,
+        }
+    }
+
+    /// The tree or raw text, borrowed.
+    fn inner(&self) -> &Payload {
+        match self {
+            Payload::Held(held) => &held.payload,
+            other => other,
+        }
+    }
+
+    /// The value as a tree (parsing the text of a raw value; copying a
+    /// held value that other readers still share).
+    pub(crate) fn into_value(self) -> Result<Value, serde_json::Error> {
+        match self.unheld() {
             Payload::Tree(v) => Ok(v),
             Payload::Raw(raw) => serde_json::from_str(raw.get()),
+            Payload::Held(_) => unreachable!("unheld never returns Held"),
         }
     }
 
     /// The value as a tree, borrowed when it is one.
-    pub(crate) fn to_value(&self) -> Result<std::borrow::Cow<'_, Value>, serde_json::Error> {
-        match self {
-            Payload::Tree(v) => Ok(std::borrow::Cow::Borrowed(v)),
-            Payload::Raw(raw) => serde_json::from_str(raw.get()).map(std::borrow::Cow::Owned),
+    pub(crate) fn to_value(&self) -> Result<Cow<'_, Value>, serde_json::Error> {
+        match self.inner() {
+            Payload::Tree(v) => Ok(Cow::Borrowed(v)),
+            Payload::Raw(raw) => serde_json::from_str(raw.get()).map(Cow::Owned),
+            Payload::Held(_) => unreachable!("a Held never holds a Held"),
         }
     }
 
     /// The string this value is, if it is a string.
-    pub(crate) fn as_string(&self) -> Option<std::borrow::Cow<'_, str>> {
-        match self {
-            Payload::Tree(Value::String(s)) => Some(std::borrow::Cow::Borrowed(s.as_str())),
-            Payload::Tree(_) => None,
+    pub(crate) fn as_string(&self) -> Option<Cow<'_, str>> {
+        match self.inner() {
+            Payload::Tree(Value::String(s)) => Some(Cow::Borrowed(s.as_str())),
             Payload::Raw(raw) => {
                 let text = raw.get();
                 if !text.starts_with('"') {
                     return None;
                 }
-                serde_json::from_str::<String>(text)
-                    .ok()
-                    .map(std::borrow::Cow::Owned)
+                serde_json::from_str::<String>(text).ok().map(Cow::Owned)
             }
+            _ => None,
         }
     }
 }
@@ -64,7 +157,7 @@ impl From<Value> for Payload {
 /// Equal when the values are (a raw value is compared by its tree).
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
+        match (self.inner(), other.inner()) {
             (Payload::Tree(a), Payload::Tree(b)) => a == b,
             (Payload::Raw(a), Payload::Raw(b)) if a.get() == b.get() => true,
             _ => match (self.to_value(), other.to_value()) {
@@ -80,6 +173,7 @@ impl Serialize for Payload {
         match self {
             Payload::Tree(v) => v.serialize(s),
             Payload::Raw(raw) => raw.serialize(s),
+            Payload::Held(held) => held.payload.serialize(s),
         }
     }
 }
@@ -99,6 +193,80 @@ pub(crate) fn raw_payloads<'de, D: Deserializer<'de>>(
 ) -> Result<Option<Vec<Payload>>, D::Error> {
     let raw: Option<Vec<Box<RawValue>>> = Option::deserialize(d)?;
     Ok(raw.map(|values| values.into_iter().map(Payload::Raw).collect()))
+}
+
+/// The length of `value` written as compact JSON (as `serde_json` writes
+/// it), or `None` when it nests deeper than `max_depth` arrays and
+/// objects. One pass, iterative (it must not overflow the stack on the
+/// values it rejects); a scalar costs no allocation.
+pub(crate) fn encoded_len(value: &Value, max_depth: usize) -> Option<usize> {
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        return Some(scalar_len(value));
+    }
+    let mut total = 0usize;
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        let len = match v {
+            Value::Array(items) => {
+                if depth >= max_depth {
+                    return None;
+                }
+                stack.extend(items.iter().map(|c| (c, depth + 1)));
+                // Brackets and commas.
+                2 + items.len().saturating_sub(1)
+            }
+            Value::Object(map) => {
+                if depth >= max_depth {
+                    return None;
+                }
+                stack.extend(map.values().map(|c| (c, depth + 1)));
+                // Braces, commas, and each key with its colon.
+                2 + map.len().saturating_sub(1)
+                    + map.keys().map(|k| string_len(k) + 1).sum::<usize>()
+            }
+            scalar => scalar_len(scalar),
+        };
+        total = total.saturating_add(len);
+    }
+    Some(total)
+}
+
+fn scalar_len(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(true) => 4,
+        Value::Bool(false) => 5,
+        Value::String(s) => string_len(s),
+        Value::Number(n) => {
+            // `Number`'s `Display` writes what serialization writes.
+            let mut count = Counter(0);
+            let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{n}"));
+            count.0
+        }
+        Value::Array(_) | Value::Object(_) => 0,
+    }
+}
+
+/// A JSON string's length with its quotes and escapes.
+fn string_len(s: &str) -> usize {
+    let escapes: usize = s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..=0x1f => 5,
+            _ => 0,
+        })
+        .sum();
+    s.len() + 2 + escapes
+}
+
+/// Counts what is written to it.
+struct Counter(usize);
+
+impl std::fmt::Write for Counter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
 }
 
 /// Whether `raw` surely parses into a [`Value`] nesting at most
@@ -280,6 +448,74 @@ mod tests {
         assert!(!checked_raw(&raw("{\"a\":{\"b\":1}}"), 1));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(!checked_raw(&raw(&deep), 100));
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_serde_json_writes() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(false),
+            json!(0),
+            json!(-17),
+            json!(u64::MAX),
+            json!(1.5),
+            json!(-2.5e-300),
+            json!(1e300),
+            json!(0.1),
+            json!(""),
+            json!("hi \"there\"\\ \n\t\u{1}\u{7f} é 漢"),
+            json!([]),
+            json!({}),
+            json!([1, [2, [3, {"a": "b", "c\"d": [null]}]], "x"]),
+            json!({"k": {"k": {"k": [1, 2, 3]}}, "z": 1.25}),
+        ];
+        for v in values {
+            let written = serde_json::to_string(&v).expect("encode").len();
+            assert_eq!(encoded_len(&v, 128), Some(written), "{v}");
+        }
+    }
+
+    #[test]
+    fn encoded_len_limits_nesting_without_recursing() {
+        assert_eq!(encoded_len(&json!([[1]]), 2), Some(5));
+        assert_eq!(encoded_len(&json!([[1]]), 1), None);
+        assert_eq!(encoded_len(&json!({"a": {"b": 1}}), 1), None);
+        let mut deep = json!(1);
+        for _ in 0..100_000 {
+            deep = Value::Array(vec![deep]);
+        }
+        assert_eq!(encoded_len(&deep, 128), None);
+        // Dropped without recursing (a plain drop would overflow the stack).
+        let mut stack = vec![deep];
+        while let Some(mut v) = stack.pop() {
+            if let Value::Array(items) = &mut v {
+                stack.append(items);
+            }
+        }
+    }
+
+    #[test]
+    fn held_results_are_shared_and_give_their_bytes_back() {
+        use crate::budget::{ByteBudget, ResultBudget};
+        let node = ByteBudget::new(1000);
+        let budget = ResultBudget::new(100, node.clone());
+        let big = Payload::held(Payload::from(json!("x".repeat(50))), 52, &budget).expect("fits");
+        let copies: Vec<Payload> = (0..10).map(|_| big.clone()).collect();
+        assert_eq!(budget.left(), 48, "ten readers, held once");
+        let e = Payload::held(Payload::from(json!("y".repeat(60))), 62, &budget).expect_err("over");
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert_eq!(copies[0], Payload::from(json!("x".repeat(50))));
+        assert_eq!(
+            serde_json::to_string(&copies[3]).expect("encode"),
+            format!("\"{}\"", "x".repeat(50))
+        );
+        drop(copies);
+        assert_eq!(budget.left(), 48, "still held by `big`");
+        let value = big.into_value().expect("tree");
+        assert_eq!(value, json!("x".repeat(50)));
+        assert_eq!(budget.left(), 100, "the last reader took it");
+        assert_eq!(node.used(), 0);
     }
 
     #[test]

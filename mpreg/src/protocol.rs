@@ -351,28 +351,6 @@ fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
 /// protocol accepts (serde_json's default limit), so every reply can be read.
 pub(crate) const MAX_RESULT_DEPTH: usize = 128;
 
-/// Whether `value` nests deeper than `limit` arrays and objects. Iterative:
-/// it must not itself overflow the stack on the values it rejects.
-pub(crate) fn deeper_than(value: &Value, limit: usize) -> bool {
-    if !matches!(value, Value::Array(_) | Value::Object(_)) {
-        // A scalar (most results): nothing to walk, nothing to allocate.
-        return false;
-    }
-    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
-    while let Some((v, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(items) => Box::new(items.iter()),
-            Value::Object(map) => Box::new(map.values()),
-            _ => continue,
-        };
-        if depth + 1 > limit {
-            return true;
-        }
-        stack.extend(children.map(|c| (c, depth + 1)));
-    }
-    false
-}
-
 /// One command's result, sent ahead of the final reply to a request that
 /// asked for `stream`: `{"role":"rpc-progress","u":..,"name":..,"value":..}`.
 #[derive(Debug, Serialize)]
@@ -688,19 +666,6 @@ mod tests {
         let deep = "[".repeat(100_000);
         let e = parse_request(deep.as_bytes()).expect_err("too deep");
         assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn nesting_depth() {
-        assert!(!deeper_than(&json!(1), 0));
-        assert!(deeper_than(&json!([1]), 0));
-        assert!(!deeper_than(&json!([[1], {"a": [2]}]), 3));
-        assert!(deeper_than(&json!([[1], {"a": [[2]]}]), 3));
-        let mut deep = json!(0);
-        for _ in 0..200 {
-            deep = Value::Array(vec![deep]);
-        }
-        assert!(deeper_than(&deep, MAX_RESULT_DEPTH));
     }
 
     #[test]
