@@ -237,13 +237,25 @@ fn scalar_len(value: &Value) -> usize {
         Value::Bool(false) => 5,
         Value::String(s) => string_len(s),
         Value::Number(n) => {
-            // `Number`'s `Display` writes what serialization writes.
+            if let Some(u) = n.as_u64() {
+                return digits(u);
+            }
+            if let Some(i) = n.as_i64() {
+                return 1 + digits(i.unsigned_abs());
+            }
+            // A float: `Number`'s `Display` writes what serialization
+            // writes.
             let mut count = Counter(0);
             let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{n}"));
             count.0
         }
         Value::Array(_) | Value::Object(_) => 0,
     }
+}
+
+/// The number of decimal digits of `n`.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// A JSON string's length with its quotes and escapes.
@@ -459,6 +471,10 @@ mod tests {
             json!(0),
             json!(-17),
             json!(u64::MAX),
+            json!(i64::MIN),
+            json!(9),
+            json!(10),
+            json!(-10),
             json!(1.5),
             json!(-2.5e-300),
             json!(1e300),
