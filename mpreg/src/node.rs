@@ -447,8 +447,14 @@ fn validate(config: &Config) -> Result<(), crate::config::ConfigError> {
     for (setting, value) in [
         ("max_inflight_bytes", config.max_inflight_bytes),
         ("max_outgoing_bytes", config.max_outgoing_bytes),
-        ("max_unauthenticated_connections", config.max_unauthenticated_connections),
-        ("max_unauthenticated_per_address", config.max_unauthenticated_per_address),
+        (
+            "max_unauthenticated_connections",
+            config.max_unauthenticated_connections,
+        ),
+        (
+            "max_unauthenticated_per_address",
+            config.max_unauthenticated_per_address,
+        ),
     ] {
         if value == 0 {
             return Err(Invalid {
@@ -808,17 +814,23 @@ fn new_generation() -> u64 {
 
 /// Answers one client frame with the encoded reply. A request that asks for
 /// `stream` sends its progress messages to `outgoing` (the connection's
-/// queue) before the reply is returned.
+/// queue) before the reply is returned. `reply_limit` is the connection's
+/// reply budget (see [`crate::protocol::reply_limit`]), which the request
+/// carries as its [`reply_budget`](IncomingRequest::reply_budget).
 pub(crate) async fn handle_frame(
     state: &Arc<NodeState>,
     frame: Bytes,
     outgoing: &mpsc::Sender<Message>,
+    reply_limit: usize,
 ) -> String {
     let counted = state.metrics.request();
     let size = frame.len();
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
-        Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
+        Some(Ok(mut incoming)) => {
+            incoming.reply_budget = reply_limit;
+            handle(state, incoming, Some(outgoing)).await
+        }
         Some(Err(Rejected { u, error })) => Answer::err(u, error),
         None => Answer::err(
             Value::Null,
@@ -844,7 +856,9 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    let answer = handle(state, IncomingRequest::new(u, request), None).await;
+    let mut incoming = IncomingRequest::new(u, request);
+    incoming.reply_budget = state.config.reply_budget();
+    let answer = handle(state, incoming, None).await;
     crate::client::results_of(answer.into_reply())
 }
 
