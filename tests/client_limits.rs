@@ -373,3 +373,44 @@ async fn another_close_still_fails_the_calls_in_flight() {
     assert!(resent.try_recv().is_err(), "nothing was sent again");
     node.abort();
 }
+
+#[tokio::test]
+async fn a_stream_in_flight_survives_an_idle_close() {
+    let (listener, url) = listener().await;
+    let node = tokio::spawn(async move {
+        let mut first = accept(&listener, None).await;
+        next_request(&mut first).await.expect("a request");
+        close_idle(&mut first).await;
+        let mut second = accept(&listener, None).await;
+        let request = next_request(&mut second).await.expect("the request again");
+        assert_eq!(request["stream"], true, "{request}");
+        let u = &request["u"];
+        for message in [
+            json!({"role": "rpc-progress", "u": u, "name": "first", "value": 1}),
+            json!({"role": "rpc-response", "u": u, "r": {"second": 2}, "error": null}),
+        ] {
+            guard("send", second.send(Message::text(message.to_string())))
+                .await
+                .expect("send");
+        }
+        second
+    });
+    let client = guard("connect", Client::connect(&url))
+        .await
+        .expect("connects");
+    let request = mpreg::Request::new()
+        .cmd(mpreg::Command::new("first", "echo").arg(1))
+        .cmd(mpreg::Command::new("second", "echo").arg(2));
+    let mut events = guard("stream", client.stream(request)).await.expect("sent");
+    let progress = match guard("progress", events.next()).await {
+        Some(Ok(mpreg::Event::Progress(p))) => p,
+        other => panic!("expected progress, got {other:?}"),
+    };
+    assert_eq!((progress.name(), progress.value()), ("first", &json!(1)));
+    let results = match guard("done", events.next()).await {
+        Some(Ok(mpreg::Event::Done(results))) => results,
+        other => panic!("expected the results, got {other:?}"),
+    };
+    assert_eq!(results.get::<i64>("second").expect("second"), 2);
+    let _second = guard("fake node", node).await.expect("fake node");
+}
