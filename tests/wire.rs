@@ -354,7 +354,7 @@ fn offers_dataset(view: &Value, dataset: &str) -> bool {
 async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
     // The entry node forwards arguments and results as raw JSON text: what
     // comes back must be what a tree would have given, and a frame a tree
-    // parse refuses is refused as before (not valid JSON, so no id).
+    // parse refuses is refused as before (not valid JSON), with its id.
     let b = start_node(builder().name("B").datasets(["b"])).await;
     let a = start_node(builder().name("A").peers([b.url().expect("B listens")])).await;
     let seen = a
@@ -399,7 +399,8 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
         );
         ws.send_text(&frame).await;
         let reply = guard("bad reply", ws.recv_json()).await;
-        let e = err_of(&reply, &Value::Null, "bad_request");
+        // Not valid JSON, yet the id before the bad value is readable.
+        let e = err_of(&reply, &json!(u), "bad_request");
         assert!(
             e["message"]
                 .as_str()
@@ -412,4 +413,120 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
         .await;
     let reply = guard("after reply", ws.recv_json()).await;
     assert_eq!(ok_r(&reply, &json!("after")), json!({ "e": [1, 2] }));
+}
+
+#[tokio::test]
+async fn every_refusal_carries_a_readable_id() {
+    let mut config = mpreg::Config::default();
+    config.max_commands_per_request = 4;
+    let node = start_node(
+        mpreg::Node::builder()
+            .config(config)
+            .listen("127.0.0.1:0")
+            .without_linked_functions(),
+    )
+    .await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    let echo_deep = format!(r#"{{"name":"e","fun":"echo","args":[{deep}]}}"#);
+    let many = json!(
+        (0..5)
+            .map(|i| cmd(&format!("c{i}"), "echo", json!([i])))
+            .collect::<Vec<_>>()
+    );
+    let cases: Vec<(Value, String, &str)> = vec![
+        // Nesting too deep: flat, nested, and with `u` after the value.
+        (
+            json!("deep-flat"),
+            format!(r#"{{"role":"rpc","u":"deep-flat","cmds":[{echo_deep}]}}"#),
+            "not valid JSON",
+        ),
+        (
+            json!("deep-nested"),
+            format!(r#"{{"role":"rpc","rpc":{{"cmds":[{echo_deep}],"u":"deep-nested"}}}}"#),
+            "not valid JSON",
+        ),
+        (
+            json!(77),
+            format!(r#"{{"role":"rpc","cmds":[{echo_deep}],"u":77}}"#),
+            "not valid JSON",
+        ),
+        // Wrong field types, cut-off JSON.
+        (
+            json!("types"),
+            r#"{"role":"rpc","rpc":{"u":"types","cmds":[{"name":1,"fun":"echo"}]}}"#.into(),
+            "command #0",
+        ),
+        (
+            json!("cut"),
+            r#"{"role":"rpc","u":"cut","cmds":[{"name":"e","fun""#.into(),
+            "not valid JSON",
+        ),
+        // Too many commands (the node's limit here is 4).
+        (
+            json!("many"),
+            flat("many", many.clone()).to_string(),
+            "limit is 4",
+        ),
+        (
+            json!("many-nested"),
+            common::nested("many-nested", many).to_string(),
+            "limit is 4",
+        ),
+    ];
+    for (u, frame, mentions) in cases {
+        ws.send_text(&frame).await;
+        let reply = guard("refusal", ws.recv_json()).await;
+        let error = err_of(&reply, &u, "bad_request");
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(mentions)),
+            "{u}: message should mention `{mentions}`: {error}"
+        );
+    }
+    // The connection still serves.
+    let reply = ws
+        .request(&flat("ok", json!([cmd("e", "echo", json!([1]))])))
+        .await;
+    assert_eq!(ok_r(&reply, &json!("ok")), json!({"e": 1}));
+}
+
+#[tokio::test]
+async fn request_ids_have_a_length_limit() {
+    let node = start_default().await;
+    let mut ws = RawWs::connect(&node.url().expect("node listens")).await;
+    let cmds = || json!([cmd("e", "echo", json!(["x"]))]);
+    // 256 bytes of JSON (quotes included) is the most.
+    let longest = "a".repeat(mpreg::MAX_ID_BYTES - 2);
+    let reply = ws.request(&flat(longest.clone(), cmds())).await;
+    assert_eq!(ok_r(&reply, &json!(longest)), json!({"e": "x"}));
+    // One more is refused, and the refusal carries the id (once) so the
+    // client can match it.
+    let long = "b".repeat(mpreg::MAX_ID_BYTES - 1);
+    for request in [
+        flat(long.clone(), cmds()),
+        common::nested(long.clone(), cmds()),
+    ] {
+        ws.send_json(&request).await;
+        let frame = ws.next_frame().await;
+        let Some(Ok(Message::Text(text))) = frame else {
+            panic!("expected a reply, got {frame:?}")
+        };
+        assert_eq!(text.as_str().matches(&long).count(), 1, "{text}");
+        let reply: Value = serde_json::from_str(text.as_str()).expect("JSON reply");
+        let error = err_of(&reply, &json!(long), "bad_request");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains("256")),
+            "the message names the limit: {error}"
+        );
+        assert_eq!(error["details"]["limit"], mpreg::MAX_ID_BYTES);
+    }
+    // A streaming request with a long id gets no progress, only the refusal.
+    let mut streaming = flat(long.clone(), cmds());
+    streaming["stream"] = json!(true);
+    let reply = ws.request(&streaming).await;
+    err_of(&reply, &json!(long), "bad_request");
+    let reply = ws.request(&flat("after", cmds())).await;
+    assert_eq!(ok_r(&reply, &json!("after")), json!({"e": "x"}));
 }

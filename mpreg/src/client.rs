@@ -7,7 +7,7 @@ mod conn;
 mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,10 +16,10 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::{ConfigError, DEFAULT_MAX_MESSAGE_SIZE};
+use crate::config::{ConfigError, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT};
 use crate::error::Error;
 use crate::protocol::{Command, OutgoingRequest, Reply, Request};
-use conn::{Conn, Dial, StreamItem, Waiter};
+use conn::{Conn, Dial, Entry, Orphans, StreamItem, Waiter};
 pub use stream::{Event, Progress, ResultStream};
 
 /// Extra time the client waits past a request's own deadline, so that the
@@ -28,6 +28,13 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 
 /// Default bound on one connection attempt.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// See [`Client::DEFAULT_CALL_TIMEOUT`].
+const DEFAULT_CALL_TIMEOUT: Duration = DEFAULT_REQUEST_TIMEOUT.saturating_add(DEADLINE_SLACK);
+
+/// Room left in the client's message limit, over the reply size it asks
+/// for, for the reply's envelope (id, names, an error naming the command).
+const REPLY_ENVELOPE_ROOM: usize = 64 << 10;
 
 /// A connection to an mpreg node. Cheap to clone; clones share the
 /// connection, and many calls may be in flight at once.
@@ -70,6 +77,28 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// A client made with [`connect`](Self::connect) stays on its one node:
 /// once the connection is lost, every call fails with [`Error::Closed`].
+///
+/// # Idle connections
+///
+/// A node may close a connection that had no request in flight for a
+/// while (its `idle_timeout_ms`), with close code 1000 and the reason
+/// [`IDLE_CLOSE_REASON`](crate::IDLE_CLOSE_REASON). Such a close means no
+/// request still waiting on that connection was processed: the client
+/// sends those again on a new connection (to the same node first, then the
+/// other seeds), and the next call reconnects, with either constructor.
+/// Callers see nothing of it.
+///
+/// # Limits
+///
+/// Every call has a deadline on the client side too: the request's own
+/// ([`Request::timeout`]), else the client's ([`ClientBuilder::timeout`]),
+/// plus 5 s of slack so the node's `timeout` error arrives first; without
+/// either, [`Client::DEFAULT_CALL_TIMEOUT`] (305 s). A call that gets no reply by
+/// then fails with [`Error::Timeout`].
+///
+/// The client tells the node the largest reply it takes
+/// ([`ClientBuilder::max_reply_bytes`]); a request whose results would be
+/// larger fails alone with `too_large`, and the connection stays up.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -81,6 +110,7 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     connect_timeout: Duration,
     max_message_size: usize,
+    max_reply_bytes: Option<usize>,
     token: Option<String>,
     /// PEM of the CA certificates to trust for `wss://`.
     tls_ca: Option<Vec<u8>>,
@@ -92,6 +122,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_message_size", &self.max_message_size)
+            .field("max_reply_bytes", &self.max_reply_bytes)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "(set)"))
             .finish()
@@ -104,6 +135,7 @@ impl Default for ClientBuilder {
             timeout: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_reply_bytes: None,
             token: None,
             tls_ca: None,
         }
@@ -112,8 +144,24 @@ impl Default for ClientBuilder {
 
 impl ClientBuilder {
     /// Gives every request this deadline unless it sets its own; the node
-    /// enforces it (`timeout` error), and the client stops waiting shortly
-    /// after. Without it, the node's default deadline applies.
+    /// enforces it (`timeout` error), and the client stops waiting 5 s
+    /// after ([`Error::Timeout`]).
+    ///
+    /// Without it, the node's default deadline applies (300 s unless the
+    /// node is configured otherwise), and the client stops waiting after
+    /// [`Client::DEFAULT_CALL_TIMEOUT`] (305 s): set a longer timeout here (or on
+    /// the request) for work that may run longer on a node configured so.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), mpreg::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let client = mpreg::Client::builder()
+    ///     .timeout(Duration::from_secs(30))
+    ///     .connect("ws://127.0.0.1:7773")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -126,10 +174,55 @@ impl ClientBuilder {
         self
     }
 
-    /// Largest reply accepted, in bytes (default 64 MiB).
+    /// Largest message accepted, in bytes (default 64 MiB). The client
+    /// asks nodes for replies of at most this less room for the envelope
+    /// (64 KiB, or an eighth of a limit under 512 KiB); see
+    /// [`max_reply_bytes`](Self::max_reply_bytes).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self.max_reply_bytes = None;
         self
+    }
+
+    /// Largest reply asked for, in bytes (default: 64 KiB under
+    /// [`max_message_size`](Self::max_message_size), so 64 MiB − 64 KiB).
+    ///
+    /// The client sends it in its WebSocket upgrade request (the header
+    /// [`REPLY_LIMIT_HEADER`](crate::REPLY_LIMIT_HEADER)); a node then
+    /// answers a request whose results would be larger with a `too_large`
+    /// error for that request only, and the connection and the other calls
+    /// on it go on. The client's own message limit becomes this plus
+    /// 64 KiB, so that such an answer always fits. (A node that predates the
+    /// header may still send a larger reply, which closes the connection.)
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), mpreg::Error> {
+    /// use mpreg::{Error, ErrorCode};
+    ///
+    /// let client = mpreg::Client::builder()
+    ///     .max_reply_bytes(1 << 20)
+    ///     .connect("ws://127.0.0.1:7773")
+    ///     .await?;
+    /// match client.call::<String>("echo", ("x".repeat(2 << 20),)).await {
+    ///     Err(Error::Rpc(e)) if e.code == ErrorCode::TooLarge => println!("too large: {e}"),
+    ///     other => println!("{other:?}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.max_reply_bytes = Some(bytes);
+        self
+    }
+
+    /// The client's WebSocket message limit and the reply size it asks for.
+    fn limits(&self) -> (usize, usize) {
+        match self.max_reply_bytes {
+            Some(reply) => (reply.saturating_add(REPLY_ENVELOPE_ROOM), reply),
+            None => {
+                let room = REPLY_ENVELOPE_ROOM.min(self.max_message_size / 8);
+                (self.max_message_size, self.max_message_size - room)
+            }
+        }
     }
 
     /// Presents `token` to nodes that require client tokens (sent as
@@ -167,9 +260,9 @@ impl ClientBuilder {
     /// `wss://` URL without a CA), and with [`Error::Config`] when the CA
     /// PEM cannot be used.
     pub async fn connect(self, url: &str) -> Result<Client, Error> {
-        let dial = self.dial()?;
+        let (dial, orphans) = self.dial()?;
         let conn = Conn::open(url, 0, &dial).await?;
-        Ok(self.client(vec![url.to_owned()], false, dial, conn))
+        Ok(self.client(vec![url.to_owned()], false, dial, conn, orphans))
     }
 
     /// Connects to the first of `seeds` that answers, trying them in order,
@@ -205,38 +298,64 @@ impl ClientBuilder {
             }
             .into());
         }
-        let dial = self.dial()?;
+        let (dial, orphans) = self.dial()?;
         let conn = dial_from(&seeds, 0, &dial).await?;
-        Ok(self.client(seeds, true, dial, conn))
+        Ok(self.client(seeds, true, dial, conn, orphans))
     }
 
-    /// The dialing settings shared by every seed.
-    fn dial(&self) -> Result<Dial, Error> {
+    /// The dialing settings shared by every seed, and where connections
+    /// closed for idleness hand over their requests.
+    fn dial(&self) -> Result<(Dial, mpsc::UnboundedReceiver<Orphans>), Error> {
         let tls = self
             .tls_ca
             .as_deref()
             .map(crate::tls::client_connector)
             .transpose()?;
-        Ok(Dial {
-            max_message_size: self.max_message_size,
+        let (max_message_size, max_reply_bytes) = self.limits();
+        let (orphans, handed_over) = mpsc::unbounded_channel();
+        let dial = Dial {
+            max_message_size,
+            max_reply_bytes,
             token: self.token.clone(),
             tls,
             connect_timeout: self.connect_timeout,
-        })
+            orphans: Some(orphans),
+        };
+        Ok((dial, handed_over))
     }
 
-    fn client(self, seeds: Vec<String>, failover: bool, dial: Dial, conn: Conn) -> Client {
-        Client {
-            inner: Arc::new(Inner {
-                seeds,
-                failover,
-                dial,
-                current: Mutex::new(Arc::new(conn)),
-                reconnecting: tokio::sync::Mutex::new(()),
-                next_id: AtomicU64::new(1),
-                timeout: self.timeout,
-            }),
-        }
+    fn client(
+        self,
+        seeds: Vec<String>,
+        failover: bool,
+        dial: Dial,
+        conn: Conn,
+        orphans: mpsc::UnboundedReceiver<Orphans>,
+    ) -> Client {
+        let inner = Arc::new(Inner {
+            seeds,
+            failover,
+            dial,
+            current: Mutex::new(Arc::new(conn)),
+            reconnecting: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            timeout: self.timeout,
+        });
+        // Ends when the client and its connections are gone.
+        tokio::spawn(send_orphans_again(Arc::downgrade(&inner), orphans));
+        Client { inner }
+    }
+}
+
+/// Sends again, on a new connection, the requests of each connection a node
+/// closed for idleness (none of them was processed there), for as long as
+/// the client exists.
+async fn send_orphans_again(client: Weak<Inner>, mut orphans: mpsc::UnboundedReceiver<Orphans>) {
+    while let Some(orphaned) = orphans.recv().await {
+        let Some(inner) = client.upgrade() else {
+            return;
+        };
+        Client { inner }.send_again(orphaned).await;
     }
 }
 
@@ -286,13 +405,23 @@ impl Inner {
 
 /// Removes a request's waiter if the caller stops waiting early.
 struct Forget<'a> {
+    inner: &'a Inner,
     conn: &'a Conn,
     id: &'a str,
 }
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.conn.forget(self.id);
+        forget(self.inner, self.conn, self.id);
+    }
+}
+
+/// Stops waiting for request `id`, sent on `conn`: there, or on the
+/// client's current connection if it was sent again after an idle close
+/// (ids are unique per client, so no other call's waiter goes).
+fn forget(inner: &Inner, conn: &Conn, id: &str) {
+    if conn.forget(id).is_none() && conn.closed_idle() {
+        inner.current().forget(id);
     }
 }
 
@@ -307,6 +436,19 @@ struct Submitted<R> {
 }
 
 impl Client {
+    /// How long a call waits for its reply when neither the request
+    /// ([`Request::timeout`]) nor the client ([`ClientBuilder::timeout`])
+    /// sets a deadline: the node's default deadline
+    /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::config::DEFAULT_REQUEST_TIMEOUT),
+    /// 300 s) plus 5 s of slack. Past it, the call fails with
+    /// [`Error::Timeout`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(mpreg::Client::DEFAULT_CALL_TIMEOUT, Duration::from_secs(305));
+    /// ```
+    pub const DEFAULT_CALL_TIMEOUT: Duration = DEFAULT_CALL_TIMEOUT;
+
     /// Connects to the node at `url` (`ws://host:port`) with default settings
     /// (for `wss://`, use [`ClientBuilder::tls_ca_pem`]). The client stays
     /// on this node.
@@ -383,6 +525,7 @@ impl Client {
             })
             .await?;
         let _forget = Forget {
+            inner: &self.inner,
             conn: &sent.conn,
             id: &sent.id,
         };
@@ -438,6 +581,7 @@ impl Client {
             })
             .await?;
         Ok(ResultStream::new(
+            self.inner.clone(),
             sent.conn,
             sent.id,
             sent.receiver,
@@ -468,10 +612,16 @@ impl Client {
             stream,
         })?;
         let mut message = Message::text(text);
+        let wait = reply_wait(timeout);
         for _ in 0..2 {
             let conn = self.connection().await?;
             let (waiter, receiver) = make();
-            if conn.register(&id, waiter).is_err() {
+            // A shared copy: the text is not duplicated.
+            let entry = Entry {
+                waiter,
+                request: message.clone(),
+            };
+            if conn.register(&id, entry).is_err() {
                 continue;
             }
             match conn.send(message).await {
@@ -479,19 +629,53 @@ impl Client {
                     return Ok(Submitted {
                         conn,
                         id,
-                        // A deadline too large to add the slack to is no
-                        // client-side limit.
-                        wait: timeout.and_then(|t| t.checked_add(DEADLINE_SLACK)),
+                        wait,
                         receiver,
                     });
                 }
                 Err(unsent) => {
+                    if conn.forget(&id).is_none() && conn.closed_idle() {
+                        // Closed for idleness meanwhile: the request was
+                        // handed over to be sent again, waiter and all.
+                        return Ok(Submitted {
+                            conn,
+                            id,
+                            wait,
+                            receiver,
+                        });
+                    }
                     message = unsent;
-                    conn.forget(&id);
                 }
             }
         }
         Err(Error::Closed)
+    }
+
+    /// Sends the requests of a connection closed for idleness again, on
+    /// the current connection or a new one (to the same seed first). Those
+    /// whose callers stopped waiting are dropped; should no connection be
+    /// had, the others fail with [`Error::Closed`].
+    async fn send_again(&self, orphaned: Orphans) {
+        let conn = match self.connection().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, lost = orphaned.requests.len(),
+                    "no connection to send requests again on");
+                return;
+            }
+        };
+        tracing::debug!(url = %conn.url, seed = orphaned.seed,
+            requests = orphaned.requests.len(), "sending requests again after an idle close");
+        for (id, entry) in orphaned.requests {
+            if entry.waiter.is_closed() {
+                continue;
+            }
+            let request = entry.request.clone();
+            if conn.register(&id, entry).is_err() || conn.send(request).await.is_err() {
+                // That connection is gone too: its waiters went with it.
+                conn.forget(&id);
+            }
+        }
     }
 
     /// The connection to use: the current one while it is open; else, when
@@ -502,7 +686,9 @@ impl Client {
         if current.is_open() {
             return Ok(current);
         }
-        if !inner.failover {
+        // A connection the node closed for idleness is replaced whether or
+        // not the client fails over: nothing was lost with it.
+        if !inner.failover && !current.closed_idle() {
             return Err(Error::Closed);
         }
         let _turn = inner.reconnecting.lock().await;
@@ -512,10 +698,28 @@ impl Client {
             return Ok(current);
         }
         let lost = current.url.clone();
-        let conn = Arc::new(dial_from(&inner.seeds, current.seed + 1, &inner.dial).await?);
-        tracing::info!(%lost, now = %conn.url, "connection lost; reconnected");
+        let conn = if current.closed_idle() {
+            // The node is fine: go back to it first.
+            let conn = dial_from(&inner.seeds, current.seed, &inner.dial).await?;
+            tracing::debug!(%lost, now = %conn.url, "idle connection closed; reconnected");
+            Arc::new(conn)
+        } else {
+            let conn = dial_from(&inner.seeds, current.seed + 1, &inner.dial).await?;
+            tracing::info!(%lost, now = %conn.url, "connection lost; reconnected");
+            Arc::new(conn)
+        };
         *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = conn.clone();
         Ok(conn)
+    }
+}
+
+/// How long a call with `deadline` (its own, or the client's) waits for its
+/// reply: the deadline plus slack, [`DEFAULT_CALL_TIMEOUT`] without one. A
+/// deadline too large to add the slack to is no client-side limit.
+fn reply_wait(deadline: Option<Duration>) -> Option<Duration> {
+    match deadline {
+        Some(d) => d.checked_add(DEADLINE_SLACK),
+        None => Some(DEFAULT_CALL_TIMEOUT),
     }
 }
 
@@ -574,5 +778,45 @@ impl Results {
     /// The results as a JSON object, as the node sent them.
     pub fn into_map(self) -> Map<String, Value> {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_wait_for_a_bounded_time_by_default() {
+        let builder = ClientBuilder::default();
+        assert_eq!(builder.timeout, None, "no deadline is sent by default");
+        assert_eq!(reply_wait(builder.timeout), Some(DEFAULT_CALL_TIMEOUT));
+        assert_eq!(
+            DEFAULT_CALL_TIMEOUT,
+            DEFAULT_REQUEST_TIMEOUT + DEADLINE_SLACK
+        );
+        let set = builder.timeout(Duration::from_secs(2));
+        assert_eq!(reply_wait(set.timeout), Some(Duration::from_secs(7)));
+        assert_eq!(reply_wait(Some(Duration::MAX)), None);
+    }
+
+    #[test]
+    fn reply_limit_leaves_room_for_the_envelope() {
+        let default = ClientBuilder::default();
+        assert_eq!(
+            default.limits(),
+            (
+                DEFAULT_MAX_MESSAGE_SIZE,
+                DEFAULT_MAX_MESSAGE_SIZE - REPLY_ENVELOPE_ROOM
+            )
+        );
+        let small = ClientBuilder::default().max_reply_bytes(64 << 10);
+        assert_eq!(small.limits(), (128 << 10, 64 << 10));
+        // The last of the two settings counts.
+        let back = small.max_message_size(1 << 20);
+        assert_eq!(back.limits(), (1 << 20, (1 << 20) - REPLY_ENVELOPE_ROOM));
+        let tiny = ClientBuilder::default().max_message_size(8 << 10);
+        assert_eq!(tiny.limits(), (8 << 10, 7 << 10));
+        let huge = ClientBuilder::default().max_reply_bytes(usize::MAX);
+        assert_eq!(huge.limits(), (usize::MAX, usize::MAX));
     }
 }

@@ -160,7 +160,7 @@ pub use config::Config;
 pub use context::{Context, Dataset};
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};
 pub use node::{Node, NodeBuilder, NodeHandle, shutdown_signal};
-pub use protocol::{Command, Request};
+pub use protocol::{Command, IDLE_CLOSE_REASON, MAX_ID_BYTES, REPLY_LIMIT_HEADER, Request};
 pub use registry::{Args, Function, Param};
 
 /// Registers a function to be served by every mpreg node in this binary.

@@ -813,11 +813,14 @@ fn new_generation() -> u64 {
 
 /// Answers one client frame with the encoded reply. A request that asks for
 /// `stream` sends its progress messages to `outgoing` (the connection's
-/// queue) before the reply is returned.
+/// queue) before the reply is returned. `reply_limit` is the connection's
+/// reply budget (see [`crate::protocol::reply_limit`]), which the request
+/// carries as its [`reply_budget`](IncomingRequest::reply_budget).
 pub(crate) async fn handle_frame(
     state: &Arc<NodeState>,
     frame: Bytes,
     outgoing: &mpsc::Sender<Message>,
+    reply_limit: usize,
 ) -> String {
     let counted = state.metrics.request();
     let size = frame.len();
@@ -831,12 +834,14 @@ pub(crate) async fn handle_frame(
             format!("the node holds its budget of {limit} bytes for requests; try later"),
         )
         .with_details(json!({ "limit": limit }));
-        let u = parse_request(&frame).map_or_else(|r| r.u, |r| r.u);
-        return Answer::err(u, error).encode();
+        return Answer::err(crate::protocol::request_id(&frame), error).encode();
     };
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
     let reply = match parsed {
-        Some(Ok(incoming)) => handle(state, incoming, Some(outgoing)).await,
+        Some(Ok(mut incoming)) => {
+            incoming.reply_budget = reply_limit;
+            handle(state, incoming, Some(outgoing)).await
+        }
         Some(Err(Rejected { u, error })) => Answer::err(u, error),
         None => Answer::err(
             Value::Null,
@@ -862,7 +867,9 @@ pub(crate) async fn send(
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
-    let answer = handle(state, IncomingRequest::new(u, request), None).await;
+    let mut incoming = IncomingRequest::new(u, request);
+    incoming.reply_budget = state.config.reply_budget();
+    let answer = handle(state, incoming, None).await;
     crate::client::results_of(answer.into_reply())
 }
 
@@ -900,8 +907,9 @@ pub(crate) fn handle<'a>(
 ) -> impl Future<Output = Answer> + Send + 'a {
     let request = incoming;
     let u = request.u;
-    // The bytes of results the request may hold: its reply's budget.
-    let reply_budget = state.config.reply_budget();
+    // The bytes of results the request may hold: its reply's budget
+    // (the node's, or less when the client asked for less).
+    let reply_budget = request.reply_budget.min(state.config.reply_budget());
     let deadline = request
         .timeout
         .unwrap_or_else(|| state.config.request_timeout());

@@ -220,10 +220,17 @@ pub(crate) struct IncomingRequest {
     pub(crate) timeout: Option<Duration>,
     pub(crate) return_intermediate_results: bool,
     pub(crate) stream: bool,
+    /// Most bytes of results the request's reply may carry: the smaller of
+    /// the node's [`reply_budget`](crate::Config::reply_budget) and what the
+    /// client asked for at its upgrade ([`REPLY_LIMIT_HEADER`]). Parsing
+    /// leaves it unlimited (`usize::MAX`); `node::handle_frame` and
+    /// `node::send` set it.
+    pub(crate) reply_budget: usize,
 }
 
 impl IncomingRequest {
-    /// A request made in process (its arguments are trees already).
+    /// A request made in process (its arguments are trees already), with
+    /// no reply budget of its own (`usize::MAX`) until the caller sets one.
     pub(crate) fn new(u: Value, request: Request) -> Self {
         Self {
             u,
@@ -231,8 +238,255 @@ impl IncomingRequest {
             timeout: request.timeout,
             return_intermediate_results: request.return_intermediate_results,
             stream: request.stream,
+            reply_budget: usize::MAX,
         }
     }
+}
+
+/// The longest request id accepted: 256 bytes of its JSON text as the node
+/// writes it back (quotes and escapes included). A longer `u` is a
+/// `bad_request` (whose reply still carries it, once): the id is copied into
+/// every progress message of a streaming request, so its size multiplies.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The WebSocket upgrade request header in which a client tells the node the
+/// largest reply it can take, in bytes (decimal): `mpreg-max-reply-bytes:
+/// 1048576`. The node then keeps each reply on that connection within the
+/// smaller of this and its own reply budget, and answers a request whose
+/// results would cross it with `too_large`, instead of sending a message the
+/// client would have to close the connection over.
+pub const REPLY_LIMIT_HEADER: &str = "mpreg-max-reply-bytes";
+
+/// The reason of the close frame (code 1000) a node sends when it closes a
+/// client connection that stayed idle: no request sent on that connection
+/// and left unanswered was processed, so a client may send them again.
+pub const IDLE_CLOSE_REASON: &str = "idle timeout";
+
+/// The reply budget of a connection whose upgrade request carried `header`
+/// (the value of [`REPLY_LIMIT_HEADER`], if any), on a node whose own budget
+/// is `node_budget`: the smaller of the two. A value that is not a decimal
+/// number of bytes is ignored; one past `usize::MAX` is no limit of its own.
+pub(crate) fn reply_limit(header: Option<&[u8]>, node_budget: usize) -> usize {
+    let Some(text) = header.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return node_budget;
+    };
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return node_budget;
+    }
+    // All digits: only overflow can fail, and that is no limit.
+    text.parse::<usize>().unwrap_or(usize::MAX).min(node_budget)
+}
+
+/// The length of `u`'s JSON text as it is written in replies, or a number
+/// over [`MAX_ID_BYTES`] as soon as it is certainly longer (without writing
+/// a long string out).
+fn id_len(u: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    if let Value::String(s) = u
+        && s.len() + 2 > MAX_ID_BYTES
+    {
+        // Written with its quotes, and escapes only add to it.
+        return s.len() + 2;
+    }
+    let mut count = Count(0);
+    // Writing a string or a number to a counter cannot fail.
+    match serde_json::to_writer(&mut count, u) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The request id of a frame that could not be read as a request, when its
+/// `u` (at the top level, or inside `rpc` when `rpc` is an object) is a
+/// string or a number whose text can be read; else `null`.
+///
+/// A scan of the bytes, not a parse: it builds no tree, does not recurse
+/// (nesting only moves a counter) and reads no more than the frame, so it
+/// is safe on any input. It reads as the plain parse would: of two `u`s the
+/// last counts, and escaped keys are decoded.
+pub(crate) fn request_id(bytes: &[u8]) -> Value {
+    let top = IdScan { bytes, pos: 0 }.object(false);
+    let u = match top.rpc {
+        Some(inner) => inner,
+        None => top.u,
+    };
+    u.and_then(|text| match serde_json::from_slice::<Value>(text) {
+        Ok(u @ (Value::String(_) | Value::Number(_))) => Some(u),
+        _ => None,
+    })
+    .unwrap_or(Value::Null)
+}
+
+/// The byte scan of [`request_id`].
+struct IdScan<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> IdScan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// Consumes `byte` (after whitespace), or fails.
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        self.skip_ws();
+        (self.peek()? == byte).then(|| self.pos += 1)
+    }
+
+    /// Consumes a string at `pos` (which is at its opening quote); returns
+    /// its text, quotes included.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let start = self.pos;
+        if self.peek()? != b'"' {
+            return None;
+        }
+        self.pos += 1;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.pos += 1;
+                    return Some(&self.bytes[start..self.pos]);
+                }
+                b'\\' => self.pos += 2,
+                _ => self.pos += 1,
+            }
+        }
+    }
+
+    /// Consumes one value at `pos`, whatever its nesting (a depth counter,
+    /// no recursion); returns its text.
+    fn value(&mut self) -> Option<&'a [u8]> {
+        self.skip_ws();
+        let start = self.pos;
+        let mut depth = 0usize;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.string()?;
+                }
+                b'[' | b'{' => {
+                    depth += 1;
+                    self.pos += 1;
+                }
+                b']' | b'}' => {
+                    depth = depth.checked_sub(1)?;
+                    self.pos += 1;
+                }
+                // Inside an array or object: anything else goes by.
+                _ if depth > 0 => self.pos += 1,
+                _ => {
+                    // A scalar at the top of this value: up to a delimiter.
+                    while let Some(b) = self.peek() {
+                        if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                            break;
+                        }
+                        self.pos += 1;
+                    }
+                }
+            }
+            if depth == 0 {
+                return (self.pos > start).then(|| &self.bytes[start..self.pos]);
+            }
+        }
+    }
+
+    /// Whether a key's text (quotes included) names `name`.
+    fn is_key(text: &[u8], name: &str) -> bool {
+        let inner = &text[1..text.len() - 1];
+        if !inner.contains(&b'\\') {
+            return inner == name.as_bytes();
+        }
+        serde_json::from_slice::<String>(text).is_ok_and(|k| k == name)
+    }
+
+    /// Reads the members of the object at `pos`: the text of its last `u`
+    /// and, at the top level (`nested` false), the `u` of its last `rpc`
+    /// member when that is an object (`Some(None)` when it has none), and
+    /// whether the object was read to its end. Stops at the first thing
+    /// that is not JSON, keeping what it read before.
+    fn object(&mut self, nested: bool) -> Members<'a> {
+        let mut m = Members::default();
+        if self.expect(b'{').is_none() {
+            return m;
+        }
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            m.complete = true;
+            return m;
+        }
+        loop {
+            self.skip_ws();
+            let Some(key) = self.string() else {
+                return m;
+            };
+            if self.expect(b':').is_none() {
+                return m;
+            }
+            self.skip_ws();
+            if !nested && Self::is_key(key, "rpc") {
+                if self.peek() == Some(b'{') {
+                    let inner = self.object(true);
+                    // Last wins, as in a map; an `rpc` cut short is still
+                    // the one the plain parse would have failed on.
+                    m.rpc = Some(inner.u);
+                    if !inner.complete {
+                        return m;
+                    }
+                } else {
+                    m.rpc = None;
+                    if self.value().is_none() {
+                        return m;
+                    }
+                }
+            } else {
+                let Some(value) = self.value() else {
+                    return m;
+                };
+                if Self::is_key(key, "u") {
+                    m.u = Some(value);
+                }
+            }
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    m.complete = true;
+                    return m;
+                }
+                _ => return m,
+            }
+        }
+    }
+}
+
+/// What [`IdScan::object`] read of an object.
+#[derive(Default)]
+struct Members<'a> {
+    /// The text of its last `u`.
+    u: Option<&'a [u8]>,
+    /// The `u` of its last `rpc` member, when that is an object.
+    rpc: Option<Option<&'a [u8]>>,
+    /// Whether the object was read to its closing brace.
+    complete: bool,
 }
 
 /// A request that could not be read: the error, and the request id when it
@@ -258,11 +512,36 @@ fn read_id(obj: &Map<String, Value>) -> Option<Value> {
 /// that forwards a large argument never builds its tree. Anything unusual
 /// (an error, a duplicate field, deep nesting) is read again the plain
 /// way, which words the error.
+///
+/// Every rejection carries the request's id whenever one can be read (see
+/// [`request_id`]), whatever else is wrong with the frame; an id longer
+/// than [`MAX_ID_BYTES`] is itself a rejection.
 pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
-    if let Some(request) = fast::parse(bytes) {
-        return Ok(request);
+    let read = match fast::parse(bytes) {
+        Some(request) => Ok(request),
+        None => parse_request_slowly(bytes),
+    };
+    match read {
+        Ok(request) => {
+            let len = id_len(&request.u);
+            if len > MAX_ID_BYTES {
+                return Err(Rejected {
+                    error: RpcError::bad_request(format!(
+                        "request id `u` is {len} bytes of JSON; the limit is {MAX_ID_BYTES}"
+                    ))
+                    .with_details(serde_json::json!({ "limit": MAX_ID_BYTES })),
+                    u: request.u,
+                });
+            }
+            Ok(request)
+        }
+        Err(mut rejected) => {
+            if rejected.u.is_null() {
+                rejected.u = request_id(bytes);
+            }
+            Err(rejected)
+        }
     }
-    parse_request_slowly(bytes)
 }
 
 /// Parses one client frame through a [`Value`] tree.
@@ -701,6 +980,140 @@ mod tests {
                 Reply::ok(json!(7), map).encode()
             );
         }
+    }
+
+    #[test]
+    fn ids_survive_refusals() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let cases: Vec<(String, Value)> = vec![
+            // Nesting past the parser's limit, in either envelope, with
+            // `u` before or after the deep value.
+            (
+                format!(r#"{{"u":"d1","cmds":[{{"name":"a","fun":"echo","args":[{deep}]}}]}}"#),
+                json!("d1"),
+            ),
+            (
+                format!(r#"{{"cmds":[{{"name":"a","fun":"echo","args":[{deep}]}}],"u":"d2"}}"#),
+                json!("d2"),
+            ),
+            (
+                format!(
+                    r#"{{"role":"rpc","rpc":{{"cmds":[{{"name":"a","fun":"f","args":[{deep}]}}],"u":7}}}}"#
+                ),
+                json!(7),
+            ),
+            // Not JSON after the id, a number out of range, a lone surrogate.
+            (r#"{"u":"g", "cmds": [garbage"#.into(), json!("g")),
+            (
+                r#"{"u":"r","cmds":[{"name":"a","fun":"f","args":[1e999]}]}"#.into(),
+                json!("r"),
+            ),
+            (
+                r#"{"u":"s","cmds":[{"name":"a","fun":"f","args":["\ud800"]}]}"#.into(),
+                json!("s"),
+            ),
+            // Wrong types, escaped key, last of two, spaces.
+            (r#"{"u":"t","cmds":[],"stream":"yes"}"#.into(), json!("t")),
+            (r#"{"\u0075":"esc","cmds":7}"#.into(), json!("esc")),
+            (r#"{"u":"first","u":"last","cmds":7}"#.into(), json!("last")),
+            (" { \"u\" : \"sp\" , \"cmds\" : 7 } ".into(), json!("sp")),
+            // `rpc` that is an object holds the id; one that is not does not.
+            (r#"{"u":"outer","rpc":{"cmds":7}}"#.into(), Value::Null),
+            (r#"{"u":"outer","rpc":[1]}"#.into(), json!("outer")),
+            // No usable id.
+            (r#"{"u":null,"cmds":[]}"#.into(), Value::Null),
+            (r#"{"u":{"x":"y"},"cmds":[]}"#.into(), Value::Null),
+            (
+                r#"{"cmds":[{"u":"inner"}],"x":{"u":"deeper"}}"#.into(),
+                Value::Null,
+            ),
+            (r#"{"u":"\ud800","cmds":[]}"#.into(), Value::Null),
+            (r#"{"u":"cut"#.into(), Value::Null),
+            (r#"["u","x"]"#.into(), Value::Null),
+            (deep.clone(), Value::Null),
+        ];
+        for (frame, u) in cases {
+            let e = parse_request(frame.as_bytes()).expect_err(&frame);
+            assert_eq!(e.error.code, crate::ErrorCode::BadRequest, "{frame}");
+            assert_eq!(e.u, u, "{frame}: {}", e.error.message);
+        }
+        // Too many commands are refused later, by the plan, with the id
+        // the request carries.
+        let ok = parse(json!({"u":"m","cmds":[]})).expect("parses");
+        assert_eq!(ok.u, json!("m"));
+    }
+
+    #[test]
+    fn reading_the_id_of_hostile_frames_is_bounded() {
+        // A million levels, on a small stack: the scan only counts.
+        let worker = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(|| {
+                let depth = 1_000_000;
+                let frame = format!(
+                    r#"{{"cmds":[{}1{}],"u":"deep"}}"#,
+                    "[{\"a\":".repeat(depth),
+                    "}]".repeat(depth)
+                );
+                assert_eq!(request_id(frame.as_bytes()), json!("deep"));
+                let open = format!(r#"{{"u":"open","x":{}"#, "[".repeat(depth));
+                assert_eq!(request_id(open.as_bytes()), json!("open"));
+                assert_eq!(request_id("{".repeat(depth).as_bytes()), Value::Null);
+            })
+            .expect("spawn");
+        worker.join().expect("no stack overflow");
+    }
+
+    #[test]
+    fn ids_have_a_length_limit() {
+        let cmd = json!({"name":"a","fun":"echo"});
+        // Quotes included: 254 bytes of text is 256 of JSON.
+        let at = "i".repeat(MAX_ID_BYTES - 2);
+        let ok = parse(json!({"u": at, "cmds":[cmd]})).expect("at the limit");
+        assert_eq!(ok.u, json!(at));
+        let over = "i".repeat(MAX_ID_BYTES - 1);
+        for frame in [
+            json!({"u": over, "cmds":[cmd]}),
+            json!({"role":"rpc","rpc":{"u": over, "cmds":[cmd]}}),
+        ] {
+            let e = parse(frame).expect_err("over the limit");
+            assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
+            assert_eq!(e.u, json!(over), "the reply carries the id");
+            assert!(e.error.message.contains("256"), "{}", e.error.message);
+            assert_eq!(e.error.details, Some(json!({"limit": MAX_ID_BYTES})));
+        }
+        // Escapes count as written back: 200 quotes are 400 bytes.
+        let quotes = "\"".repeat(200);
+        let e = parse(json!({"u": quotes, "cmds":[cmd]})).expect_err("escaped");
+        assert_eq!(e.u, json!(quotes));
+        assert!(id_len(&json!(quotes)) > MAX_ID_BYTES);
+        // Numbers are short.
+        assert!(parse(json!({"u": u64::MAX, "cmds":[cmd]})).is_ok());
+        assert_eq!(id_len(&json!("abc")), 5);
+        // A long id on a frame refused for another reason is carried too.
+        let e = parse(json!({"u": over, "cmds": 7})).expect_err("cmds");
+        assert_eq!(e.u, json!(over));
+    }
+
+    #[test]
+    fn reply_limit_is_the_smaller_of_the_header_and_the_node() {
+        assert_eq!(reply_limit(None, 1000), 1000);
+        assert_eq!(reply_limit(Some(b"500"), 1000), 500);
+        assert_eq!(reply_limit(Some(b" 500 "), 1000), 500);
+        assert_eq!(reply_limit(Some(b"5000"), 1000), 1000);
+        assert_eq!(reply_limit(Some(b"0"), 1000), 0);
+        assert_eq!(reply_limit(Some(b"99999999999999999999999999"), 1000), 1000);
+        for bad in [&b""[..], b"-1", b"1e6", b"12kb", b"\xff"] {
+            assert_eq!(reply_limit(Some(bad), 1000), 1000, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parsed_requests_have_no_budget_until_given_one() {
+        let r = parse(json!({"u":"x","cmds":[{"name":"a","fun":"f"}]})).expect("valid");
+        assert_eq!(r.reply_budget, usize::MAX);
+        let r = IncomingRequest::new(json!(1), Request::new());
+        assert_eq!(r.reply_budget, usize::MAX);
     }
 
     #[test]

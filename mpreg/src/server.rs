@@ -118,10 +118,14 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     let config = ws::config(state.config.max_message_size);
     // A token in the upgrade request authorizes the connection at once.
     let mut token_in_request = false;
+    // The largest reply the client takes, within the node's own budget.
+    let mut reply_limit = state.config.reply_budget();
     // The error type is the WebSocket library's callback signature.
     #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| {
         token_in_request = request_token(request).is_some_and(|t| state.tokens.accepts(&t));
+        let asked = request.headers().get(crate::protocol::REPLY_LIMIT_HEADER);
+        reply_limit = crate::protocol::reply_limit(asked.map(|v| v.as_bytes()), reply_limit);
         Ok(response)
     };
     // With TLS, the TLS handshake comes first, within the same deadline;
@@ -278,7 +282,7 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
                 // queue, ahead of its reply.
                 let progress_to = outgoing.clone();
                 let mut work = Box::pin(async move {
-                    crate::node::handle_frame(&state, bytes, &progress_to).await
+                    crate::node::handle_frame(&state, bytes, &progress_to, reply_limit).await
                 });
                 // Most requests (a quick handler) are done at their first
                 // poll: answer at once, without a task and the wake-ups it

@@ -132,7 +132,7 @@ class Scenario:
             ("error no_node_for_datasets", self.no_node_for_datasets),
             ("error bad_request (no commands)", self.no_commands),
             ("error timeout (timeout_ms)", self.timeout),
-            ("malformed JSON gets a reply with u null", self.malformed_json),
+            ("malformed JSON gets a reply with its u when readable, else null", self.malformed_json),
             ("a JSON array gets a reply with u null", self.not_an_object),
             ("an auth message a node does not need gets bad_request", self.needless_auth),
             ("50 concurrent requests matched by u", self.concurrent),
@@ -321,8 +321,12 @@ class Scenario:
         )
 
     async def malformed_json(self) -> None:
-        reply = await self.c.send_raw('{"role": "rpc", "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT)
+        # No readable id: the reply's `u` is null.
+        reply = await self.c.send_raw('{"role": "rpc", "cmds": [', timeout=CHECK_TIMEOUT)
         self._expect_unmatched_bad_request(reply)
+        # The id is readable before the message breaks off: the reply carries it.
+        reply = await self.c.send_raw('{"role": "rpc", "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT)
+        self._expect_unmatched_bad_request(reply, u="broken")
         # The connection stays usable.
         got = await self.c.call("echo", "still here")
         expect("echo after the malformed message", got, "still here")
@@ -340,10 +344,10 @@ class Scenario:
         expect("echo after the auth message", got, "still here")
 
     @staticmethod
-    def _expect_unmatched_bad_request(reply: dict[str, Any]) -> None:
+    def _expect_unmatched_bad_request(reply: dict[str, Any], u: Any = None) -> None:
         expect("role", reply.get("role"), "rpc-response")
         expect_true("reply has u", "u" in reply, reply)
-        expect("u", reply["u"], None)
+        expect("u", reply["u"], u)
         expect("r", reply.get("r"), None)
         expect("error.code", (reply.get("error") or {}).get("code"), "bad_request")
 

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use super::conn::{Conn, StreamItem};
-use super::{Results, results_of};
+use super::{Inner, Results, results_of};
 use crate::error::Error;
 
 /// One command's result, received while its request was still running.
@@ -73,6 +73,8 @@ pub enum Event {
 /// other calls on it.
 #[derive(Debug)]
 pub struct ResultStream {
+    /// The client: the request may be sent again on another connection.
+    inner: Arc<Inner>,
     /// Kept so that the connection stays open while the stream is read.
     conn: Arc<Conn>,
     id: String,
@@ -85,12 +87,14 @@ pub struct ResultStream {
 
 impl ResultStream {
     pub(super) fn new(
+        inner: Arc<Inner>,
         conn: Arc<Conn>,
         id: String,
         items: mpsc::Receiver<StreamItem>,
         wait: Option<Duration>,
     ) -> Self {
         Self {
+            inner,
             conn,
             id,
             items,
@@ -155,6 +159,6 @@ impl futures_util::Stream for ResultStream {
 
 impl Drop for ResultStream {
     fn drop(&mut self) {
-        self.conn.forget(&self.id);
+        super::forget(&self.inner, &self.conn, &self.id);
     }
 }

@@ -49,6 +49,7 @@ pub(super) fn parse(bytes: &[u8]) -> Option<IncomingRequest> {
         timeout,
         return_intermediate_results: flag(body.return_intermediate_results)?,
         stream: flag(body.stream)?,
+        reply_budget: usize::MAX,
     })
 }
 
