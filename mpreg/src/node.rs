@@ -400,6 +400,13 @@ impl NodeBuilder {
         for url in peers {
             state.spawn(crate::cluster::keep_linked(state.clone(), url));
         }
+        if let Some(addr) = local_addr
+            && !addr.ip().is_loopback()
+            && state.secret.is_none()
+        {
+            tracing::warn!(%name, %addr,
+                "listening beyond loopback without a cluster secret: anyone who reaches this port can join the cluster as a peer, claim a member's address and receive its calls, and read every function and dataset; set `cluster_secret` (the same on every node)");
+        }
         match local_addr {
             Some(addr) => tracing::info!(%name, %addr, "node listening"),
             None => tracing::info!(%name, "node started (dial-out only)"),
@@ -447,8 +454,14 @@ fn validate(config: &Config) -> Result<(), crate::config::ConfigError> {
     for (setting, value) in [
         ("max_inflight_bytes", config.max_inflight_bytes),
         ("max_outgoing_bytes", config.max_outgoing_bytes),
-        ("max_unauthenticated_connections", config.max_unauthenticated_connections),
-        ("max_unauthenticated_per_address", config.max_unauthenticated_per_address),
+        (
+            "max_unauthenticated_connections",
+            config.max_unauthenticated_connections,
+        ),
+        (
+            "max_unauthenticated_per_address",
+            config.max_unauthenticated_per_address,
+        ),
     ] {
         if value == 0 {
             return Err(Invalid {
