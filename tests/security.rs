@@ -168,7 +168,10 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     assert_eq!(theirs["role"], "peer-proof");
     assert!(theirs["body"]["proof"].is_string() && theirs["body"]["nonce"].is_string());
     let text = theirs.to_string();
-    assert!(!text.contains("s3cret"), "the secret never crosses the wire");
+    assert!(
+        !text.contains("s3cret"),
+        "the secret never crosses the wire"
+    );
     assert!(!text.contains('A') && !text.contains("127.0.0.1"), "{text}");
     ws.send_json(&json!({"role": "peer-proof", "body": {"proof": "00".repeat(32)}}))
         .await;
