@@ -232,8 +232,8 @@ impl std::error::Error for OpenError {}
 /// `outcome` says, reads the other side's messages into `side`, until a
 /// verdict. `proven` runs once, when the other side has proven the secret
 /// (at once without one). Messages before that are at most
-/// [`PRE_PROOF_MAX`] bytes and decoded into typed messages only. The
-/// caller bounds it in time.
+/// [`PRE_PROOF_MAX`] bytes; all are decoded into the opening's typed
+/// messages only ([`link::decode_opening`]). The caller bounds it in time.
 async fn open_link<H, Si, St>(
     side: &mut H,
     mut outcome: Outcome,
@@ -286,7 +286,7 @@ where
         if !side.proven() && size > PRE_PROOF_MAX {
             return Err(OpenError::TooLarge(size));
         }
-        let decoded = crate::ws::cpu_bound(size, move || PeerMessage::decode(&message)).await;
+        let decoded = crate::ws::cpu_bound(size, move || link::decode_opening(&message)).await;
         let Some(Some(Ok(message))) = decoded else {
             return Err(OpenError::Invalid);
         };

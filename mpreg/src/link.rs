@@ -145,6 +145,33 @@ enum FirstPeerMessage {
     PeerHello(serde::de::IgnoredAny),
 }
 
+/// The messages of a link's opening: decoded into typed fields only (no
+/// JSON values, unlike jobs), so whatever a peer sends before it proved
+/// itself is never read into a tree.
+#[derive(Deserialize)]
+#[serde(tag = "role", content = "body", rename_all = "kebab-case")]
+enum OpeningMessage {
+    PeerOpen(Open),
+    PeerProof(Proof),
+    PeerHello(Hello),
+}
+
+/// Decodes a message of a link's opening (`peer-open`, `peer-proof`,
+/// `peer-hello`); any other message is an error. `None` for a control
+/// frame.
+pub(crate) fn decode_opening(message: &Message) -> Option<Result<PeerMessage, serde_json::Error>> {
+    let decoded: Result<OpeningMessage, _> = match message {
+        Message::Text(text) => serde_json::from_str(text.as_str()),
+        Message::Binary(bytes) => serde_json::from_slice(bytes),
+        _ => return None,
+    };
+    Some(decoded.map(|m| match m {
+        OpeningMessage::PeerOpen(open) => PeerMessage::PeerOpen(open),
+        OpeningMessage::PeerProof(proof) => PeerMessage::PeerProof(proof),
+        OpeningMessage::PeerHello(hello) => PeerMessage::PeerHello(hello),
+    }))
+}
+
 /// Whether `bytes` starts as a peer message (`{"role": "peer-...`), read
 /// from the first bytes only.
 fn starts_as_peer_message(bytes: &[u8]) -> bool {
@@ -723,6 +750,24 @@ mod tests {
         // Protocol 1 opened with the hello.
         let old = Message::text(r#"{"role":"peer-hello","body":{"protocol":1}}"#);
         assert!(matches!(opening(&old), Some(Opening::Refused(_))));
+    }
+
+    #[test]
+    fn the_opening_decodes_only_its_own_messages() {
+        let proof = PeerMessage::PeerProof(Proof {
+            nonce: None,
+            proof: "00".into(),
+        });
+        assert_eq!(
+            decode_opening(&proof.encode()).map(Result::ok),
+            Some(Some(proof))
+        );
+        // A job (whose values are JSON trees) is not part of an opening.
+        let run = Message::text(
+            r#"{"role":"run","body":{"id":1,"timeout_ms":5,"outputs":[],"steps":[]}}"#,
+        );
+        assert!(matches!(decode_opening(&run), Some(Err(_))));
+        assert!(decode_opening(&Message::Ping(Default::default())).is_none());
     }
 
     #[tokio::test]
