@@ -149,11 +149,14 @@ enum FirstPeerMessage {
 /// JSON values, unlike jobs), so whatever a peer sends before it proved
 /// itself is never read into a tree.
 #[derive(Deserialize)]
-#[serde(tag = "role", content = "body", rename_all = "kebab-case")]
+#[serde(tag = "role", content = "body")]
 enum OpeningMessage {
-    PeerOpen(Open),
-    PeerProof(Proof),
-    PeerHello(Hello),
+    #[serde(rename = "peer-open")]
+    Open(Open),
+    #[serde(rename = "peer-proof")]
+    Proof(Proof),
+    #[serde(rename = "peer-hello")]
+    Hello(Hello),
 }
 
 /// Decodes a message of a link's opening (`peer-open`, `peer-proof`,
@@ -166,9 +169,9 @@ pub(crate) fn decode_opening(message: &Message) -> Option<Result<PeerMessage, se
         _ => return None,
     };
     Some(decoded.map(|m| match m {
-        OpeningMessage::PeerOpen(open) => PeerMessage::PeerOpen(open),
-        OpeningMessage::PeerProof(proof) => PeerMessage::PeerProof(proof),
-        OpeningMessage::PeerHello(hello) => PeerMessage::PeerHello(hello),
+        OpeningMessage::Open(open) => PeerMessage::PeerOpen(open),
+        OpeningMessage::Proof(proof) => PeerMessage::PeerProof(proof),
+        OpeningMessage::Hello(hello) => PeerMessage::PeerHello(hello),
     }))
 }
 
