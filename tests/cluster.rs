@@ -584,8 +584,11 @@ async fn done(ws: &mut RawWs) -> Value {
 async fn peer_links_check_what_peers_send() {
     let a = node("A").start().await.expect("start A");
     let mut ws = RawWs::connect(&url(&a)).await;
+    // Without a cluster secret: the opening, then the hello.
+    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 2}}))
+        .await;
     ws.send_json(&json!({"role": "peer-hello", "body": {
-        "protocol": 1, "name": "fake", "addr": null, "generation": 1,
+        "protocol": 2, "name": "fake", "addr": null, "generation": 1,
         "catalog": {"version": 1, "functions": []}
     }}))
     .await;

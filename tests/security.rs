@@ -150,29 +150,32 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     );
 
     // Peers that cannot prove the secret are refused on the link too.
-    let hello = |nonce: Option<&str>| {
-        let mut h = json!({"role": "peer-hello", "body": {"protocol": 1, "name": "intruder",
-            "addr": null, "generation": 1, "catalog": {"version": 1, "functions": []}}});
+    let open = |nonce: Option<&str>| {
+        let mut o = json!({"role": "peer-open", "body": {"protocol": 2}});
         if let Some(n) = nonce {
-            h["body"]["nonce"] = json!(n);
+            o["body"]["nonce"] = json!(n);
         }
-        h
+        o
     };
+    // No challenge: closed at once, with nothing said.
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&hello(None)).await;
-    ws.expect_closed().await;
+    ws.send_json(&open(None)).await;
+    assert_eq!(ws.expect_closed().await, Some(1008));
+    // A challenge: A proves itself, and says nothing else.
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&hello(Some(&"ab".repeat(32)))).await;
+    ws.send_json(&open(Some(&"ab".repeat(32)))).await;
     let theirs = ws.recv_json().await;
-    assert_eq!(theirs["role"], "peer-hello");
+    assert_eq!(theirs["role"], "peer-proof");
     assert!(theirs["body"]["proof"].is_string() && theirs["body"]["nonce"].is_string());
+    let text = theirs.to_string();
     assert!(
-        !theirs.to_string().contains("s3cret"),
+        !text.contains("s3cret"),
         "the secret never crosses the wire"
     );
-    ws.send_json(&json!({"role": "proof", "body": {"proof": "00".repeat(32)}}))
+    assert!(!text.contains('A') && !text.contains("127.0.0.1"), "{text}");
+    ws.send_json(&json!({"role": "peer-proof", "body": {"proof": "00".repeat(32)}}))
         .await;
-    ws.expect_closed().await;
+    assert_eq!(ws.expect_closed().await, Some(1008));
     assert!(self_field(&a.cluster_view(), "security", "refused_peer_links") >= 2);
     assert_eq!(node_names(&a.cluster_view()), ["A", "B"]);
 

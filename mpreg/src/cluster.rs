@@ -6,6 +6,8 @@
 //! (it only dials out: it is served through the link it opened, and this
 //! node, its gateway, offers the leaf's abilities as its own).
 
+mod handshake;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +20,17 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use self::handshake::{Acceptor, Dialer, Handshake, Outcome, Refusal};
 use crate::auth;
-use crate::budget::ResultBudget;
+use crate::budget::{Allowance, ResultBudget};
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::{Dispatch, Job, Wanted, execute};
 use crate::link::{
-    self, Ability, Catalog, Hello, JobLimits, Link, LinkHandler, PEER_PROTOCOL, PeerMessage,
+    self, Ability, Catalog, Hello, JobLimits, Link, LinkHandler, Opening, PEER_PROTOCOL,
+    PRE_PROOF_MAX, PeerMessage,
 };
 use crate::membership::MemberEvent;
 use crate::node::{NodeState, run_local};
@@ -34,7 +40,8 @@ use crate::registry::{Registry, Unavailable};
 use crate::route::{Candidate, choose, random_below};
 use crate::ws;
 
-/// How long the other side of a new link may take to say hello.
+/// How long the other side of a new link may take to open it (proofs and
+/// hellos).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnection backoff: first delay, and the cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -110,6 +117,8 @@ pub(crate) struct Cluster {
     /// Addresses being dialed now, so one node never dials the same peer
     /// twice at once.
     dialing: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Peer tickets seen lately (replays are refused).
+    pub(crate) tickets: auth::Tickets,
 }
 
 impl Default for Cluster {
@@ -122,7 +131,166 @@ impl Default for Cluster {
             changes: watch::Sender::new(0),
             dialing: std::sync::Mutex::new(std::collections::HashSet::new()),
             refused: AtomicU64::new(0),
+            tickets: auth::Tickets::default(),
         }
+    }
+}
+
+/// Why a peer whose link opened was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotRegistered {
+    /// Another link to the same node (same address and generation) is
+    /// kept instead.
+    Duplicate,
+    /// Without a cluster secret, the peer claims the address of a peer
+    /// whose link is still up: it may be an impostor, and the live peer
+    /// stays until its link closes or membership declares it down.
+    AddressInUse(SocketAddr),
+}
+
+impl NotRegistered {
+    /// The reason in the close frame (no more than 123 bytes).
+    fn reason(self) -> &'static str {
+        match self {
+            NotRegistered::Duplicate => "duplicate link",
+            NotRegistered::AddressInUse(_) => {
+                "a live peer has this address; a node that restarted must retry once its old link closed"
+            }
+        }
+    }
+}
+
+/// Why the opening of a link failed.
+#[derive(Debug)]
+enum OpenError {
+    /// This side refused the other.
+    Refused(Refusal),
+    /// A message over [`PRE_PROOF_MAX`] bytes before the other side proved
+    /// itself (never decoded).
+    TooLarge(usize),
+    /// Not a peer message.
+    Invalid,
+    /// The other side closed the connection, with this reason if any.
+    Closed(String),
+    /// The other side took longer than [`HELLO_TIMEOUT`].
+    TimedOut,
+    /// The connection failed.
+    Transport(String),
+}
+
+impl OpenError {
+    /// The close frame this side sends (refusals only).
+    fn close_frame(&self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            OpenError::Refused(r) => (CloseCode::Policy, r.to_string()),
+            OpenError::TooLarge(_) => (
+                CloseCode::Size,
+                format!("a peer message before its proof must be at most {PRE_PROOF_MAX} bytes"),
+            ),
+            OpenError::Invalid => (CloseCode::Policy, "not a peer message".to_owned()),
+            _ => return None,
+        };
+        Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })
+    }
+
+    /// Whether this counts as a refused peer link.
+    fn refused(&self) -> bool {
+        matches!(
+            self,
+            OpenError::Refused(_) | OpenError::TooLarge(_) | OpenError::Invalid
+        )
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Refused(r) => write!(f, "refused: {r}"),
+            OpenError::TooLarge(n) => write!(
+                f,
+                "refused: a {n}-byte message before its proof (at most {PRE_PROOF_MAX})"
+            ),
+            OpenError::Invalid => f.write_str("refused: not a peer message"),
+            OpenError::Closed(reason) if reason.is_empty() => {
+                f.write_str("the other side closed the connection")
+            }
+            OpenError::Closed(reason) => {
+                write!(f, "the other side closed the connection: {reason}")
+            }
+            OpenError::TimedOut => write!(f, "no answer within {} s", HELLO_TIMEOUT.as_secs()),
+            OpenError::Transport(e) => write!(f, "connection failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// Runs one side of a link's opening over a connection: sends what
+/// `outcome` says, reads the other side's messages into `side`, until a
+/// verdict. `proven` runs once, when the other side has proven the secret
+/// (at once without one). Messages before that are at most
+/// [`PRE_PROOF_MAX`] bytes; all are decoded into the opening's typed
+/// messages only ([`link::decode_opening`]). The caller bounds it in time.
+async fn open_link<H, Si, St>(
+    side: &mut H,
+    mut outcome: Outcome,
+    sink: &mut Si,
+    source: &mut St,
+    mut proven: impl FnMut(),
+) -> Result<Hello, OpenError>
+where
+    H: Handshake,
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures_util::SinkExt;
+    let mut was_proven = false;
+    loop {
+        if !was_proven && side.proven() {
+            was_proven = true;
+            proven();
+        }
+        let (send, linked) = match outcome {
+            Outcome::Send(send) => (send, None),
+            Outcome::Linked { send, theirs } => (send, Some(theirs)),
+            Outcome::Refused(r) => return Err(OpenError::Refused(r)),
+        };
+        for message in send {
+            sink.feed(message.encode())
+                .await
+                .map_err(|e| OpenError::Transport(e.to_string()))?;
+        }
+        sink.flush()
+            .await
+            .map_err(|e| OpenError::Transport(e.to_string()))?;
+        if let Some(theirs) = linked {
+            return Ok(*theirs);
+        }
+        let message = loop {
+            match source.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(OpenError::Closed(
+                        frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    ));
+                }
+                Some(Ok(m)) => break m,
+                Some(Err(e)) => return Err(OpenError::Transport(e.to_string())),
+                None => return Err(OpenError::Closed(String::new())),
+            }
+        };
+        let size = message.len();
+        if !side.proven() && size > PRE_PROOF_MAX {
+            return Err(OpenError::TooLarge(size));
+        }
+        let decoded = crate::ws::cpu_bound(size, move || link::decode_opening(&message)).await;
+        let Some(Some(Ok(message))) = decoded else {
+            return Err(OpenError::Invalid);
+        };
+        outcome = side.receive(message);
     }
 }
 
@@ -255,35 +423,50 @@ impl Cluster {
     }
 
     /// Adds a peer whose link just opened, unless it duplicates a better
-    /// link to the same node. Returns its key, or `None` when the new link
-    /// should be closed.
+    /// link to the same node, or (`proven` false: no cluster secret vouches
+    /// for it) claims the address of a peer whose link is still up. Returns
+    /// its key, or why the new link must close.
     fn register(
         &self,
         me: Option<SocketAddr>,
         hello: Hello,
         link: Link,
         dialed: bool,
-    ) -> Option<PeerKey> {
+        proven: bool,
+    ) -> Result<PeerKey, NotRegistered> {
         let mut peers = self.write_peers();
         if let Some(addr) = hello.addr {
             let existing = peers
                 .iter()
                 .find(|(_, p)| p.addr == Some(addr))
-                .map(|(k, p)| (*k, p.generation, p.dialed));
-            if let Some((key, generation, old_dialed)) = existing {
-                let replace = if generation != hello.generation {
-                    // A restarted node replaces its old self, never the
-                    // reverse.
-                    hello.generation > generation
-                } else {
-                    // Two links between the same pair: both sides keep the
-                    // one dialed by the lower address.
-                    let dialer_is_me = |d: bool| d;
-                    let lower_is_me = me.is_some_and(|m| m < addr);
-                    dialer_is_me(dialed) == lower_is_me && dialer_is_me(old_dialed) != lower_is_me
-                };
+                .map(|(k, p)| (*k, p.generation, p.dialed, p.link.is_closed()));
+            if let Some((key, generation, old_dialed, old_closed)) = existing {
+                if !proven && !old_closed {
+                    // Anyone can claim any address without a secret: the
+                    // live link stays until it closes or membership
+                    // declares its node down (a restarted node's old link
+                    // closes with its process; the new one retries).
+                    return Err(if generation == hello.generation {
+                        NotRegistered::Duplicate
+                    } else {
+                        NotRegistered::AddressInUse(addr)
+                    });
+                }
+                let replace = old_closed
+                    || if generation != hello.generation {
+                        // A restarted node replaces its old self, never the
+                        // reverse.
+                        hello.generation > generation
+                    } else {
+                        // Two links between the same pair: both sides keep the
+                        // one dialed by the lower address.
+                        let dialer_is_me = |d: bool| d;
+                        let lower_is_me = me.is_some_and(|m| m < addr);
+                        dialer_is_me(dialed) == lower_is_me
+                            && dialer_is_me(old_dialed) != lower_is_me
+                    };
                 if !replace {
-                    return None;
+                    return Err(NotRegistered::Duplicate);
                 }
                 if let Some(old) = peers.remove(&key) {
                     old.link.close();
@@ -302,7 +485,7 @@ impl Cluster {
                 dialed,
             },
         );
-        Some(key)
+        Ok(key)
     }
 
     /// Forgets a peer (its link closed).
@@ -629,18 +812,7 @@ fn hello(state: &NodeState) -> Hello {
         addr: state.advertise,
         generation: state.generation,
         catalog: state.cluster.catalog(&state.registry()),
-        nonce: None,
-        proof: None,
     }
-}
-
-/// The nonce of a hello, decoded.
-fn their_nonce(hello: &Hello) -> Option<Vec<u8>> {
-    hello
-        .nonce
-        .as_deref()
-        .and_then(auth::unhex)
-        .filter(|n| n.len() == 32)
 }
 
 /// Runs a link whose hellos were exchanged: registers the peer, reads until
@@ -668,12 +840,28 @@ async fn run_link<Si, St>(
     let name = theirs.name.clone();
     let leaf = theirs.addr.is_none();
     let link = Link::new(name.clone(), outgoing);
-    let Some(key) = state
+    let proven = state.secret.is_some();
+    let registered = state
         .cluster
-        .register(state.advertise, theirs, link.clone(), dialed)
-    else {
-        tracing::debug!(peer = %name, "duplicate link closed");
-        return;
+        .register(state.advertise, theirs, link.clone(), dialed, proven);
+    let key = match registered {
+        Ok(key) => key,
+        Err(why) => {
+            match why {
+                NotRegistered::Duplicate => {
+                    tracing::debug!(peer = %name, "duplicate link closed");
+                }
+                NotRegistered::AddressInUse(addr) => {
+                    state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(node = %state.name, peer = %name, %addr,
+                        "peer link refused: it claims the address of a peer whose link is still up (without a cluster secret, anyone may claim any address; the live peer stays until its link closes or membership declares it down)");
+                }
+            }
+            link.close_with(CloseCode::Policy, why.reason()).await;
+            drop(link);
+            let _ = tokio::time::timeout(HELLO_TIMEOUT, writer).await;
+            return;
+        }
     };
     tracing::info!(node = %state.name, peer = %name, leaf, "peer linked");
     state.routing_changed(leaf);
@@ -727,82 +915,112 @@ impl Drop for Unlink {
     }
 }
 
-/// Serves a link a peer opened to us (its first message was `hello`).
-/// With a cluster secret, the peer must prove it knows the secret before
-/// anything else happens.
-pub(crate) async fn accept<Si, St>(state: Arc<NodeState>, sink: Si, mut source: St, theirs: Hello)
+/// Logs, counts and answers a failed opening (`side`: "dialed" or
+/// "accepted").
+async fn failed_opening<Si>(state: &NodeState, sink: &mut Si, error: &OpenError, side: &str)
 where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    use futures_util::SinkExt;
+    if error.refused() {
+        state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %state.name, link = side, %error, "peer link refused");
+    } else {
+        tracing::debug!(node = %state.name, link = side, %error, "peer link did not open");
+    }
+    if let Some(frame) = error.close_frame() {
+        // Best effort, and bounded: the other side may be gone or not
+        // reading.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+/// Serves a link a peer opened to us (its first message was `peer-open`,
+/// or a peer message that cannot open one: see [`link::opening`]).
+///
+/// With a cluster secret, nothing about this node is sent, and nothing
+/// about the peer is registered, before the peer proved the secret; only
+/// then is the connection's read `allowance` lifted (at once without a
+/// secret).
+pub(crate) async fn accept<Si, St>(
+    state: Arc<NodeState>,
+    mut sink: Si,
+    mut source: St,
+    opening: Opening,
+    allowance: Allowance,
+) where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
         + Unpin
         + Send
         + 'static,
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
-    use futures_util::SinkExt;
-    let mut sink = sink;
-    let refuse = |why: &str| {
-        state.cluster.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(node = %state.name, peer = %theirs.name, "peer link refused: {why}");
+    let open = match opening {
+        Opening::Open(open) => open,
+        Opening::Refused(why) => {
+            state.cluster.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %state.name, "peer link refused: {why}");
+            let frame = CloseFrame {
+                code: CloseCode::Policy,
+                reason: why.into(),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                futures_util::SinkExt::send(&mut sink, Message::Close(Some(frame))),
+            )
+            .await;
+            return;
+        }
     };
-    let mut ours = hello(&state);
+    let nonce = match auth::nonce() {
+        Ok(nonce) => nonce,
+        Err(e) => {
+            tracing::warn!(node = %state.name, error = %e, "peer link refused: no random numbers available");
+            return;
+        }
+    };
+    let ours = hello(&state);
     let sent_version = ours.catalog.version;
-    let challenge = match &state.secret {
-        None if state.tokens.required() => {
-            return refuse(
-                "this node requires client tokens and has no cluster secret to check peers with",
-            );
-        }
-        None => None,
-        Some(secret) => {
-            let Some(dialer_nonce) = their_nonce(&theirs) else {
-                return refuse("no challenge in its hello (is the cluster secret set there?)");
-            };
-            let Ok(acceptor_nonce) = auth::nonce() else {
-                return refuse("no random numbers available");
-            };
-            ours.nonce = Some(auth::hex(&acceptor_nonce));
-            ours.proof = Some(auth::hex(&secret.proof(
-                auth::Side::Acceptor,
-                &dialer_nonce,
-                &acceptor_nonce,
-            )));
-            Some((secret.clone(), dialer_nonce, acceptor_nonce))
-        }
-    };
-    if sink
-        .send(PeerMessage::PeerHello(ours).encode())
-        .await
-        .is_err()
-    {
-        return;
+    let mut acceptor = Acceptor::new(state.secret.clone(), state.tokens.required(), ours, nonce);
+    let first = acceptor.receive(PeerMessage::PeerOpen(open));
+    let opened = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        open_link(&mut acceptor, first, &mut sink, &mut source, || {
+            allowance.lift()
+        }),
+    )
+    .await
+    .unwrap_or(Err(OpenError::TimedOut));
+    match opened {
+        Ok(theirs) => run_link(state, sink, source, theirs, false, sent_version).await,
+        Err(e) => failed_opening(&state, &mut sink, &e, "accepted").await,
     }
-    if let Some((secret, dialer_nonce, acceptor_nonce)) = challenge {
-        let answer = tokio::time::timeout(HELLO_TIMEOUT, source.next()).await;
-        let proof = match answer {
-            Ok(Some(Ok(m))) => match PeerMessage::decode(&m) {
-                Some(Ok(PeerMessage::Proof { proof })) => auth::unhex(&proof),
-                _ => None,
-            },
-            _ => None,
-        };
-        let valid = proof
-            .is_some_and(|p| secret.verify(auth::Side::Dialer, &dialer_nonce, &acceptor_nonce, &p));
-        if !valid {
-            return refuse("it did not prove the cluster secret");
-        }
-    }
-    run_link(state, sink, source, theirs, false, sent_version).await;
 }
 
 /// Dials a peer (`ws://` or, verifying its certificate against the node's
-/// `tls_ca`, `wss://`), exchanges hellos, and serves the link on a new task.
-/// Returns once the link is up (or failed to come up).
+/// `tls_ca`, `wss://`), opens the link (proving the cluster secret, and
+/// with a peer ticket in the upgrade request, when there is one), and
+/// serves the link on a new task. Returns once the link is up (or failed
+/// to come up).
 /// On success, returns the address the peer advertises (which may differ
 /// from the URL's, e.g. through a proxy or NAT).
 pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<SocketAddr>, String> {
-    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let config = ws::config(state.config.max_message_size);
-    let connect = crate::tls::connect(url, state.tls.connector.as_ref(), config);
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if let Some(secret) = &state.secret {
+        // Exempts this connection from the acceptor's caps on
+        // unauthenticated connections (many nodes may share an address).
+        let ticket = secret.ticket().map_err(|e| e.to_string())?;
+        let value = tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&ticket)
+            .map_err(|e| e.to_string())?;
+        request.headers_mut().insert(auth::TICKET_HEADER, value);
+    }
+    let connect = crate::tls::connect(request, state.tls.connector.as_ref(), config);
     let (stream, _) = tokio::time::timeout(HELLO_TIMEOUT, connect)
         .await
         .map_err(|_| "connect timed out".to_owned())?
@@ -815,48 +1033,29 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<Soc
             e.to_string()
         })?;
     let (mut sink, mut source) = stream.split();
-    let mut ours = hello(state);
+    let nonce = auth::nonce().map_err(|e| e.to_string())?;
+    let ours = hello(state);
     let sent_version = ours.catalog.version;
-    let our_nonce = match &state.secret {
-        Some(_) => Some(auth::nonce().map_err(|e| e.to_string())?),
-        None => None,
-    };
-    ours.nonce = our_nonce.map(|n| auth::hex(&n));
-    sink.send(PeerMessage::PeerHello(ours).encode())
-        .await
-        .map_err(|e| e.to_string())?;
-    let first = tokio::time::timeout(HELLO_TIMEOUT, source.next())
-        .await
-        .map_err(|_| "no hello from peer".to_owned())?;
-    let theirs = match first
-        .as_ref()
-        .and_then(|m| m.as_ref().ok())
-        .and_then(PeerMessage::decode)
-    {
-        Some(Ok(PeerMessage::PeerHello(h))) => h,
-        _ => {
-            return Err(
-                "peer did not answer with a hello (is the cluster secret the same?)".to_owned(),
-            );
+    let (mut dialer, opening) = Dialer::new(state.secret.clone(), ours, nonce);
+    let opened = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        open_link(
+            &mut dialer,
+            Outcome::Send(opening),
+            &mut sink,
+            &mut source,
+            || {},
+        ),
+    )
+    .await
+    .unwrap_or(Err(OpenError::TimedOut));
+    let theirs = match opened {
+        Ok(theirs) => theirs,
+        Err(e) => {
+            failed_opening(state, &mut sink, &e, "dialed").await;
+            return Err(e.to_string());
         }
     };
-    if let (Some(secret), Some(our_nonce)) = (&state.secret, our_nonce) {
-        // The acceptor proves first; only then do we prove ourselves.
-        let their = their_nonce(&theirs);
-        let proof = theirs.proof.as_deref().and_then(auth::unhex);
-        let valid = match (&their, &proof) {
-            (Some(n), Some(p)) => secret.verify(auth::Side::Acceptor, &our_nonce, n, p),
-            _ => false,
-        };
-        let Some(their) = their.filter(|_| valid) else {
-            state.cluster.refused.fetch_add(1, Ordering::Relaxed);
-            return Err("peer did not prove the cluster secret".to_owned());
-        };
-        let proof = auth::hex(&secret.proof(auth::Side::Dialer, &our_nonce, &their));
-        sink.send(PeerMessage::Proof { proof }.encode())
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     let advertised = theirs.addr;
     state.spawn(run_link(
         state.clone(),
@@ -1072,8 +1271,6 @@ mod tests {
             addr: Some(addr.parse().expect("addr")),
             generation,
             catalog: Catalog::default(),
-            nonce: None,
-            proof: None,
         }
     }
 
@@ -1090,13 +1287,18 @@ mod tests {
         let mine = link();
         assert!(
             on_low
-                .register(Some(low), hello("127.0.0.1:2000", 1), mine.clone(), true)
-                .is_some()
+                .register(
+                    Some(low),
+                    hello("127.0.0.1:2000", 1),
+                    mine.clone(),
+                    true,
+                    true
+                )
+                .is_ok()
         );
-        assert!(
-            on_low
-                .register(Some(low), hello("127.0.0.1:2000", 1), link(), false)
-                .is_none()
+        assert_eq!(
+            on_low.register(Some(low), hello("127.0.0.1:2000", 1), link(), false, true),
+            Err(NotRegistered::Duplicate)
         );
         assert!(!mine.is_closed());
         // On the high node, in the other order: the low node's dial wins.
@@ -1104,13 +1306,19 @@ mod tests {
         let own = link();
         assert!(
             on_high
-                .register(Some(high), hello("127.0.0.1:1000", 1), own.clone(), true)
-                .is_some()
+                .register(
+                    Some(high),
+                    hello("127.0.0.1:1000", 1),
+                    own.clone(),
+                    true,
+                    true
+                )
+                .is_ok()
         );
         assert!(
             on_high
-                .register(Some(high), hello("127.0.0.1:1000", 1), link(), false)
-                .is_some()
+                .register(Some(high), hello("127.0.0.1:1000", 1), link(), false, true)
+                .is_ok()
         );
         assert!(own.is_closed());
         assert_eq!(on_high.read_peers().len(), 1);
@@ -1122,19 +1330,86 @@ mod tests {
         let c = Cluster::default();
         let old = link();
         assert!(
-            c.register(Some(me), hello("127.0.0.1:2000", 1), old.clone(), false)
-                .is_some()
+            c.register(
+                Some(me),
+                hello("127.0.0.1:2000", 1),
+                old.clone(),
+                false,
+                true
+            )
+            .is_ok()
         );
         assert!(
-            c.register(Some(me), hello("127.0.0.1:2000", 2), link(), false)
-                .is_some()
+            c.register(Some(me), hello("127.0.0.1:2000", 2), link(), false, true)
+                .is_ok()
         );
         assert!(old.is_closed());
         // An older generation never replaces a newer one.
         assert!(
-            c.register(Some(me), hello("127.0.0.1:2000", 1), link(), false)
-                .is_none()
+            c.register(Some(me), hello("127.0.0.1:2000", 1), link(), false, true)
+                .is_err()
         );
         assert_eq!(c.read_peers().len(), 1);
+    }
+
+    #[test]
+    fn without_a_secret_a_live_peer_is_never_replaced() {
+        let me: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let addr: SocketAddr = "127.0.0.1:2000".parse().expect("addr");
+        let c = Cluster::default();
+        let real = link();
+        assert!(
+            c.register(
+                Some(me),
+                hello("127.0.0.1:2000", 5),
+                real.clone(),
+                false,
+                false
+            )
+            .is_ok()
+        );
+        // An impostor with a higher generation, whichever way it dialed.
+        for dialed in [false, true] {
+            assert_eq!(
+                c.register(
+                    Some(me),
+                    hello("127.0.0.1:2000", u64::MAX),
+                    link(),
+                    dialed,
+                    false
+                ),
+                Err(NotRegistered::AddressInUse(addr))
+            );
+        }
+        // The same generation: a duplicate, refused too.
+        assert_eq!(
+            c.register(Some(me), hello("127.0.0.1:2000", 5), link(), true, false),
+            Err(NotRegistered::Duplicate)
+        );
+        assert!(!real.is_closed());
+        assert_eq!(c.read_peers().len(), 1);
+        // Once the real one's link closed (it died, or membership declared
+        // it down), its successor takes its place.
+        real.close();
+        let next = link();
+        assert!(
+            c.register(
+                Some(me),
+                hello("127.0.0.1:2000", 6),
+                next.clone(),
+                false,
+                false
+            )
+            .is_ok()
+        );
+        assert_eq!(c.read_peers().len(), 1);
+        assert!(c.linked(addr));
+        // Membership declaring it down closes the link too.
+        c.drop_member(addr, 6);
+        assert!(next.is_closed());
+        assert!(
+            c.register(Some(me), hello("127.0.0.1:2000", 7), link(), false, false)
+                .is_ok()
+        );
     }
 }

@@ -2,9 +2,11 @@
 //! as clients. Jobs carry ids; replies may come back in any order, so a slow
 //! job never blocks a fast one. Either side may send jobs.
 //!
-//! The first message on a link is a [`Hello`] from each side (the dialer
-//! speaks first). After that, messages are [`PeerMessage`]s; see
-//! `docs/PROTOCOL.md` ("Node to node").
+//! A link opens with a small [`Open`] from the dialer, then, with a cluster
+//! secret, a [`Proof`] from each side (the acceptor first), then a
+//! [`Hello`] from each side (the dialer first): see `cluster/handshake.rs`.
+//! After that, messages are [`PeerMessage`]s; see `docs/PROTOCOL.md`
+//! ("Node to node").
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -24,8 +26,15 @@ use crate::exec::Job;
 use crate::payload::Payload;
 use crate::plan::Step;
 
-/// Version of the node-to-node protocol spoken here.
-pub(crate) const PEER_PROTOCOL: u32 = 1;
+/// Version of the node-to-node protocol spoken here. Version 2 opens links
+/// with `peer-open` and proves the cluster secret before any hello; nodes
+/// of version 1 (which opened with `peer-hello`) cannot link with it.
+pub(crate) const PEER_PROTOCOL: u32 = 2;
+
+/// The most bytes a peer message may have before the other side has proven
+/// the cluster secret (`peer-open`, `peer-proof`): larger ones are refused
+/// before they are decoded.
+pub(crate) const PRE_PROOF_MAX: usize = 4096;
 
 /// One function a node offers: its name, every dataset it has there, and
 /// whether it is safe to retry.
@@ -93,12 +102,113 @@ pub(crate) struct Hello {
     /// Grows at each start of the sender.
     pub(crate) generation: u64,
     pub(crate) catalog: Catalog,
-    /// A fresh random challenge (hex), when the cluster has a secret.
+}
+
+/// The dialer's first message: small, and says nothing about the dialer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Open {
+    /// The peer protocol version the dialer speaks.
+    pub(crate) protocol: u32,
+    /// The dialer's challenge (32 random bytes, hex), when it has a cluster
+    /// secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) nonce: Option<String>,
-    /// The acceptor's proof that it knows the secret (hex), in its hello.
+}
+
+/// A proof of knowing the cluster secret: the acceptor's carries its own
+/// challenge (`nonce`), the dialer's does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Proof {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) proof: Option<String>,
+    pub(crate) nonce: Option<String>,
+    /// HMAC-SHA256 (hex); see [`crate::auth::Secret::proof`].
+    pub(crate) proof: String,
+}
+
+/// What the first message of a connection says about it, when it comes
+/// from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// A peer opening a link.
+    Open(Open),
+    /// A peer message that cannot open a link: too large to be read before
+    /// a proof, or a hello from a node of peer protocol 1.
+    Refused(&'static str),
+}
+
+/// The first messages a peer may open with, decoded into typed values only.
+#[derive(Deserialize)]
+#[serde(tag = "role", content = "body", rename_all = "kebab-case")]
+enum FirstPeerMessage {
+    PeerOpen(Open),
+    /// Protocol 1 opened with the hello; its body is not read.
+    PeerHello(serde::de::IgnoredAny),
+}
+
+/// The messages of a link's opening: decoded into typed fields only (no
+/// JSON values, unlike jobs), so whatever a peer sends before it proved
+/// itself is never read into a tree.
+#[derive(Deserialize)]
+#[serde(tag = "role", content = "body")]
+enum OpeningMessage {
+    #[serde(rename = "peer-open")]
+    Open(Open),
+    #[serde(rename = "peer-proof")]
+    Proof(Proof),
+    #[serde(rename = "peer-hello")]
+    Hello(Hello),
+}
+
+/// Decodes a message of a link's opening (`peer-open`, `peer-proof`,
+/// `peer-hello`); any other message is an error. `None` for a control
+/// frame.
+pub(crate) fn decode_opening(message: &Message) -> Option<Result<PeerMessage, serde_json::Error>> {
+    let decoded: Result<OpeningMessage, _> = match message {
+        Message::Text(text) => serde_json::from_str(text.as_str()),
+        Message::Binary(bytes) => serde_json::from_slice(bytes),
+        _ => return None,
+    };
+    Some(decoded.map(|m| match m {
+        OpeningMessage::Open(open) => PeerMessage::PeerOpen(open),
+        OpeningMessage::Proof(proof) => PeerMessage::PeerProof(proof),
+        OpeningMessage::Hello(hello) => PeerMessage::PeerHello(hello),
+    }))
+}
+
+/// Whether `bytes` starts as a peer message (`{"role": "peer-...`), read
+/// from the first bytes only.
+fn starts_as_peer_message(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    for token in [&b"{"[..], b"\"role\"", b":", b"\"peer-"] {
+        let trimmed = rest.trim_ascii_start();
+        match trimmed.strip_prefix(token) {
+            Some(after) => rest = after,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Recognizes a connection's first message as a peer's: `None` when it is
+/// not one (a client's). A message over [`PRE_PROOF_MAX`] bytes is never
+/// decoded: it is refused when it starts as a peer message.
+pub(crate) fn opening(message: &Message) -> Option<Opening> {
+    let bytes: &[u8] = match message {
+        Message::Text(text) => text.as_bytes(),
+        Message::Binary(bytes) => bytes,
+        _ => return None,
+    };
+    if bytes.len() > PRE_PROOF_MAX {
+        return starts_as_peer_message(bytes).then_some(Opening::Refused(
+            "a peer's first message must be at most 4096 bytes",
+        ));
+    }
+    match serde_json::from_slice(bytes).ok()? {
+        FirstPeerMessage::PeerOpen(open) => Some(Opening::Open(open)),
+        FirstPeerMessage::PeerHello(_) => Some(Opening::Refused(
+            "this node speaks peer protocol 2, which opens with peer-open",
+        )),
+    }
 }
 
 /// A message between nodes.
@@ -108,11 +218,13 @@ pub(crate) struct Hello {
 // message, payloads included, into an intermediate tree.)
 #[serde(tag = "role", content = "body", rename_all = "kebab-case")]
 pub(crate) enum PeerMessage {
-    /// Opens a link (see [`Hello`]).
+    /// The dialer's first message (see [`Open`]).
+    PeerOpen(Open),
+    /// A proof of the cluster secret (see [`Proof`]).
+    PeerProof(Proof),
+    /// Says who the sender is and what it offers (see [`Hello`]); sent
+    /// once the proofs, if any, have checked.
     PeerHello(Hello),
-    /// The dialer's proof that it knows the cluster secret (hex), right
-    /// after the hellos.
-    Proof { proof: String },
     /// The sender's abilities changed.
     Catalog(Catalog),
     /// Run these steps here and answer with `Done` carrying `outputs`.
@@ -265,6 +377,20 @@ impl Link {
         self.inner.closed.cancel();
         // Dropping the waiters wakes their callers with an error.
         self.pending().take();
+    }
+
+    /// Sends a close frame (`code`, `reason`), then closes the link.
+    pub(crate) async fn close_with(
+        &self,
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode,
+        reason: &str,
+    ) {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code,
+            reason: reason.to_owned().into(),
+        };
+        self.send_encoded(Message::Close(Some(frame))).await;
+        self.close();
     }
 
     /// Queues a message; false when the link is gone.
@@ -503,7 +629,7 @@ where
                 }
             }
             PeerMessage::Catalog(catalog) => handler.catalog(catalog),
-            PeerMessage::PeerHello(_) | PeerMessage::Proof { .. } => {
+            PeerMessage::PeerOpen(_) | PeerMessage::PeerHello(_) | PeerMessage::PeerProof(_) => {
                 tracing::debug!(peer = %link.inner.peer, "ignoring a repeated handshake message");
             }
         }
@@ -700,8 +826,6 @@ mod tests {
             addr: None,
             generation: 3,
             catalog: Catalog::default(),
-            nonce: None,
-            proof: None,
         });
         let v: Value = serde_json::to_value(&hello).expect("encode");
         assert_eq!(v["role"], "peer-hello");
@@ -710,6 +834,56 @@ mod tests {
             .expect("text")
             .expect("valid");
         assert_eq!(decoded, hello);
+    }
+
+    #[test]
+    fn openings_are_recognized_without_decoding_large_ones() {
+        let open = PeerMessage::PeerOpen(Open {
+            protocol: PEER_PROTOCOL,
+            nonce: Some("ab".repeat(32)),
+        });
+        let encoded = open.encode();
+        assert!(encoded.len() < 200, "{encoded}");
+        let Some(Opening::Open(o)) = opening(&encoded) else {
+            panic!("not an opening: {encoded}");
+        };
+        assert_eq!(o.protocol, PEER_PROTOCOL);
+        // Spaces and a binary frame are fine.
+        let spaced = Message::binary(&br#" { "role" : "peer-open", "body": {"protocol": 2}}"#[..]);
+        assert!(matches!(opening(&spaced), Some(Opening::Open(_))));
+        // A client's request is not a peer's.
+        let rpc = Message::text(r#"{"role":"rpc","u":1,"cmds":[]}"#);
+        assert_eq!(opening(&rpc), None);
+        // A large peer message is refused, a large client message is not
+        // a peer's.
+        let padding = "x".repeat(PRE_PROOF_MAX);
+        let big_peer = Message::text(format!(
+            r#"{{"role":"peer-open","body":{{"protocol":2,"pad":"{padding}"}}}}"#
+        ));
+        assert!(matches!(opening(&big_peer), Some(Opening::Refused(_))));
+        let big_rpc = Message::text(format!(r#"{{"role":"rpc","u":"{padding}","cmds":[]}}"#));
+        assert_eq!(opening(&big_rpc), None);
+        // Protocol 1 opened with the hello.
+        let old = Message::text(r#"{"role":"peer-hello","body":{"protocol":1}}"#);
+        assert!(matches!(opening(&old), Some(Opening::Refused(_))));
+    }
+
+    #[test]
+    fn the_opening_decodes_only_its_own_messages() {
+        let proof = PeerMessage::PeerProof(Proof {
+            nonce: None,
+            proof: "00".into(),
+        });
+        assert_eq!(
+            decode_opening(&proof.encode()).map(Result::ok),
+            Some(Some(proof))
+        );
+        // A job (whose values are JSON trees) is not part of an opening.
+        let run = Message::text(
+            r#"{"role":"run","body":{"id":1,"timeout_ms":5,"outputs":[],"steps":[]}}"#,
+        );
+        assert!(matches!(decode_opening(&run), Some(Err(_))));
+        assert!(decode_opening(&Message::Ping(Default::default())).is_none());
     }
 
     #[tokio::test]

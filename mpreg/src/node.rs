@@ -399,6 +399,12 @@ impl NodeBuilder {
         for url in peers {
             state.spawn(crate::cluster::keep_linked(state.clone(), url));
         }
+        if let Some(addr) = local_addr
+            && unguarded(addr, state.secret.is_some())
+        {
+            tracing::warn!(%name, %addr,
+                "listening beyond loopback without a cluster secret: anyone who reaches this port can join the cluster as a peer, claim a member's address and receive its calls, and read every function and dataset; set `cluster_secret` (the same on every node)");
+        }
         match local_addr {
             Some(addr) => tracing::info!(%name, %addr, "node listening"),
             None => tracing::info!(%name, "node started (dial-out only)"),
@@ -791,6 +797,13 @@ impl NodeState {
     }
 }
 
+/// Whether a node listening on `addr` is open to peers beyond this machine
+/// with nothing to check them by (no cluster secret): it then warns at
+/// start.
+fn unguarded(addr: SocketAddr, secret: bool) -> bool {
+    !secret && !addr.ip().to_canonical().is_loopback()
+}
+
 /// Failure detection timings from the config.
 fn membership_config(config: &Config) -> MembershipConfig {
     let probe = Duration::from_millis(config.probe_interval_ms.max(10));
@@ -1115,5 +1128,22 @@ struct LoadGuard<'a>(&'a AtomicUsize);
 impl Drop for LoadGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_beyond_loopback_without_a_secret_is_unguarded() {
+        let addr = |a: &str| a.parse::<SocketAddr>().expect("addr");
+        assert!(unguarded(addr("0.0.0.0:7773"), false));
+        assert!(unguarded(addr("[::]:7773"), false));
+        assert!(unguarded(addr("10.1.2.3:7773"), false));
+        assert!(!unguarded(addr("10.1.2.3:7773"), true));
+        assert!(!unguarded(addr("127.0.0.1:7773"), false));
+        assert!(!unguarded(addr("[::1]:7773"), false));
+        assert!(!unguarded(addr("[::ffff:127.0.0.1]:7773"), false));
     }
 }

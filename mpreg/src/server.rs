@@ -27,7 +27,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{ErrorCode, RpcError};
 use crate::http::Peeked;
-use crate::link::PeerMessage;
 use crate::node::NodeState;
 use crate::protocol::{Reply, parse_request};
 use crate::ws;
@@ -178,23 +177,25 @@ async fn connection(stream: TcpStream, state: Arc<NodeState>, shutdown: Cancella
     // With TLS, a peer link needs a certificate from the node's CA.
     let certified = ws.get_ref().get_ref().has_peer_certificate();
     let (sink, mut source) = ws.split();
-    // A peer's first message is its hello: then this is a peer link.
+    // A peer's first message is its `peer-open`: then this is a peer link.
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
         first = source.next() => first,
     };
     if let Some(Ok(message)) = &first
-        && let Some(Ok(PeerMessage::PeerHello(hello))) = PeerMessage::decode(message)
+        && let Some(opening) = crate::link::opening(message)
     {
         if state.tls.acceptor.is_some() && !certified {
             state.cluster.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(node = %state.name, peer = %hello.name,
+            tracing::warn!(node = %state.name,
                 "peer link refused: it presented no certificate from this node's tls_ca");
             return;
         }
+        // The real allowance comes with the pre-authentication budgets.
+        let allowance = crate::budget::Allowance::unlimited();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = crate::cluster::accept(state, sink, source, hello) => {}
+            _ = crate::cluster::accept(state, sink, source, opening, allowance) => {}
         }
         return;
     }
