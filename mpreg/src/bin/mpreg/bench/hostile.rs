@@ -830,6 +830,12 @@ async fn silent(ctx: Arc<Ctx>, want: usize) -> Tally {
     tally
         .notes
         .push(format!("{} upgraded", thousands(upgraded as u64)));
+    if (tally.sent as usize) < want {
+        tally.notes.push(format!(
+            "{} upgrades not done by the end (dropped)",
+            thousands((want - tally.sent as usize) as u64)
+        ));
+    }
     if let Some(at) = first_close {
         tally.notes.push(format!(
             "first closed by the node {:.1} s after the first upgrade",
