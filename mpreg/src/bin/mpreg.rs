@@ -10,6 +10,7 @@
 //! mpreg bench [URL] [--connections C] [--inflight D] [--duration S]
 //!             [--warmup S] [--timeout S] [--request FILE] [--baseline] [--json]
 //! mpreg bench suite [--json] [--quick]
+//! mpreg bench hostile [--secs N] [--json] [--max-rss-mib M]
 //! ```
 //!
 //! `cluster` asks the node at URL for its view of the cluster (the built-in
@@ -24,6 +25,14 @@
 //! WebSocket JSON server started in this process with the same load, in the
 //! same run, and prints the ratios. `bench suite` measures every target of
 //! `BENCHMARKS.md` in one run (see `mpreg/src/bin/mpreg/bench/`).
+//! `bench hostile` starts a node (with a client token and a cluster secret)
+//! and measures a well-behaved client for N seconds (default 10) with the
+//! node to itself, then for N seconds while attackers of every kind run at
+//! once (reference doubling, silent and oversized connections, readers that
+//! never read, ping floods, unproven peers, deep nesting); it prints the
+//! client's success rate and latency in both runs, the node's peak RSS, and
+//! what each attacker saw, and fails unless the client got 100 %. The node
+//! is killed (and the attack stopped) past `--max-rss-mib` (default 8192).
 
 #[path = "mpreg/bench/mod.rs"]
 mod bench;
@@ -84,8 +93,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Measure throughput and latency of a node (`bench URL`), or run the
-    /// whole benchmark suite (`bench suite`).
+    /// Measure throughput and latency of a node (`bench URL`), run the
+    /// whole benchmark suite (`bench suite`), or a node under attack
+    /// (`bench hostile`).
     Bench(BenchArgs),
 }
 
@@ -135,6 +145,22 @@ enum BenchCmd {
         /// Shorter runs (1 s per load row, fewer samples): a smoke test.
         #[arg(long)]
         quick: bool,
+    },
+    /// Start a node and measure a well-behaved client on it, alone and then
+    /// while hostile neighbours attack it; print the client's success rate
+    /// and latency, the node's peak memory, and what each attacker saw.
+    /// Fails unless the client got 100 %.
+    Hostile {
+        /// Seconds of each run (alone, under attack).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Kill the node (and stop the attack) when its resident memory
+        /// passes this many MiB, to protect the machine.
+        #[arg(long, default_value_t = 8192)]
+        max_rss_mib: u64,
     },
 }
 
@@ -279,12 +305,25 @@ async fn server(args: ServerArgs) -> CliResult {
 }
 
 async fn bench_command(args: BenchArgs) -> CliResult {
-    if let Some(BenchCmd::Suite { json, quick }) = args.suite {
-        return bench::suite(json, quick).await;
-    }
     let seconds = |what: &str, s: f64| {
         Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a number of seconds"))
     };
+    match args.suite {
+        Some(BenchCmd::Suite { json, quick }) => return bench::suite(json, quick).await,
+        Some(BenchCmd::Hostile {
+            secs,
+            json,
+            max_rss_mib,
+        }) => {
+            return bench::hostile(bench::HostileOptions {
+                duration: seconds("secs", secs)?,
+                json,
+                max_rss_mib,
+            })
+            .await;
+        }
+        None => {}
+    }
     let shape = bench::Shape {
         connections: args.connections,
         inflight: args.inflight,

@@ -1,6 +1,7 @@
 //! `mpreg bench`: a load generator for any server speaking the mpreg wire
-//! protocol, a bare WebSocket baseline server to compare it with, and the
-//! suite that measures every target of the benchmark table in one run.
+//! protocol, a bare WebSocket baseline server to compare it with, the
+//! suite that measures every target of the benchmark table in one run, and
+//! a hostile-neighbours run (`bench hostile`, see `hostile.rs`).
 //!
 //! The load generator opens C raw WebSocket connections (tokio-tungstenite,
 //! not `mpreg::Client`, so the client side costs the same for the baseline
@@ -15,10 +16,12 @@
 use serde_json::json;
 
 mod baseline;
+mod hostile;
 mod load;
 mod suite;
 
 pub(crate) use baseline::*;
+pub(crate) use hostile::{HostileOptions, hostile};
 pub(crate) use load::*;
 pub(crate) use suite::*;
 

@@ -710,7 +710,7 @@ async fn take_turns(
 }
 
 /// A child process killed when dropped.
-struct Child(std::process::Child);
+pub(crate) struct Child(pub(crate) std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
@@ -721,9 +721,16 @@ impl Drop for Child {
 
 /// Starts `mpreg server` (this executable) on `127.0.0.1:port`.
 fn spawn_server(port: u16) -> BenchResult<Child> {
+    spawn_server_with(port, &[])
+}
+
+/// Starts `mpreg server` (this executable) on `127.0.0.1:port` with these
+/// environment variables (`MPREG_*` settings) added to this process's.
+pub(crate) fn spawn_server_with(port: u16, vars: &[(&str, &str)]) -> BenchResult<Child> {
     let exe = std::env::current_exe()?;
     let child = std::process::Command::new(exe)
         .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .envs(vars.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -732,14 +739,14 @@ fn spawn_server(port: u16) -> BenchResult<Child> {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> BenchResult<u16> {
+pub(crate) fn free_port() -> BenchResult<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Polls until a WebSocket handshake with `url` succeeds.
-async fn until_accepting(url: &str, guard: Duration) -> BenchResult<Ws> {
+pub(crate) async fn until_accepting(url: &str, guard: Duration) -> BenchResult<Ws> {
     let deadline = Instant::now() + guard;
     loop {
         match tokio_tungstenite::connect_async_with_config(url, Some(client_config()), true).await {
@@ -776,18 +783,28 @@ async fn process_start_ms(n: usize) -> BenchResult<(f64, f64, f64)> {
 }
 
 /// Resident memory of a process, MiB.
-fn rss_mib(pid: u32) -> BenchResult<f64> {
+pub(crate) fn rss_mib(pid: u32) -> BenchResult<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...), MiB.
+pub(crate) fn status_mib(pid: u32, field: &str) -> BenchResult<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
+    let kb =
+        status_kib(&status, field).ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb as f64 / 1024.0)
+}
+
+/// A `Field:   1234 kB` line of a `/proc/PID/status` text, in KiB.
+pub(crate) fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or("no VmRSS in /proc/<pid>/status")?;
-    Ok(kb / 1024.0)
 }
 
 /// The soft limit on open files of this process, if known.
-fn open_files_limit() -> Option<u64> {
+pub(crate) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
@@ -942,7 +959,7 @@ pub(crate) fn fmt_ratio(r: f64) -> String {
     }
 }
 
-fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
