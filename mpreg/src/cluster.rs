@@ -699,14 +699,20 @@ impl Drop for Unlink {
 /// Serves a link a peer opened to us (its first message was `hello`).
 /// With a cluster secret, the peer must prove it knows the secret before
 /// anything else happens.
-pub(crate) async fn accept<Si, St>(state: Arc<NodeState>, sink: Si, mut source: St, theirs: Hello)
-where
+pub(crate) async fn accept<Si, St>(
+    state: Arc<NodeState>,
+    sink: Si,
+    mut source: St,
+    theirs: Hello,
+    allowance: crate::budget::Allowance,
+) where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
         + Unpin
         + Send
         + 'static,
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
+    allowance.lift();
     use futures_util::SinkExt;
     let mut sink = sink;
     let refuse = |why: &str| {

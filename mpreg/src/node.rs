@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, Either};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -447,8 +446,14 @@ fn validate(config: &Config) -> Result<(), crate::config::ConfigError> {
     for (setting, value) in [
         ("max_inflight_bytes", config.max_inflight_bytes),
         ("max_outgoing_bytes", config.max_outgoing_bytes),
-        ("max_unauthenticated_connections", config.max_unauthenticated_connections),
-        ("max_unauthenticated_per_address", config.max_unauthenticated_per_address),
+        (
+            "max_unauthenticated_connections",
+            config.max_unauthenticated_connections,
+        ),
+        (
+            "max_unauthenticated_per_address",
+            config.max_unauthenticated_per_address,
+        ),
     ] {
         if value == 0 {
             return Err(Invalid {
@@ -812,7 +817,7 @@ fn new_generation() -> u64 {
 pub(crate) async fn handle_frame(
     state: &Arc<NodeState>,
     frame: Bytes,
-    outgoing: &mpsc::Sender<Message>,
+    outgoing: &crate::ws::Outgoing,
 ) -> String {
     let counted = state.metrics.request();
     let size = frame.len();
@@ -853,7 +858,7 @@ pub(crate) async fn send(
 /// reads slowly, the request waits rather than piling messages up.
 struct ToConnection<'a> {
     u: &'a Value,
-    outgoing: &'a mpsc::Sender<Message>,
+    outgoing: &'a crate::ws::Outgoing,
 }
 
 impl Progress for ToConnection<'_> {
@@ -878,7 +883,7 @@ impl Progress for ToConnection<'_> {
 pub(crate) fn handle<'a>(
     state: &'a Arc<NodeState>,
     incoming: IncomingRequest,
-    progress_to: Option<&'a mpsc::Sender<Message>>,
+    progress_to: Option<&'a crate::ws::Outgoing>,
 ) -> impl Future<Output = Answer> + Send + 'a {
     let request = incoming;
     let u = request.u;
@@ -935,7 +940,7 @@ async fn run_request(
     plan: Plan,
     wanted: Wanted,
     deadline: Duration,
-    progress_to: Option<&mpsc::Sender<Message>>,
+    progress_to: Option<&crate::ws::Outgoing>,
 ) -> Answer {
     let (placer, span) = placer_for(state, &u, deadline);
     let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
