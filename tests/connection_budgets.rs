@@ -308,6 +308,63 @@ async fn silent_upgrades_are_capped_refused_with_503_and_closed_at_the_deadline(
     a.shutdown().await;
 }
 
+/// The finding at its scale: 3,000 connections from one address upgrade
+/// and never send, to a node with the default caps (in its own process).
+/// All but 256 are refused with 503, a client with a token and `/healthz`
+/// are served throughout, and the rest are closed at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_silent_upgrades_leave_token_clients_and_healthz_served() {
+    let server = Server::start(&[
+        ("MPREG_CLIENT_TOKENS", "tok"),
+        ("MPREG_HANDSHAKE_TIMEOUT_MS", "3000"),
+    ])
+    .await;
+    let addr = server.addr.clone();
+    let (rss_before, _) = server.memory_kib();
+    let mut tasks = tokio::task::JoinSet::new();
+    // 3,000 upgrades, 50 at a time.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+    for _ in 0..3_000 {
+        let addr = addr.clone();
+        let gate = gate.clone();
+        tasks.spawn(async move {
+            let _turn = gate.acquire_owned().await.expect("gate");
+            upgrade_from("127.0.0.1", &addr).await
+        });
+    }
+    let mut silent = Vec::new();
+    let mut refused_503 = 0;
+    while let Some(done) = guard("upgrades", tasks.join_next()).await {
+        match done.expect("upgrade task") {
+            Ok(ws) => silent.push(ws),
+            Err((status, _)) => {
+                assert_eq!(status, 503);
+                refused_503 += 1;
+            }
+        }
+    }
+    // Those admitted first may already be closed by their deadline.
+    assert!(silent.len() <= 256 + 64, "{} admitted", silent.len());
+    assert!(refused_503 >= 2_600, "{refused_503} refused");
+    served(&server.url, Some("tok"), 1).await;
+    healthy(&addr).await;
+    for ws in &mut silent {
+        let end = guard("silent connection closed", ws.next()).await;
+        assert!(
+            matches!(end, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
+            "{end:?}"
+        );
+    }
+    served(&server.url, Some("tok"), 2).await;
+    let (rss_after, peak) = server.memory_kib();
+    eprintln!(
+        "3,000 silent upgrades: {} admitted, {refused_503} refused; RSS before {rss_before} KiB, after {rss_after} KiB, peak {peak} KiB",
+        silent.len()
+    );
+    assert!(peak < rss_before + 200 * 1024);
+    server.terminate().await;
+}
+
 /// A node without tokens closes a connection that sends nothing at the
 /// handshake deadline too; a connection that sent its first request is not
 /// bound by it.
