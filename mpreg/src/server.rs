@@ -565,11 +565,17 @@ impl Session<'_> {
     /// done at their first poll and answered at once, without a task and
     /// the wake-ups it costs; the others go on on a task of their own
     /// (polling a future once before handing it over is fine: it registers
-    /// the task's waker at its next poll). Returns the `overloaded` reply
-    /// to send when the connection has too many requests in flight.
-    fn start(&mut self, bytes: Bytes) -> Option<Message> {
+    /// the task's waker at its next poll). Returns a reply that found no
+    /// room in the queue (an answer at once, or `overloaded` when the
+    /// connection has too many requests in flight), with the request's
+    /// permit: the reader sends it before it reads on (backpressure).
+    fn start(&mut self, bytes: Bytes) -> Option<Waiting> {
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            return Some(self.overloaded(&bytes));
+            let reply = self.overloaded(&bytes);
+            return self.outgoing.try_send(reply).err().map(|reply| Waiting {
+                reply,
+                permit: None,
+            });
         };
         let state = self.state.clone();
         // Progress of a streaming request goes through the same queue,
@@ -580,29 +586,36 @@ impl Session<'_> {
         let first = work
             .as_mut()
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-        let outgoing = self.outgoing.clone();
         match first {
-            std::task::Poll::Ready(reply) => {
-                // Without room now, the reply waits on a task (holding its
-                // permit, so such tasks are bounded too) and the reader
-                // goes on.
-                if let Err(reply) = outgoing.try_send(Message::text(reply)) {
-                    self.requests.spawn(async move {
-                        let _ = outgoing.send(reply).await;
-                        drop(permit);
-                    });
-                }
-            }
+            std::task::Poll::Ready(reply) => self
+                .outgoing
+                .try_send(Message::text(reply))
+                .err()
+                .map(|reply| Waiting {
+                    reply,
+                    permit: Some(permit),
+                }),
             std::task::Poll::Pending => {
+                let outgoing = self.outgoing.clone();
                 self.requests.spawn(async move {
                     let reply = work.await;
                     // Fails only when the connection's writing is over.
                     let _ = outgoing.send(Message::text(reply)).await;
                     drop(permit);
                 });
+                None
             }
         }
-        None
+    }
+
+    /// Hands `waiting` to a task: on shutdown, it may still be written
+    /// while requests drain.
+    fn defer(&mut self, waiting: Waiting) {
+        let outgoing = self.outgoing.clone();
+        self.requests.spawn(async move {
+            let _ = outgoing.send(waiting.reply).await;
+            drop(waiting.permit);
+        });
     }
 
     /// The `overloaded` reply to the request in `bytes`.
@@ -620,6 +633,13 @@ impl Session<'_> {
         .with_details(json!({ "limit": limit }));
         Message::text(Reply::err(u, error).encode())
     }
+}
+
+/// A reply that found no room in the outgoing queue, and the permit of
+/// its request (none for `overloaded`).
+struct Waiting {
+    reply: Message,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Counts pings in windows of [`PING_WINDOW`].
@@ -720,13 +740,17 @@ where
         if let Some(after) = idle_after {
             idle.as_mut().reset(Instant::now() + after);
         }
-        if let Some(overloaded) = session.start(bytes) {
-            // Wait for room (the reader stops meanwhile: backpressure),
-            // bounded by the slow-reader timeout.
+        if let Some(waiting) = session.start(bytes) {
+            // Wait for room before reading on (the reader stops meanwhile:
+            // backpressure), bounded by the slow-reader timeout.
+            // (A message's clone shares its bytes.)
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Stop::Shutdown,
-                _ = outgoing.send(overloaded) => {}
+                _ = shutdown.cancelled() => {
+                    session.defer(waiting);
+                    break Stop::Shutdown;
+                }
+                _ = outgoing.send(waiting.reply.clone()) => {}
             }
         }
     };
