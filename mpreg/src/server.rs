@@ -296,7 +296,7 @@ async fn open(stream: TcpStream, address: IpAddr, state: &NodeState) -> Result<O
         admission = Some(admit(state, request, address, admitted, &allowance)?);
         Ok(response)
     };
-    let config = ws::config(state.config.max_message_size);
+    let config = ws::config_for(state.config.max_message_size, state.config.reply_budget());
     let ws =
         tokio_tungstenite::accept_hdr_async_with_config(transport, check, Some(config)).await?;
     let Some((pending, token_in_upgrade)) = admission else {

@@ -43,9 +43,14 @@ where
 
 /// The WebSocket limits for a connection: one message (and one frame, since
 /// a client may send a whole message as one frame) up to `max_message_size`,
-/// and a write buffer that holds at most one such message and a little:
-/// a peer that sends pings and never reads the pongs cannot grow it.
+/// and a write buffer bounded by [`write_buffer_bound`] of the same size.
 pub(crate) fn config(max_message_size: usize) -> WebSocketConfig {
+    config_for(max_message_size, max_message_size)
+}
+
+/// [`config`] for a connection that may send messages up to
+/// `largest_outgoing` bytes (a node's replies, up to its reply budget).
+pub(crate) fn config_for(max_message_size: usize, largest_outgoing: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size))
@@ -54,11 +59,22 @@ pub(crate) fn config(max_message_size: usize) -> WebSocketConfig {
         // messages.
         .read_buffer_size(8 << 10)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(
-            max_message_size
-                .saturating_add(WRITE_BUFFER)
-                .saturating_add(WRITE_BUFFER_SLACK),
-        )
+        .max_write_buffer_size(write_buffer_bound(largest_outgoing.max(max_message_size)))
+}
+
+/// The most the WebSocket write buffer may hold for a connection that sends
+/// messages up to `largest` bytes: one such message (plus an eighth, for a
+/// reply's envelope around results counted up to the budget) and a little.
+/// The writer adds a message only when the buffer holds at most
+/// `WRITE_BUFFER` (the library writes out, and waits for the socket to take,
+/// anything more first), so a message that fits is never refused; what the
+/// bound stops is pongs piling up for a peer that sends pings and never
+/// reads.
+pub(crate) fn write_buffer_bound(largest: usize) -> usize {
+    largest
+        .saturating_add(largest / 8)
+        .saturating_add(WRITE_BUFFER)
+        .saturating_add(WRITE_BUFFER_SLACK)
 }
 
 /// What [`write_loop`] takes its messages from.
@@ -395,5 +411,8 @@ mod tests {
         assert!(c.max_write_buffer_size > c.write_buffer_size);
         assert!(c.max_write_buffer_size >= (64 << 10) + c.write_buffer_size);
         assert!(c.max_write_buffer_size < 1 << 20);
+        let replies = config_for(64 << 10, 1 << 20);
+        assert_eq!(replies.max_message_size, Some(64 << 10));
+        assert!(replies.max_write_buffer_size > (1 << 20) + replies.write_buffer_size);
     }
 }
