@@ -235,9 +235,6 @@ impl Tickets {
 /// valid ticket only exempts the connection from the caps on
 /// unauthenticated connections: the link's challenge and response still
 /// run. Always false without a cluster secret.
-// Called by the server's caps on unauthenticated connections, which come
-// in a separate change.
-#[allow(dead_code)]
 pub(crate) fn peer_ticket_ok(state: &crate::node::NodeState, request: &Request) -> bool {
     let Some(secret) = &state.secret else {
         return false;

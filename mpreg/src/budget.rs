@@ -32,6 +32,7 @@ impl ByteBudget {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -59,17 +60,7 @@ impl ByteBudget {
         })
     }
 
-    /// An empty charge, to grow as bytes come.
-    pub(crate) fn empty(self: &Arc<Self>) -> Charge {
-        Charge {
-            budget: self.clone(),
-            bytes: 0,
-        }
-    }
-}
-
-/// Gives back `bytes` taken with [`ByteBudget::take`].
-impl ByteBudget {
+    /// Gives back `bytes` taken with [`take`](Self::take).
     pub(crate) fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -144,31 +135,6 @@ impl ResultBudget {
 pub(crate) struct Charge {
     budget: Arc<ByteBudget>,
     bytes: usize,
-}
-
-impl Charge {
-    /// Takes `more` bytes too; `false` (and nothing taken) when they do not
-    /// fit.
-    pub(crate) fn grow(&mut self, more: usize) -> bool {
-        if self.budget.take(more) {
-            self.bytes += more;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Gives back up to `less` bytes.
-    pub(crate) fn shrink(&mut self, less: usize) {
-        let less = less.min(self.bytes);
-        self.budget.used.fetch_sub(less, Ordering::Relaxed);
-        self.bytes -= less;
-    }
-
-    /// Bytes held by this charge.
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
-    }
 }
 
 impl Drop for Charge {
@@ -415,15 +381,11 @@ mod tests {
         let budget = ByteBudget::new(100);
         let a = budget.charge(60).expect("fits");
         assert!(budget.charge(41).is_none());
-        let mut b = budget.charge(40).expect("fits exactly");
+        let b = budget.charge(40).expect("fits exactly");
         assert_eq!(budget.used(), 100);
-        assert!(!b.grow(1));
         drop(a);
-        assert!(b.grow(60));
-        assert_eq!(b.bytes(), 100);
-        b.shrink(30);
-        assert_eq!(budget.used(), 70);
-        drop(b);
+        let c = budget.charge(60).expect("room again");
+        drop((b, c));
         assert_eq!(budget.used(), 0);
         assert!(budget.charge(usize::MAX).is_none(), "no overflow");
     }

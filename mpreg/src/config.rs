@@ -103,8 +103,10 @@ pub struct Config {
     pub max_inflight_per_connection: usize,
     /// Most commands in one request; more get `bad_request`.
     pub max_commands_per_request: usize,
-    /// On shutdown, how long requests in flight may take to finish, and
-    /// then how long replies may take to be written, in milliseconds.
+    /// On shutdown, how long requests in flight may take to finish, in
+    /// milliseconds; their last replies are then written briefly, and a
+    /// connection still open 2 s past the grace is dropped, whatever its
+    /// client does.
     pub shutdown_grace_ms: u64,
     /// Most bytes of results one request may hold, and so the largest
     /// reply: checked as results are produced, so a request past it fails

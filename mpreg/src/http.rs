@@ -291,6 +291,7 @@ impl Site for NodeState {
                 .cluster
                 .refused
                 .load(std::sync::atomic::Ordering::Relaxed),
+            unauthenticated: self.unauthenticated.count(),
             functions: registry
                 .iter()
                 .map(|f| (f.name(), f.metrics.snapshot()))
@@ -401,6 +402,11 @@ impl<S> Rewind<S> {
     /// The stream underneath.
     pub(crate) fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Bytes put back and not yet read again.
+    pub(crate) fn buffered(&self) -> usize {
+        self.prefix.len() - self.read
     }
 }
 

@@ -274,12 +274,63 @@ fn outcome_counts(counts: &[u64; OUTCOMES]) -> impl Iterator<Item = (&'static st
         .map(|(i, &n)| (Outcome::label(i), n))
 }
 
+/// Why a connection was refused, or closed by one of the node's budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Too many connections waiting to authenticate (HTTP 503 at upgrade).
+    UnauthenticatedCap,
+    /// No upgrade, authentication or first message within the deadline.
+    HandshakeTimeout,
+    /// More bytes than allowed before authenticating.
+    PreAuthLimit,
+    /// A missing or wrong client token.
+    Unauthorized,
+    /// No request in flight for the idle timeout.
+    IdleTimeout,
+    /// Its outgoing queue stayed full past the slow-reader timeout.
+    SlowReader,
+    /// Its WebSocket write buffer was full (it does not read).
+    WriteBuffer,
+    /// Pings faster than the node answers them.
+    PingFlood,
+}
+
+impl Refused {
+    const ALL: [Refused; 8] = [
+        Refused::UnauthenticatedCap,
+        Refused::HandshakeTimeout,
+        Refused::PreAuthLimit,
+        Refused::Unauthorized,
+        Refused::IdleTimeout,
+        Refused::SlowReader,
+        Refused::WriteBuffer,
+        Refused::PingFlood,
+    ];
+
+    /// The `reason` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refused::UnauthenticatedCap => "unauthenticated_cap",
+            Refused::HandshakeTimeout => "handshake_timeout",
+            Refused::PreAuthLimit => "pre_auth_limit",
+            Refused::Unauthorized => "unauthorized",
+            Refused::IdleTimeout => "idle_timeout",
+            Refused::SlowReader => "slow_reader",
+            Refused::WriteBuffer => "write_buffer",
+            Refused::PingFlood => "ping_flood",
+        }
+    }
+}
+
+const REFUSALS: usize = Refused::ALL.len();
+
 /// The counters of the node as a whole.
 #[derive(Debug, Default)]
 pub(crate) struct NodeMetrics {
     received: AtomicU64,
     answered: Outcomes,
     connections: AtomicU64,
+    refused: [AtomicU64; REFUSALS],
 }
 
 impl NodeMetrics {
@@ -299,6 +350,11 @@ impl NodeMetrics {
         Connection(self)
     }
 
+    /// Counts a connection refused or closed for `why`.
+    pub(crate) fn refused(&self, why: Refused) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current counts.
     pub(crate) fn snapshot(&self) -> NodeSnapshot {
         let answered = self.answered.snapshot();
@@ -306,6 +362,7 @@ impl NodeMetrics {
             received: self.received.load(Ordering::Relaxed),
             answered,
             connections: self.connections.load(Ordering::Relaxed),
+            refused: std::array::from_fn(|i| self.refused[i].load(Ordering::Relaxed)),
         }
     }
 }
@@ -354,12 +411,22 @@ pub(crate) struct NodeSnapshot {
     answered: [u64; OUTCOMES],
     /// Client connections open.
     pub(crate) connections: u64,
+    /// Connections refused or closed by a budget, by [`Refused`] reason.
+    refused: [u64; REFUSALS],
 }
 
 impl NodeSnapshot {
     /// Requests answered, with any outcome.
     pub(crate) fn answered(&self) -> u64 {
         self.answered.iter().fold(0, |a, &n| a.wrapping_add(n))
+    }
+
+    /// Connections refused or closed by a budget, by reason label (every
+    /// reason listed).
+    pub(crate) fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Refused::ALL
+            .iter()
+            .map(|r| (r.label(), self.refused[*r as usize]))
     }
 
     /// Requests answered by outcome (always listing `ok`).
@@ -379,6 +446,8 @@ pub(crate) struct Exposition<'a> {
     pub(crate) peers: usize,
     /// Peer links refused (secret or certificate).
     pub(crate) refused_peer_links: u64,
+    /// Connections open and not yet authenticated.
+    pub(crate) unauthenticated: usize,
     /// Each function served here, by name.
     pub(crate) functions: Vec<(&'a str, FunctionSnapshot)>,
 }
@@ -444,6 +513,28 @@ impl Exposition<'_> {
             &mut out,
             format_args!("mpreg_client_connections {}", c.connections),
         );
+        family(
+            &mut out,
+            "mpreg_unauthenticated_connections",
+            "gauge",
+            "Connections open and not yet authenticated (counted against max_unauthenticated_connections).",
+        );
+        line(
+            &mut out,
+            format_args!("mpreg_unauthenticated_connections {}", self.unauthenticated),
+        );
+        family(
+            &mut out,
+            "mpreg_connections_refused_total",
+            "counter",
+            "Connections refused, or closed by one of the node's budgets, by reason.",
+        );
+        for (reason, n) in c.refusals() {
+            line(
+                &mut out,
+                format_args!("mpreg_connections_refused_total{{reason=\"{reason}\"}} {n}"),
+            );
+        }
         family(
             &mut out,
             "mpreg_peers_linked",
@@ -770,11 +861,14 @@ mod tests {
         let node = NodeMetrics::default();
         node.request().end(None);
         let _connection = node.connection();
+        node.refused(Refused::SlowReader);
+        node.refused(Refused::SlowReader);
         let text = Exposition {
             node: "node \"one\"",
             counts: node.snapshot(),
             peers: 2,
             refused_peer_links: 0,
+            unauthenticated: 3,
             functions: vec![("echo", plain.snapshot()), (odd_name, odd.snapshot())],
         }
         .render();
@@ -785,6 +879,7 @@ mod tests {
         );
         assert_eq!(families["mpreg_function_calls_total"].0, "counter");
         assert_eq!(families["mpreg_client_connections"].0, "gauge");
+        assert_eq!(families["mpreg_connections_refused_total"].0, "counter");
 
         let find = |name: &str, labels: &[(&str, &str)]| -> f64 {
             let want: BTreeMap<String, String> = labels
@@ -811,6 +906,21 @@ mod tests {
         assert_eq!(find("mpreg_requests_total", &[("outcome", "ok")]), 1.0);
         assert_eq!(find("mpreg_client_connections", &[]), 1.0);
         assert_eq!(find("mpreg_peers_linked", &[]), 2.0);
+        assert_eq!(find("mpreg_unauthenticated_connections", &[]), 3.0);
+        assert_eq!(
+            find(
+                "mpreg_connections_refused_total",
+                &[("reason", "slow_reader")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            find(
+                "mpreg_connections_refused_total",
+                &[("reason", "handshake_timeout")]
+            ),
+            0.0
+        );
         assert_eq!(
             find(
                 "mpreg_function_calls_started_total",

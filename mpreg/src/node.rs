@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, Either};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -202,8 +201,9 @@ impl NodeBuilder {
         self
     }
 
-    /// On shutdown, how long requests in flight may take to finish, and then
-    /// how long their replies may take to be written (default 10 s each).
+    /// On shutdown, how long requests in flight may take to finish (default
+    /// 10 s); a connection still open 2 s past it is dropped, whatever its
+    /// client does.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.config.shutdown_grace_ms = grace.as_millis().try_into().unwrap_or(u64::MAX);
         self
@@ -832,7 +832,7 @@ fn new_generation() -> u64 {
 pub(crate) async fn handle_frame(
     state: &Arc<NodeState>,
     frame: Bytes,
-    outgoing: &mpsc::Sender<Message>,
+    outgoing: &crate::ws::Outgoing,
     reply_limit: usize,
 ) -> String {
     let counted = state.metrics.request();
@@ -891,7 +891,7 @@ pub(crate) async fn send(
 /// reads slowly, the request waits rather than piling messages up.
 struct ToConnection<'a> {
     u: &'a Value,
-    outgoing: &'a mpsc::Sender<Message>,
+    outgoing: &'a crate::ws::Outgoing,
 }
 
 impl Progress for ToConnection<'_> {
@@ -916,7 +916,7 @@ impl Progress for ToConnection<'_> {
 pub(crate) fn handle<'a>(
     state: &'a Arc<NodeState>,
     incoming: IncomingRequest,
-    progress_to: Option<&'a mpsc::Sender<Message>>,
+    progress_to: Option<&'a crate::ws::Outgoing>,
 ) -> impl Future<Output = Answer> + Send + 'a {
     let request = incoming;
     let u = request.u;
@@ -983,7 +983,7 @@ async fn run_request(
     wanted: Wanted,
     deadline: Duration,
     reply_budget: usize,
-    progress_to: Option<&mpsc::Sender<Message>>,
+    progress_to: Option<&crate::ws::Outgoing>,
 ) -> Answer {
     let (placer, span) = placer_for(state, &u, deadline, reply_budget);
     let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
