@@ -157,7 +157,10 @@ impl Conn {
         request
             .headers_mut()
             .insert(REPLY_LIMIT_HEADER, HeaderValue::from(dial.max_reply_bytes));
-        let config = ws::config(dial.max_message_size);
+        // Requests may be as large as the node takes: the client does not
+        // know that limit, so its write buffer is not bounded (a node is
+        // not a peer that floods it with pings).
+        let config = ws::config_for(dial.max_message_size, usize::MAX);
         let connect = crate::tls::connect(request, dial.tls.as_ref(), config);
         let (stream, _response) = match tokio::time::timeout(dial.connect_timeout, connect).await {
             Ok(done) => done.map_err(failed)?,
