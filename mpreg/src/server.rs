@@ -500,8 +500,16 @@ async fn websocket(
     pending.authenticated();
     drop(pending);
     let _open = state.metrics.connection();
-    let (stop, requests) =
-        serve_requests(&state, &mut source, first, pings, &outgoing, reply_limit, &shutdown).await;
+    let (stop, requests) = serve_requests(
+        &state,
+        &mut source,
+        first,
+        pings,
+        &outgoing,
+        reply_limit,
+        &shutdown,
+    )
+    .await;
     drop(source);
     finish(&state, stop, requests, outgoing, writer, &shutdown).await;
 }

@@ -80,6 +80,13 @@ pub(super) fn peer_hello(nonce: Option<&str>) -> String {
     json!({"role": "peer-hello", "body": body}).to_string()
 }
 
+/// The opening of a link as this release's dialer sends it (`peer-open`),
+/// with a challenge nonce: an acceptor answers with its proof, and must
+/// say nothing about itself before the dialer's.
+pub(super) fn peer_open(nonce: &str) -> String {
+    json!({"role": "peer-open", "body": {"protocol": 2, "nonce": nonce}}).to_string()
+}
+
 /// A 32-byte challenge nonce in hex, different for each `n`.
 pub(super) fn nonce_hex(n: u64) -> String {
     let mut x = n ^ 0x9e37_79b9_7f4a_7c15;
@@ -577,8 +584,22 @@ pub(super) async fn peer_hellos(ctx: Arc<Ctx>) -> Tally {
     let mut revealed = 0u64;
     while !ctx.over() {
         tally.sent += 1;
-        let with_nonce = tally.sent.is_multiple_of(2);
-        let kind = if with_nonce { "with nonce" } else { "no nonce" };
+        // Three kinds in turn: the previous release's hello with and
+        // without a nonce, and this release's opening, then a hello that
+        // skips the proof.
+        let (kind, first, then) = match tally.sent % 3 {
+            0 => (
+                "old hello, nonce",
+                peer_hello(Some(&nonce_hex(tally.sent))),
+                None,
+            ),
+            1 => ("old hello", peer_hello(None), None),
+            _ => (
+                "open, no proof",
+                peer_open(&nonce_hex(tally.sent)),
+                Some(peer_hello(None)),
+            ),
+        };
         let mut ws = match open(&ctx.url, None, attack_config()).await {
             Ok(ws) => ws,
             Err(e) => {
@@ -587,23 +608,38 @@ pub(super) async fn peer_hellos(ctx: Arc<Ctx>) -> Tally {
                 continue;
             }
         };
-        let nonce = with_nonce.then(|| nonce_hex(tally.sent));
-        if let Err(e) = ws.send(Message::text(peer_hello(nonce.as_deref()))).await {
+        if let Err(e) = ws.send(Message::text(first)).await {
             tally.saw(format!("{kind}: send failed: {}", gone_text(&e)));
             continue;
         }
-        let seen = match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
-            Err(_) => "no answer within 1 s".to_owned(),
-            Ok(Some(Ok(Message::Text(t)))) if t.as_str().contains(NODE_NAME) => {
-                revealed += 1;
-                format!("answered with its name ({})", message_label(t.as_bytes()))
+        // Everything the node says, up to its close (at most 3 messages,
+        // 1 s each); any mention of its name counts as revealed.
+        let mut seen = Vec::new();
+        let mut then = then;
+        for _ in 0..3 {
+            let (text, more) = match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+                Err(_) => ("no answer within 1 s".to_owned(), false),
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str().contains(NODE_NAME) => {
+                    revealed += 1;
+                    (format!("its name ({})", message_label(t.as_bytes())), true)
+                }
+                Ok(Some(Ok(Message::Text(t)))) => (message_label(t.as_bytes()), true),
+                Ok(Some(Ok(Message::Close(f)))) => (close_text(f.as_ref()), false),
+                Ok(Some(Ok(other))) => (format!("{} frame", message_kind(&other)), true),
+                Ok(None) => ("dropped (no close frame)".to_owned(), false),
+                Ok(Some(Err(e))) => (gone_text(&e), false),
+            };
+            seen.push(text);
+            if !more {
+                break;
             }
-            Ok(Some(Ok(Message::Text(t)))) => message_label(t.as_bytes()),
-            Ok(Some(Ok(Message::Close(f)))) => close_text(f.as_ref()),
-            Ok(Some(Ok(other))) => format!("{} frame", message_kind(&other)),
-            Ok(None) => "dropped (no close frame)".to_owned(),
-            Ok(Some(Err(e))) => gone_text(&e),
-        };
+            if let Some(next) = then.take()
+                && ws.send(Message::text(next)).await.is_err()
+            {
+                break;
+            }
+        }
+        let seen = seen.join(", then ");
         tally.saw(format!("{kind}: {seen}"));
         let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
         ctx.pause(Duration::from_millis(20)).await;
