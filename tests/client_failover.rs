@@ -5,37 +5,17 @@
 
 mod common;
 
+use common::Hold;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{builder, guard, start_node, url};
-use mpreg::{Args, Client, Error, Function, NodeBuilder, NodeHandle, RpcError};
+use mpreg::{Client, Error, NodeBuilder, NodeHandle};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-
-/// A function `hold` that says it started, then waits until released.
-#[derive(Clone, Default)]
-struct Hold {
-    started: Arc<Notify>,
-    release: Arc<Notify>,
-}
-
-impl Hold {
-    fn function(&self) -> Function {
-        let hold = self.clone();
-        Function::new("hold", move |_args: Args| {
-            let hold = hold.clone();
-            async move {
-                hold.started.notify_one();
-                hold.release.notified().await;
-                Ok::<_, RpcError>(json!("released"))
-            }
-        })
-    }
-}
 
 /// Three nodes `n0`, `n1`, `n2` (not clustered: a client needs none of
 /// that), each also given what `extra` adds.

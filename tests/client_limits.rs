@@ -9,15 +9,16 @@
 
 mod common;
 
-use std::sync::Arc;
+use common::Hold;
+
 use std::time::Duration;
 
 use common::{builder, guard, start_default, start_node, url};
 use futures_util::{SinkExt, StreamExt};
-use mpreg::{Args, Client, Error, ErrorCode, Function, RpcError};
+use mpreg::{Client, Error, ErrorCode};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -220,27 +221,6 @@ async fn a_node_takes_the_reply_limit_header_and_goes_on_serving() {
             json!({"e": 1}),
             "{header}"
         );
-    }
-}
-
-/// A function `hold` that says it started, then waits until released.
-#[derive(Clone, Default)]
-struct Hold {
-    started: Arc<Notify>,
-    release: Arc<Notify>,
-}
-
-impl Hold {
-    fn function(&self) -> Function {
-        let hold = self.clone();
-        Function::new("hold", move |_args: Args| {
-            let hold = hold.clone();
-            async move {
-                hold.started.notify_one();
-                hold.release.notified().await;
-                Ok::<_, RpcError>(json!("released"))
-            }
-        })
     }
 }
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,10 +12,7 @@ use std::time::Duration;
 use common::{builder, guard, start_node, url};
 use mpreg::{Client, Command, ErrorCode, Function, Request, RpcError};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mpreg");
 
 /// `a = echo("x" * 100)`, then `l1..l{levels}`, each `echos(prev, prev)`:
 /// 1.2 KB of request whose results double at every level.
@@ -53,16 +49,6 @@ fn first_level_over(budget: usize) -> String {
     unreachable!()
 }
 
-/// Peak resident memory of process `pid`, in KiB (`VmHWM`).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 /// Calls `echo` on `client` until `stop`, counting calls and failures.
 fn bystander(client: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, usize)> {
     tokio::spawn(async move {
@@ -88,25 +74,8 @@ fn bystander(client: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(
 #[tokio::test]
 async fn doubling_references_stop_at_the_reply_budget_and_memory_stays_bounded() {
     // A node in its own process, so its memory is its own.
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["server", "--listen", "127.0.0.1:0", "--name", "budgeted"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn mpreg server");
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let line = guard("server prints its URL", lines.next_line())
-        .await
-        .expect("stdout")
-        .expect("a line");
-    let node_url = line
-        .strip_prefix("listening on ")
-        .expect("url line")
-        .to_owned();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let pid = child.id().expect("running");
+    let server = common::process::Server::start(&[]).await;
+    let node_url = server.url.clone();
 
     let attacker = guard("connect", Client::connect(&node_url))
         .await
@@ -150,7 +119,7 @@ async fn doubling_references_stop_at_the_reply_budget_and_memory_stays_bounded()
         .await
         .expect("served");
     assert_eq!(n, 7);
-    let peak_mib = peak_rss_kib(pid) / 1024;
+    let peak_mib = server.memory_kib().1 / 1024;
     eprintln!("peak RSS of the node: {peak_mib} MiB");
     assert!(peak_mib < 600, "peak RSS {peak_mib} MiB");
 }

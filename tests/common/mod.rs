@@ -11,9 +11,12 @@ use futures_util::{SinkExt, StreamExt};
 use mpreg::{Args, Function, NodeBuilder, NodeHandle, RpcError};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub(crate) mod process;
 
 /// The longest any single wait in a test may take: a hang guard only, never
 /// a performance assertion.
@@ -286,4 +289,25 @@ pub(crate) fn err_of(reply: &Value, u: &Value, code: &str) -> Value {
         "error has a message: {reply}"
     );
     reply["error"].clone()
+}
+
+/// A function `hold` that says it started, then waits until released.
+#[derive(Clone, Default)]
+pub(crate) struct Hold {
+    pub(crate) started: Arc<Notify>,
+    pub(crate) release: Arc<Notify>,
+}
+
+impl Hold {
+    pub(crate) fn function(&self) -> Function {
+        let hold = self.clone();
+        Function::new("hold", move |_args: Args| {
+            let hold = hold.clone();
+            async move {
+                hold.started.notify_one();
+                hold.release.notified().await;
+                Ok::<_, RpcError>(json!("released"))
+            }
+        })
+    }
 }
