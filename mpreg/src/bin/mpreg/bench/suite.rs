@@ -6,8 +6,10 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use futures_util::{SinkExt, StreamExt};
 use mpreg::{Node, NodeBuilder, NodeHandle};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
 
@@ -818,8 +820,22 @@ struct Memory {
     note: String,
 }
 
+/// A client connection that has sent one request and read its reply, as
+/// an idle client's is (a connection that never sends counts as not yet
+/// authenticated, and is closed at the node's handshake deadline).
+async fn connect_and_echo(url: &str) -> BenchResult<Ws> {
+    let mut ws = connect(url).await?;
+    let request =
+        json!({"role": "rpc", "u": 1, "cmds": [{"name": "a", "fun": "echo", "args": [1]}]});
+    ws.send(Message::text(request.to_string())).await?;
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Text(_)))) => Ok(ws),
+        other => Err(format!("no reply to the first request: {other:?}").into()),
+    }
+}
+
 /// Idle RSS of a fresh `mpreg server`, and its growth with `want` idle
-/// client connections open.
+/// client connections open (each after one request).
 async fn process_memory(want: usize) -> BenchResult<Memory> {
     const SETTLE: Duration = Duration::from_millis(500);
     let port = free_port()?;
@@ -839,7 +855,7 @@ async fn process_memory(want: usize) -> BenchResult<Memory> {
     let mut open = Vec::with_capacity(connections);
     while open.len() < connections {
         let chunk = (connections - open.len()).min(100);
-        let batch = join_all((0..chunk).map(|_| connect(&url))).await;
+        let batch = join_all((0..chunk).map(|_| connect_and_echo(&url))).await;
         for ws in batch {
             open.push(ws?);
         }
