@@ -181,24 +181,35 @@ where
         reply_limit,
     };
     let idle_after = state.config.idle_timeout();
-    // When `idle_after` is `None` the timer is never polled.
+    // When `idle_after` is `None` the timer is never polled. Activity only
+    // records when it happened (a clock read): the timer is moved on only
+    // when it fires early, not at every message.
+    let mut last_active = Instant::now();
     let idle = tokio::time::sleep(idle_after.unwrap_or(Duration::ZERO));
     tokio::pin!(idle);
+    // Made once, not at every message (each one registers a waiter).
+    let mut stopping = std::pin::pin!(shutdown.cancelled());
+    let mut ended = std::pin::pin!(outgoing.ended());
     let stop = loop {
         let message = match first.take() {
             Some(message) => Some(Ok(message)),
             None => tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Stop::Shutdown,
-                ending = outgoing.ended() => break Stop::Writing(ending),
+                _ = &mut stopping => break Stop::Shutdown,
+                ending = &mut ended => break Stop::Writing(ending),
                 Some(_) = session.requests.join_next(), if !session.requests.is_empty() => {
-                    if let (true, Some(after)) = (session.requests.is_empty(), idle_after) {
-                        idle.as_mut().reset(Instant::now() + after);
+                    if session.requests.is_empty() {
+                        last_active = Instant::now();
                     }
                     continue;
                 }
                 // Once idle is decided, nothing more is read.
                 _ = &mut idle, if idle_after.is_some() && session.requests.is_empty() => {
+                    let since = last_active + idle_after.unwrap_or_default();
+                    if since > Instant::now() {
+                        idle.as_mut().reset(since);
+                        continue;
+                    }
                     break Stop::Idle;
                 }
                 message = source.next() => message,
@@ -229,8 +240,8 @@ where
                 };
             }
         };
-        if let Some(after) = idle_after {
-            idle.as_mut().reset(Instant::now() + after);
+        if idle_after.is_some() {
+            last_active = Instant::now();
         }
         if let Some(waiting) = session.start(bytes) {
             // Wait for room before reading on (the reader stops meanwhile:
@@ -238,7 +249,7 @@ where
             // (A message's clone shares its bytes.)
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
+                _ = &mut stopping => {
                     session.defer(waiting);
                     break Stop::Shutdown;
                 }
