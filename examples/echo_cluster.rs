@@ -32,7 +32,7 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mpreg::{Client, Command, Node, NodeBuilder, NodeHandle, Request};
+use mpreg::{Client, ClusterView, Command, Node, NodeBuilder, NodeHandle, NodeStatus, Request};
 use serde_json::{Value, json};
 
 /// How long the cluster may take to form.
@@ -153,8 +153,8 @@ async fn demo(balancer: &NodeHandle) -> Result<(), BoxError> {
         .await;
     if !converged {
         return Err(format!(
-            "the cluster did not converge within {CONVERGE:?}; the balancer sees {}",
-            balancer.cluster_view()
+            "the cluster did not converge within {CONVERGE:?}; the balancer sees {:?}",
+            balancer.cluster_view().node_names()
         )
         .into());
     }
@@ -252,41 +252,29 @@ fn render_args(args: &[Value]) -> String {
 
 /// Every dataset node `name` has (over all its functions), if the view lists
 /// that node.
-fn node_datasets(view: &Value, name: &str) -> Option<BTreeSet<String>> {
-    let node = view["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)?;
+fn node_datasets<'v>(view: &'v ClusterView, name: &str) -> Option<BTreeSet<&'v str>> {
+    let node = view.node(name)?;
     Some(
-        node["functions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|f| f["datasets"].as_array().into_iter().flatten())
-            .filter_map(|d| d.as_str().map(str::to_owned))
+        node.functions
+            .iter()
+            .flat_map(|f| &f.datasets)
+            .map(String::as_str)
             .collect(),
     )
 }
 
 /// One line per node: name, address, status, and its functions grouped by
 /// the datasets they have there.
-fn print_view(view: &Value) {
-    let empty = Vec::new();
-    for node in view["nodes"].as_array().unwrap_or(&empty) {
+fn print_view(view: &ClusterView) {
+    for node in &view.nodes {
         // Functions with the same datasets, together, in order of first
         // appearance.
-        let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
-        for f in node["functions"].as_array().unwrap_or(&empty) {
-            let fun = f["fun"].as_str().unwrap_or("?").to_owned();
-            let datasets: Vec<String> = f["datasets"]
-                .as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .filter_map(|d| d.as_str().map(str::to_owned))
-                .collect();
+        let mut groups: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
+        for f in &node.functions {
+            let datasets: Vec<&str> = f.datasets.iter().map(String::as_str).collect();
             match groups.iter_mut().find(|(d, _)| *d == datasets) {
-                Some((_, funs)) => funs.push(fun),
-                None => groups.push((datasets, vec![fun])),
+                Some((_, funs)) => funs.push(&f.fun),
+                None => groups.push((datasets, vec![&f.fun])),
             }
         }
         let functions = groups
@@ -300,11 +288,13 @@ fn print_view(view: &Value) {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        println!(
-            "  {:<10} {:<16} {:<5} {functions}",
-            node["name"].as_str().unwrap_or("?"),
-            node["addr"].as_str().unwrap_or("-"),
-            node["status"].as_str().unwrap_or("?"),
-        );
+        let status = match node.status {
+            NodeStatus::This => "self",
+            NodeStatus::Up => "up",
+            NodeStatus::Leaf => "leaf",
+            _ => "?",
+        };
+        let addr = node.addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        println!("  {:<10} {addr:<16} {status:<5} {functions}", node.name);
     }
 }

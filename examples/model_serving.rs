@@ -39,7 +39,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mpreg::{Client, Command, Dataset, ErrorCode, Node, NodeBuilder, NodeHandle, Request};
+use mpreg::{
+    Client, ClusterView, Command, Dataset, ErrorCode, Node, NodeBuilder, NodeHandle, Request,
+};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
@@ -230,19 +232,9 @@ async fn bounded<F: Future>(what: &str, fut: F) -> Result<F::Output, BoxError> {
 }
 
 /// Whether `view` lists node `name` serving `predict` with `dataset`.
-fn serves(view: &Value, name: &str, dataset: &str) -> bool {
-    view["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| n["name"] == name)
-        .flat_map(|n| n["functions"].as_array().into_iter().flatten())
-        .any(|f| {
-            f["fun"] == "predict"
-                && f["datasets"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().any(|d| d == dataset))
-        })
+fn serves(view: &ClusterView, name: &str, dataset: &str) -> bool {
+    view.node(name)
+        .is_some_and(|n| n.offers("predict", &[dataset]))
 }
 
 /// A `predict` command for `dataset`, with the features as a kwarg.

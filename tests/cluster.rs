@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard, node_names, url};
+use common::{RawWs, guard, url};
 use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle, Request};
+use mpreg::{ClusterView, NodeStatus};
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -32,10 +33,11 @@ async fn busy_peer(entry: &NodeHandle) -> String {
     let mut busy = None;
     let found = entry
         .wait_for(CONVERGE, |view| {
-            busy = view["nodes"]
-                .as_array()
-                .and_then(|ns| ns.iter().find(|n| n["status"] != "self" && n["load"] == 1))
-                .and_then(|n| n["name"].as_str().map(str::to_owned));
+            busy = view
+                .nodes
+                .iter()
+                .find(|n| n.status != NodeStatus::This && n.load == 1)
+                .map(|n| n.name.clone());
             busy.is_some()
         })
         .await;
@@ -48,13 +50,13 @@ async fn converge(node: &NodeHandle, names: &[&str]) {
     let mut want: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
     want.sort();
     let ok = node
-        .wait_for(CONVERGE, |view| node_names(view) == want)
+        .wait_for(CONVERGE, |view| view.node_names() == want)
         .await;
     assert!(
         ok,
         "{} sees {:?}, wanted {want:?}",
         node.name(),
-        node_names(&node.cluster_view())
+        node.cluster_view().node_names()
     );
 }
 
@@ -125,15 +127,11 @@ async fn balancer_routes_by_datasets() {
 
     // Node-local functions are not offered to peers.
     let view = a.cluster_view();
-    let peer_b = view["nodes"]
-        .as_array()
-        .and_then(|ns| ns.iter().find(|n| n["name"] == "B"))
-        .cloned()
-        .unwrap_or_default();
-    let funs = peer_b["functions"].to_string();
+    let peer_b = view.node("B").expect("A sees B");
     assert!(
-        funs.contains("mpreg.whoami") && !funs.contains("mpreg.cluster"),
-        "{funs}"
+        peer_b.offers("mpreg.whoami", &[]) && !peer_b.offers("mpreg.cluster", &[]),
+        "{:?}",
+        peer_b.functions
     );
 
     // The five reference examples through the balancer.
@@ -197,12 +195,8 @@ async fn chain_on_a_remote_node_is_one_job() {
         .await
         .expect("start B");
     converge(&a, &["A", "B"]).await;
-    let jobs_to_b = |view: &Value| -> u64 {
-        view["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["name"] == "B"))
-            .and_then(|n| n["jobs_sent"].as_u64())
-            .unwrap_or(u64::MAX)
+    let jobs_to_b = |view: &ClusterView| -> u64 {
+        view.node("B").and_then(|n| n.jobs_sent).unwrap_or(u64::MAX)
     };
     let before = jobs_to_b(&a.cluster_view());
 
@@ -294,7 +288,7 @@ async fn dial_out_only_node_is_served_through_its_gateway() {
         .expect("start leaf");
     assert_eq!(leaf.url(), None, "a dial-out-only node does not listen");
     converge(&a, &["A", "B", "L"]).await;
-    let offers_leaf_fn = |view: &Value| view.to_string().contains("leaf.hello");
+    let offers_leaf_fn = |view: &ClusterView| view.offers("leaf.hello", &[]);
     assert!(
         b.wait_for(CONVERGE, offers_leaf_fn).await,
         "B learns the leaf's function from A"
@@ -354,9 +348,7 @@ async fn killed_node_fails_its_calls_with_node_lost_and_leaves_the_routes() {
     });
     // Wait until the call is running on B, then crash B.
     assert!(
-        a.wait_for(CONVERGE, |v| v["nodes"].as_array().is_some_and(|ns| ns
-            .iter()
-            .any(|n| n["name"] == "B" && n["load"] == 1)))
+        a.wait_for(CONVERGE, |v| v.node("B").is_some_and(|b| b.load == 1))
             .await
     );
     b.kill().await;
@@ -505,16 +497,16 @@ async fn sixteen_nodes_converge() {
     // Every node sees every node, and every ability: each dataset.
     let mut want: Vec<String> = (0..16).map(|i| format!("n{i:02}")).collect();
     want.sort();
-    let complete = |view: &Value| {
-        let text = view.to_string();
-        node_names(view) == want && (0..16).all(|i| text.contains(&format!("\"d{i:02}\"")))
+    let complete = |view: &ClusterView| {
+        view.node_names() == want
+            && (0..16).all(|i| view.nodes_with_dataset(&format!("d{i:02}")) == 1)
     };
     for n in &nodes {
         assert!(
             n.wait_for(CONVERGE, complete).await,
             "{} sees {:?}",
             n.name(),
-            node_names(&n.cluster_view())
+            n.cluster_view().node_names()
         );
     }
     println!("16 nodes converged in {:?}", started.elapsed());
@@ -643,7 +635,7 @@ async fn abilities_changed_at_runtime_are_seen_by_all() {
         Ok(Value::String("late".into()))
     });
     b.register(late);
-    let offers = |view: &Value| view.to_string().contains("late.fn");
+    let offers = |view: &ClusterView| view.offers("late.fn", &[]);
     assert!(a.wait_for(CONVERGE, offers).await, "A learns of late.fn");
     assert!(c.wait_for(CONVERGE, offers).await, "C learns of late.fn");
     let client = guard("connect", Client::connect(&url(&c)))

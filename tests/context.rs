@@ -285,9 +285,7 @@ async fn handlers_call_functions_on_other_nodes() {
     )
     .await;
     let routable = a
-        .wait_for(common::HANG_GUARD, |view| {
-            view.to_string().contains("\"shout\"")
-        })
+        .wait_for(common::HANG_GUARD, |view| view.offers("shout", &[]))
         .await;
     assert!(routable, "A never learned of B's `shout`");
 
@@ -343,19 +341,14 @@ async fn deadline_and_cancellation_follow_calls_from_handlers() {
     .await;
     let routable = a
         .wait_for(common::HANG_GUARD, |view| {
-            view.to_string().contains("sleepy")
+            view.nodes_with_dataset("sleepy") > 0
         })
         .await;
     assert!(routable, "A never learned of B's `sleepy`");
 
     // Short deadline: the inner call gets only what is left of it. While
     // the request runs, B runs the sleep.
-    let b_load = |view: &Value| {
-        view["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["status"] == "self"))
-            .map(|n| n["load"].clone())
-    };
+    let b_load = |view: &mpreg::ClusterView| view.this().map(|n| n.load);
     let (outcome, reached_b) = guard("deadline", async {
         tokio::join!(
             a.send(
@@ -363,7 +356,7 @@ async fn deadline_and_cancellation_follow_calls_from_handlers() {
                     .cmd(Command::new("s", "sleep_via").arg(60_000))
                     .timeout(Duration::from_millis(1_000)),
             ),
-            b.wait_for(common::HANG_GUARD, |view| b_load(view) == Some(json!(1))),
+            b.wait_for(common::HANG_GUARD, |view| b_load(view) == Some(1)),
         )
     })
     .await;
@@ -374,9 +367,13 @@ async fn deadline_and_cancellation_follow_calls_from_handlers() {
     }
     // B's sleep was cancelled, not left to run for a minute.
     let idle = b
-        .wait_for(common::HANG_GUARD, |view| b_load(view) == Some(json!(0)))
+        .wait_for(common::HANG_GUARD, |view| b_load(view) == Some(0))
         .await;
-    assert!(idle, "B still runs the sleep: {}", b.cluster_view());
+    assert!(
+        idle,
+        "B still runs the sleep: {:?}",
+        b_load(&b.cluster_view())
+    );
 
     // A context kept past its request's deadline (by a task the handler
     // spawned) refuses to call: its deadline has passed.

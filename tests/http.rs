@@ -322,7 +322,7 @@ async fn peers_on_the_same_port_and_status_json() {
     )
     .await;
     let linked = a
-        .wait_for(common::HANG_GUARD, |v| v.to_string().contains("model-b"))
+        .wait_for(common::HANG_GUARD, |v| v.nodes_with_dataset("model-b") > 0)
         .await;
     assert!(linked, "alpha learns beta's functions over the link");
     // A call routed from alpha to beta: counted on beta, where it ran.

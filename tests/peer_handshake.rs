@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard, node_names, url};
+use common::{RawWs, guard, url};
 use mpreg::{Client, Command, Function, Node, NodeHandle};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
@@ -23,9 +23,14 @@ fn node(name: &str) -> mpreg::NodeBuilder {
 }
 
 fn refused(node: &NodeHandle) -> u64 {
-    node.cluster_view()["nodes"][0]["security"]["refused_peer_links"]
-        .as_u64()
-        .unwrap_or(0)
+    refused_in(&node.cluster_view())
+}
+
+/// Peer links the viewing node refused.
+fn refused_in(view: &mpreg::ClusterView) -> u64 {
+    view.this()
+        .and_then(|n| n.security)
+        .map_or(0, |s| s.refused_peer_links)
 }
 
 /// Everything the node sends until it closes the connection: the text of
@@ -154,8 +159,8 @@ async fn a_peer_without_the_secret_learns_nothing() {
     let (texts, close) = until_closed(&mut ws).await;
     assert!(texts.is_empty(), "{texts:?}");
     assert_eq!(close.map(|c| c.0), Some(1008));
-    assert!(refused(&a) >= 4, "{}", a.cluster_view());
-    assert_eq!(node_names(&a.cluster_view()), ["alpha-node"]);
+    assert!(refused(&a) >= 4, "{:?}", a.cluster_view());
+    assert_eq!(a.cluster_view().node_names(), ["alpha-node"]);
     served().await;
 
     // A real peer with the secret still links, and is routed to.
@@ -167,7 +172,7 @@ async fn a_peer_without_the_secret_learns_nothing() {
         .await
         .expect("start B");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["B", "alpha-node"])
+        a.wait_for(WAIT, |v| v.node_names() == ["B", "alpha-node"])
             .await,
         "B links: {}",
         a.cluster_view()
@@ -194,7 +199,7 @@ async fn without_a_secret_an_impostor_cannot_replace_a_live_member() {
         .expect("start B");
     let b_addr = b.local_addr().expect("B listens");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "B"]).await,
         "B joins"
     );
     let client = guard("connect", Client::connect(&url(&a)))
@@ -227,7 +232,7 @@ async fn without_a_secret_an_impostor_cannot_replace_a_live_member() {
 
     // B is still the one at its address, and calls still go to it.
     let view = a.cluster_view();
-    assert_eq!(node_names(&view), ["A", "B"], "{view}");
+    assert_eq!(view.node_names(), ["A", "B"], "{view}");
     assert!(!view.to_string().contains("impostor"), "{view}");
     for _ in 0..20 {
         assert_eq!(
@@ -239,7 +244,7 @@ async fn without_a_secret_an_impostor_cannot_replace_a_live_member() {
     // Once B is gone, a restart at its address is routable again.
     b.kill().await;
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A"]).await,
         "B leaves"
     );
     let b = node("B")
@@ -250,7 +255,7 @@ async fn without_a_secret_an_impostor_cannot_replace_a_live_member() {
         .await
         .expect("restart B");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "B"]).await,
         "B is back"
     );
     assert_eq!(
@@ -281,11 +286,7 @@ async fn links_need_the_same_secret_on_both_sides() {
         .await
         .expect("start the wrong leaf");
     assert!(
-        wrong
-            .wait_for(WAIT, |v| v["nodes"][0]["security"]["refused_peer_links"]
-                .as_u64()
-                .is_some_and(|n| n > 0))
-            .await,
+        wrong.wait_for(WAIT, |v| refused_in(v) > 0).await,
         "the leaf refuses A's proof"
     );
     let right = Node::builder()
@@ -298,15 +299,15 @@ async fn links_need_the_same_secret_on_both_sides() {
         .await
         .expect("start the right leaf");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "right-leaf"])
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "right-leaf"])
             .await,
         "the leaf with the secret links: {}",
         a.cluster_view()
     );
-    assert_eq!(node_names(&wrong.cluster_view()), ["wrong-leaf"]);
+    assert_eq!(wrong.cluster_view().node_names(), ["wrong-leaf"]);
     assert!(
         right
-            .wait_for(WAIT, |v| node_names(v) == ["A", "right-leaf"])
+            .wait_for(WAIT, |v| v.node_names() == ["A", "right-leaf"])
             .await,
         "the leaf sees A"
     );

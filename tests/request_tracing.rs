@@ -67,7 +67,7 @@ async fn request_id_follows_the_request_to_the_node_that_runs_it() {
         .await
         .expect("B");
     assert!(
-        a.wait_for(Duration::from_secs(30), |v| v.to_string().contains("\"b\""))
+        a.wait_for(Duration::from_secs(30), |v| v.nodes_with_dataset("b") > 0)
             .await
     );
 

@@ -132,7 +132,7 @@ async fn a_peers_oversized_result_fails_its_job_and_never_the_link() {
     let a = start_node(builder().name("a").max_message_size(limit).peers([url(&b)])).await;
     let routed = a
         .wait_for(common::HANG_GUARD, |view| {
-            view.to_string().contains("\"d\"") && common::node_names(view).len() == 2
+            view.nodes_with_dataset("d") == 1 && view.nodes.len() == 2
         })
         .await;
     assert!(routed, "a routes to b's dataset");

@@ -4,9 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard, node_names, url};
+use common::{RawWs, guard, url};
+use mpreg::ClusterView;
 use mpreg::{Client, ErrorCode, Node};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -18,8 +19,18 @@ fn node(name: &str) -> mpreg::NodeBuilder {
         .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
 }
 
-fn self_field(view: &Value, section: &str, field: &str) -> u64 {
-    view["nodes"][0][section][field].as_u64().unwrap_or(0)
+/// Gossip packets the viewing node dropped.
+fn dropped(view: &ClusterView) -> u64 {
+    view.this()
+        .and_then(|n| n.gossip)
+        .map_or(0, |g| g.dropped_packets)
+}
+
+/// Peer links the viewing node refused.
+fn refused(view: &ClusterView) -> u64 {
+    view.this()
+        .and_then(|n| n.security)
+        .map_or(0, |s| s.refused_peer_links)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +126,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
         .await
         .expect("B");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "B"]).await,
         "B joins"
     );
     let client = guard("connect", Client::connect(&url(&a)))
@@ -139,12 +150,11 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
         .await
         .expect("C");
     assert!(
-        a.wait_for(WAIT, |v| self_field(v, "gossip", "dropped_packets") > 0)
-            .await,
+        a.wait_for(WAIT, |v| dropped(v) > 0).await,
         "A drops C's packets"
     );
     assert_eq!(
-        node_names(&a.cluster_view()),
+        a.cluster_view().node_names(),
         ["A", "B"],
         "C is not a member"
     );
@@ -176,8 +186,8 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     ws.send_json(&json!({"role": "peer-proof", "body": {"proof": "00".repeat(32)}}))
         .await;
     assert_eq!(ws.expect_closed().await, Some(1008));
-    assert!(self_field(&a.cluster_view(), "security", "refused_peer_links") >= 2);
-    assert_eq!(node_names(&a.cluster_view()), ["A", "B"]);
+    assert!(refused(&a.cluster_view()) >= 2);
+    assert_eq!(a.cluster_view().node_names(), ["A", "B"]);
 
     for n in [c, b, a] {
         n.shutdown().await;

@@ -165,7 +165,7 @@ async fn status_page_shows_the_cluster_in_a_browser() {
     .await;
     let joined = alpha
         .wait_for(common::HANG_GUARD, |view| {
-            view.to_string().contains("model-b")
+            view.nodes_with_dataset("model-b") > 0
         })
         .await;
     assert!(joined, "alpha sees beta and its functions");

@@ -136,11 +136,9 @@ async fn steps_on_a_peer_stream_one_by_one() {
     )
     .await;
     let ready = a
-        .wait_for(common::HANG_GUARD, |view| {
-            view.to_string().contains("\"gate\"")
-        })
+        .wait_for(common::HANG_GUARD, |view| view.offers("gate", &[]))
         .await;
-    assert!(ready, "A learns B's functions: {}", a.cluster_view());
+    assert!(ready, "A learns B's functions: {:?}", a.cluster_view());
 
     // Both commands run on B; without streaming they would travel there
     // as one job and their results come back together.

@@ -6,7 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{guard, node_names, url};
+use common::{guard, url};
+use mpreg::ClusterView;
 use mpreg::{Client, Command, Config, Error, Node, NodeBuilder, NodeHandle};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -78,10 +79,10 @@ async fn tls_client(node: &NodeHandle, ca: &Ca) -> Client {
     .expect("client connects over wss")
 }
 
-fn refused(view: &Value) -> u64 {
-    view["nodes"][0]["security"]["refused_peer_links"]
-        .as_u64()
-        .unwrap_or(0)
+fn refused(view: &ClusterView) -> u64 {
+    view.this()
+        .and_then(|n| n.security)
+        .map_or(0, |s| s.refused_peer_links)
 }
 
 /// A fresh directory for PEM files, removed when dropped.
@@ -229,7 +230,7 @@ async fn tls_nodes_with_the_same_ca_form_a_cluster() {
     assert!(url(&b).starts_with("wss://"));
 
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "B"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "B"]).await,
         "A sees B: {}",
         a.cluster_view()
     );
@@ -274,8 +275,8 @@ async fn a_node_with_a_certificate_from_another_ca_cannot_link() {
         "A refuses C's link attempts: {}",
         a.cluster_view()
     );
-    assert_eq!(node_names(&a.cluster_view()), ["A"]);
-    assert_eq!(node_names(&c.cluster_view()), ["C"]);
+    assert_eq!(a.cluster_view().node_names(), ["A"]);
+    assert_eq!(c.cluster_view().node_names(), ["C"]);
     let client = tls_client(&a, &ca).await;
     let e = guard("whoami", whoami(&client, "only-c"))
         .await
@@ -342,7 +343,7 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
         stranger.cluster_view()
     );
     stranger.shutdown().await;
-    assert_eq!(node_names(&a.cluster_view()), ["A"]);
+    assert_eq!(a.cluster_view().node_names(), ["A"]);
 
     // A certificate from the CA: linked, and served through A.
     let (cert, key) = ca.leaf("friend");
@@ -359,7 +360,8 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
     .await
     .expect("start friend");
     assert!(
-        a.wait_for(WAIT, |v| node_names(v) == ["A", "friend"]).await,
+        a.wait_for(WAIT, |v| v.node_names() == ["A", "friend"])
+            .await,
         "A links the friend: {}",
         a.cluster_view()
     );

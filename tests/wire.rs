@@ -335,21 +335,6 @@ async fn shutdown_completes_when_a_client_stops_reading() {
     drop(ws);
 }
 
-/// Whether `view` shows a node offering `dataset`.
-fn offers_dataset(view: &Value, dataset: &str) -> bool {
-    view["nodes"].as_array().is_some_and(|nodes| {
-        nodes.iter().any(|n| {
-            n["functions"].as_array().is_some_and(|fs| {
-                fs.iter().any(|f| {
-                    f["datasets"]
-                        .as_array()
-                        .is_some_and(|ds| ds.iter().any(|d| d == dataset))
-                })
-            })
-        })
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
     // The entry node forwards arguments and results as raw JSON text: what
@@ -358,7 +343,7 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
     let b = start_node(builder().name("B").datasets(["b"])).await;
     let a = start_node(builder().name("A").peers([b.url().expect("B listens")])).await;
     let seen = a
-        .wait_for(common::HANG_GUARD, |v| offers_dataset(v, "b"))
+        .wait_for(common::HANG_GUARD, |v| v.nodes_with_dataset("b") > 0)
         .await;
     assert!(seen, "A never saw B's dataset");
     let mut ws = RawWs::connect(&a.url().expect("A listens")).await;

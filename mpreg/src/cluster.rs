@@ -7,6 +7,11 @@
 //! node, its gateway, offers the leaf's abilities as its own).
 
 mod handshake;
+mod view;
+
+pub use self::view::{
+    ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo, SecurityStats,
+};
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -577,49 +582,54 @@ impl Cluster {
     }
 
     /// The cluster as this node sees it (what `mpreg.cluster` returns).
-    pub(crate) fn view(&self, state: &NodeState) -> Value {
+    pub(crate) fn view(&self, state: &NodeState) -> ClusterView {
         let registry = state.registry();
         // Everything served here, local-only functions included.
         let mut own = self.catalog(&registry).functions;
         own.extend(registry.iter().filter(|f| !f.advertised).map(Ability::of));
         own.sort();
-        let gossip = state.membership.as_ref().map(|m| {
-            json!({
-                "identity_version": m.id().version,
-                "dropped_packets": m.dropped_packets(),
-            })
-        });
-        let security = json!({
-            "refused_peer_links": self.refused.load(Ordering::Relaxed),
-        });
-        let mut nodes = vec![json!({
-            "name": state.name,
-            "addr": state.advertise,
-            "status": "self",
-            "generation": state.generation,
-            "load": state.local_load(),
-            "functions": own,
-            "gossip": gossip,
-            "security": security,
-        })];
-        let mut peers: Vec<Value> = self
+        let info = |functions: &[Ability]| functions.iter().map(FunctionInfo::from).collect();
+        let mut nodes = vec![NodeView {
+            name: state.name.clone(),
+            addr: state.advertise,
+            status: NodeStatus::This,
+            generation: state.generation,
+            load: state.local_load(),
+            jobs_sent: None,
+            functions: info(&own),
+            gossip: state.membership.as_ref().map(|m| GossipStats {
+                identity_version: m.id().version,
+                dropped_packets: m.dropped_packets(),
+            }),
+            security: Some(SecurityStats {
+                refused_peer_links: self.refused.load(Ordering::Relaxed),
+            }),
+        }];
+        let mut peers: Vec<NodeView> = self
             .read_peers()
             .values()
-            .map(|p| {
-                json!({
-                    "name": p.name,
-                    "addr": p.addr,
-                    "status": if p.is_leaf() { "leaf" } else { "up" },
-                    "generation": p.generation,
-                    "load": p.link.load(),
-                    "jobs_sent": p.link.jobs_sent(),
-                    "functions": p.catalog.functions,
-                })
+            .map(|p| NodeView {
+                name: p.name.clone(),
+                addr: p.addr,
+                status: if p.is_leaf() {
+                    NodeStatus::Leaf
+                } else {
+                    NodeStatus::Up
+                },
+                generation: p.generation,
+                load: p.link.load(),
+                jobs_sent: Some(p.link.jobs_sent()),
+                functions: info(&p.catalog.functions),
+                gossip: None,
+                security: None,
             })
             .collect();
-        peers.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
         nodes.extend(peers);
-        json!({ "self": state.name, "nodes": nodes })
+        ClusterView {
+            self_name: state.name.clone(),
+            nodes,
+        }
     }
 }
 

@@ -286,7 +286,7 @@ impl Site for NodeState {
         Exposition {
             node: &self.name,
             counts: self.metrics.snapshot(),
-            peers: peers(&self.cluster.view(self)),
+            peers: self.cluster.view(self).nodes.len().saturating_sub(1),
             refused_peer_links: self
                 .cluster
                 .refused
@@ -312,7 +312,7 @@ impl Site for NodeState {
             "node": self.name,
             "version": env!("CARGO_PKG_VERSION"),
             "stopping": self.is_stopping(),
-            "peers": peers(&view),
+            "peers": view.nodes.len().saturating_sub(1),
             "cluster": view,
             "functions": self.cluster.functions(self),
             "metrics": {
@@ -325,13 +325,6 @@ impl Site for NodeState {
             },
         })
     }
-}
-
-/// The peers in a cluster view (every node but this one).
-fn peers(view: &Value) -> usize {
-    view["nodes"]
-        .as_array()
-        .map_or(0, |n| n.len().saturating_sub(1))
 }
 
 fn function_status(s: &FunctionSnapshot) -> Value {

@@ -71,8 +71,9 @@
 //! **A cluster.** Give a node the URL of any running node
 //! ([`NodeBuilder::peers`]); membership and abilities spread by gossip,
 //! failed nodes are detected, and every node routes any command to a node
-//! that can run it (balancing by load). [`NodeHandle::cluster_view`] and the
-//! built-in `mpreg.cluster` / `mpreg.functions` show what a node sees.
+//! that can run it (balancing by load). [`NodeHandle::cluster_view`] (a
+//! typed [`ClusterView`]) and the built-in `mpreg.cluster` /
+//! `mpreg.functions` show what a node sees.
 //!
 //! **Operating.** [`config`] reads TOML or YAML files and `MPREG_*`
 //! variables; the node's port also answers HTTP `GET /healthz`, `/metrics`
@@ -156,6 +157,9 @@ pub mod __bench {
 }
 
 pub use client::{Client, ClientBuilder, Event, Progress, ResultStream, Results};
+pub use cluster::{
+    ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo, SecurityStats,
+};
 pub use config::Config;
 pub use context::{Context, Dataset};
 pub use error::{Error, ErrorCode, Result, RpcError, TransportError};

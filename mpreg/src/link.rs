@@ -84,6 +84,26 @@ impl Ability {
     }
 }
 
+impl From<&Ability> for crate::cluster::FunctionInfo {
+    fn from(a: &Ability) -> Self {
+        Self {
+            fun: a.fun.clone(),
+            datasets: a.datasets.clone(),
+            idempotent: a.idempotent,
+            params: a
+                .params
+                .iter()
+                .map(|p| crate::cluster::ParamInfo {
+                    name: p.name.clone(),
+                    ty: p.ty.clone(),
+                })
+                .collect(),
+            returns: a.returns.clone(),
+            doc: a.doc.clone(),
+        }
+    }
+}
+
 /// Everything a node offers, with a version that grows on every change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Catalog {

@@ -615,8 +615,9 @@ impl NodeHandle {
         self.state.update_registry(|r| r.without(name))
     }
 
-    /// The cluster as this node sees it: the value `mpreg.cluster` returns.
-    pub fn cluster_view(&self) -> Value {
+    /// The cluster as this node sees it (what `mpreg.cluster` answers
+    /// with, as JSON).
+    pub fn cluster_view(&self) -> crate::ClusterView {
         self.state.cluster.view(&self.state)
     }
 
@@ -628,13 +629,17 @@ impl NodeHandle {
     /// ```no_run
     /// # async fn doc(node: mpreg::NodeHandle) {
     /// use std::time::Duration;
-    /// // Wait until some node offers `predict`.
+    /// // Wait until some node offers `predict` with dataset `model-a`.
     /// let ok = node
-    ///     .wait_for(Duration::from_secs(10), |view| view.to_string().contains("predict"))
+    ///     .wait_for(Duration::from_secs(10), |view| view.offers("predict", &["model-a"]))
     ///     .await;
     /// # }
     /// ```
-    pub async fn wait_for(&self, timeout: Duration, mut ready: impl FnMut(&Value) -> bool) -> bool {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&crate::ClusterView) -> bool,
+    ) -> bool {
         let mut changes = self.state.cluster.subscribe();
         let wait = async {
             loop {

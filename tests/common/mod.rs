@@ -57,22 +57,6 @@ pub(crate) fn url(node: &NodeHandle) -> String {
     node.url().expect("node listens")
 }
 
-/// The sorted names of the nodes in a cluster view (`mpreg.cluster`,
-/// `NodeHandle::cluster_view`), the node itself included.
-pub(crate) fn node_names(view: &Value) -> Vec<String> {
-    let mut names: Vec<String> = view["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|n| n["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// The error of a request that must fail with an rpc error of `code`.
 pub(crate) fn rpc_error<T: std::fmt::Debug>(
     result: Result<T, mpreg::Error>,

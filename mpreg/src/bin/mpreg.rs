@@ -42,7 +42,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use mpreg::{Client, Command, Config, Node, Request};
+use mpreg::{Client, ClusterView, Command, Config, FunctionInfo, Node, NodeStatus, Request};
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
@@ -443,7 +443,9 @@ async fn cluster(to: &ConnectArgs, json: bool) -> CliResult {
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
-        print!("{}", cluster_table(&view)?);
+        let view: ClusterView = serde_json::from_value(view)
+            .map_err(|e| format!("unexpected answer from mpreg.cluster: {e}"))?;
+        print!("{}", cluster_table(&view));
     }
     Ok(())
 }
@@ -451,25 +453,24 @@ async fn cluster(to: &ConnectArgs, json: bool) -> CliResult {
 /// The `mpreg.cluster` view as a table: a title line naming the node that
 /// answered, a header, then one row per node (columns padded to their
 /// widest cell; the last column, functions, is not padded).
-fn cluster_table(view: &Value) -> Result<String, String> {
+fn cluster_table(view: &ClusterView) -> String {
     const HEADER: [&str; 6] = ["NAME", "ADDR", "STATUS", "LOAD", "JOBS SENT", "FUNCTIONS"];
-    let nodes = view["nodes"]
-        .as_array()
-        .ok_or("unexpected answer from mpreg.cluster: no `nodes` list")?;
-    let text = |v: &Value| match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     let mut rows: Vec<[String; 6]> = vec![HEADER.map(str::to_owned)];
-    for node in nodes {
+    for node in &view.nodes {
+        let status = match node.status {
+            NodeStatus::This => "self",
+            NodeStatus::Up => "up",
+            NodeStatus::Leaf => "leaf",
+            _ => "?",
+        };
         rows.push([
-            text(&node["name"]),
-            text(&node["addr"]),
-            text(&node["status"]),
-            text(&node["load"]),
-            text(&node["jobs_sent"]),
-            functions_cell(&node["functions"]),
+            node.name.clone(),
+            or_dash(node.addr.map(|a| a.to_string())),
+            status.to_owned(),
+            node.load.to_string(),
+            or_dash(node.jobs_sent.map(|n| n.to_string())),
+            functions_cell(&node.functions),
         ]);
     }
     let mut widths = [0usize; 6];
@@ -480,8 +481,8 @@ fn cluster_table(view: &Value) -> Result<String, String> {
     }
     let mut out = format!(
         "cluster as seen by {} ({} nodes)\n",
-        text(&view["self"]),
-        nodes.len()
+        view.self_name,
+        view.nodes.len()
     );
     for row in &rows {
         let mut line = String::new();
@@ -495,30 +496,19 @@ fn cluster_table(view: &Value) -> Result<String, String> {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    Ok(out)
+    out
 }
 
-/// A node's functions, sorted: `echo, mpreg.whoami, predict[model-a,model-b]`
-/// (datasets in brackets only when there are some).
-fn functions_cell(functions: &Value) -> String {
+/// `fun` or `fun[d1,d2]` for each function, sorted, without repeats.
+fn functions_cell(functions: &[FunctionInfo]) -> String {
     let mut shown: Vec<String> = functions
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
         .iter()
         .map(|f| {
-            let fun = f["fun"].as_str().unwrap_or("?");
-            let datasets: Vec<&str> = f["datasets"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
-            if datasets.is_empty() {
-                fun.to_owned()
+            if f.datasets.is_empty() {
+                f.fun.clone()
             } else {
-                format!("{fun}[{}]", datasets.join(","))
+                let datasets: Vec<&str> = f.datasets.iter().map(String::as_str).collect();
+                format!("{}[{}]", f.fun, datasets.join(","))
             }
         })
         .collect();
@@ -638,7 +628,8 @@ mod tests {
                                {"fun": "echo", "datasets": ["model-a", "model-b"], "idempotent": true}]},
             ]
         });
-        let table = cluster_table(&view).expect("a table");
+        let view: ClusterView = serde_json::from_value(view).expect("a view");
+        let table = cluster_table(&view);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "cluster as seen by A (2 nodes)");
         assert_eq!(
@@ -654,6 +645,6 @@ mod tests {
             "leaf-1  -               leaf    3     12         echo[model-a,model-b], predict[model-a,model-b]"
         );
         assert_eq!(lines.len(), 4);
-        assert!(cluster_table(&json!({"oops": 1})).is_err());
+        assert!(serde_json::from_value::<ClusterView>(json!({"oops": 1})).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use futures_util::{SinkExt, StreamExt};
-use mpreg::{Node, NodeBuilder, NodeHandle};
+use mpreg::{ClusterView, Node, NodeBuilder, NodeHandle};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -196,56 +196,13 @@ fn node_url(node: &NodeHandle) -> BenchResult<String> {
 }
 
 /// The datasets some node in `view` offers a function with.
-fn offered_datasets(view: &Value) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for node in view["nodes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        for f in node["functions"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            for d in f["datasets"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                if let Some(d) = d.as_str() {
-                    out.insert(d.to_owned());
-                }
-            }
-        }
-    }
-    out
-}
-
-/// How many nodes in `view` offer some function with `dataset`.
-fn nodes_offering(view: &Value, dataset: &str) -> usize {
-    view["nodes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+fn offered_datasets(view: &ClusterView) -> BTreeSet<&str> {
+    view.nodes
         .iter()
-        .filter(|n| {
-            n["functions"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .any(|f| {
-                    f["datasets"]
-                        .as_array()
-                        .is_some_and(|ds| ds.iter().any(|d| d == dataset))
-                })
-        })
-        .count()
-}
-
-fn node_count(view: &Value) -> usize {
-    view["nodes"].as_array().map_or(0, Vec::len)
+        .flat_map(|n| &n.functions)
+        .flat_map(|f| &f.datasets)
+        .map(String::as_str)
+        .collect()
 }
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -253,7 +210,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 async fn await_view(
     node: &NodeHandle,
     what: &str,
-    ready: impl FnMut(&Value) -> bool,
+    ready: impl FnMut(&ClusterView) -> bool,
 ) -> BenchResult<()> {
     if node.wait_for(CONVERGE, ready).await {
         Ok(())
@@ -357,7 +314,7 @@ pub(crate) async fn suite(json_out: bool, quick: bool) -> BenchResult<()> {
     let b = node("B").datasets(["b"]).start().await?;
     let a = node("A").peers([node_url(&b)?]).start().await?;
     let a_url = node_url(&a)?;
-    await_view(&a, "B offers dataset b", |v| nodes_offering(v, "b") == 1).await?;
+    await_view(&a, "B offers dataset b", |v| v.nodes_with_dataset("b") == 1).await?;
 
     // Throughput, then latency: each group's rows take turns.
     let wide_group = [
@@ -419,7 +376,7 @@ pub(crate) async fn suite(json_out: bool, quick: bool) -> BenchResult<()> {
             );
         }
         await_view(&balancer, "every worker offers dataset w", |v| {
-            nodes_offering(v, "w") == workers
+            v.nodes_with_dataset("w") == workers
         })
         .await?;
         nodes.push(balancer);
@@ -901,7 +858,7 @@ async fn join_sixteenth() -> BenchResult<f64> {
     }
     for n in &nodes {
         await_view(n, "15 nodes converge", |v| {
-            node_count(v) == 15 && offered_datasets(v).len() >= 15
+            v.nodes.len() == 15 && offered_datasets(v).len() >= 15
         })
         .await?;
     }
@@ -909,7 +866,7 @@ async fn join_sixteenth() -> BenchResult<f64> {
     nodes.push(node("n15").datasets(["d15"]).peers([seed]).start().await?);
     for n in &nodes {
         await_view(n, "n15's dataset is routable", |v| {
-            nodes_offering(v, "d15") == 1
+            v.nodes_with_dataset("d15") == 1
         })
         .await?;
     }
@@ -950,7 +907,7 @@ async fn converge(n: usize, probe: Option<Duration>) -> BenchResult<Converged> {
     let start_ms = at.elapsed().as_secs_f64() * 1e3;
     for node in &nodes {
         await_view(node, "every node sees every node", |v| {
-            node_count(v) == n && offered_datasets(v).len() >= n
+            v.nodes.len() == n && offered_datasets(v).len() >= n
         })
         .await?;
     }
