@@ -23,16 +23,8 @@ fn node(name: &str) -> mpreg::NodeBuilder {
 }
 
 fn refused(node: &NodeHandle) -> u64 {
-    refused_in(&node.cluster_view())
+    common::refused_peer_links(&node.cluster_view())
 }
-
-/// Peer links the viewing node refused.
-fn refused_in(view: &mpreg::ClusterView) -> u64 {
-    view.this()
-        .and_then(|n| n.security)
-        .map_or(0, |s| s.refused_peer_links)
-}
-
 /// Everything the node sends until it closes the connection: the text of
 /// its messages, and the close frame's code and reason.
 async fn until_closed(ws: &mut RawWs) -> (Vec<String>, Option<(u16, String)>) {
@@ -286,7 +278,9 @@ async fn links_need_the_same_secret_on_both_sides() {
         .await
         .expect("start the wrong leaf");
     assert!(
-        wrong.wait_for(WAIT, |v| refused_in(v) > 0).await,
+        wrong
+            .wait_for(WAIT, |v| common::refused_peer_links(v) > 0)
+            .await,
         "the leaf refuses A's proof"
     );
     let right = Node::builder()

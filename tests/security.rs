@@ -25,14 +25,6 @@ fn dropped(view: &ClusterView) -> u64 {
         .and_then(|n| n.gossip)
         .map_or(0, |g| g.dropped_packets)
 }
-
-/// Peer links the viewing node refused.
-fn refused(view: &ClusterView) -> u64 {
-    view.this()
-        .and_then(|n| n.security)
-        .map_or(0, |s| s.refused_peer_links)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_tokens_are_required_when_configured() {
     let a = node("A")
@@ -186,7 +178,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
     ws.send_json(&json!({"role": "peer-proof", "body": {"proof": "00".repeat(32)}}))
         .await;
     assert_eq!(ws.expect_closed().await, Some(1008));
-    assert!(refused(&a.cluster_view()) >= 2);
+    assert!(common::refused_peer_links(&a.cluster_view()) >= 2);
     assert_eq!(a.cluster_view().node_names(), ["A", "B"]);
 
     for n in [c, b, a] {

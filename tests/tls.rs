@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{guard, url};
-use mpreg::ClusterView;
 use mpreg::{Client, Command, Config, Error, Node, NodeBuilder, NodeHandle};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -77,12 +76,6 @@ async fn tls_client(node: &NodeHandle, ca: &Ca) -> Client {
     )
     .await
     .expect("client connects over wss")
-}
-
-fn refused(view: &ClusterView) -> u64 {
-    view.this()
-        .and_then(|n| n.security)
-        .map_or(0, |s| s.refused_peer_links)
 }
 
 /// A fresh directory for PEM files, removed when dropped.
@@ -189,7 +182,7 @@ async fn clients_without_tls_or_trust_fail_and_the_node_keeps_serving() {
         .expect("echo");
     assert_eq!(said, "still here");
     // Nor do the failed clients count as refused peers.
-    assert_eq!(refused(&a.cluster_view()), 0);
+    assert_eq!(common::refused_peer_links(&a.cluster_view()), 0);
     a.shutdown().await;
 }
 
@@ -239,8 +232,8 @@ async fn tls_nodes_with_the_same_ca_form_a_cluster() {
         .await
         .expect("routed to B");
     assert_eq!(who, "B");
-    assert_eq!(refused(&a.cluster_view()), 0);
-    assert_eq!(refused(&b.cluster_view()), 0);
+    assert_eq!(common::refused_peer_links(&a.cluster_view()), 0);
+    assert_eq!(common::refused_peer_links(&b.cluster_view()), 0);
 
     b.shutdown().await;
     a.shutdown().await;
@@ -271,7 +264,8 @@ async fn a_node_with_a_certificate_from_another_ca_cannot_link() {
 
     // Gossip (not TLS) makes them members; their link attempts fail.
     assert!(
-        a.wait_for(WAIT, |v| refused(v) >= 2).await,
+        a.wait_for(WAIT, |v| common::refused_peer_links(v) >= 2)
+            .await,
         "A refuses C's link attempts: {}",
         a.cluster_view()
     );
@@ -312,14 +306,15 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
     .await
     .expect("start anonymous");
     assert!(
-        a.wait_for(WAIT, |v| refused(v) >= 1).await,
+        a.wait_for(WAIT, |v| common::refused_peer_links(v) >= 1)
+            .await,
         "A refuses a peer without a certificate: {}",
         a.cluster_view()
     );
     anonymous.shutdown().await;
 
     // A certificate from another CA: refused in the TLS handshake.
-    let before = refused(&a.cluster_view());
+    let before = common::refused_peer_links(&a.cluster_view());
     let (cert, key) = other.leaf("stranger");
     let stranger = guard(
         "start stranger",
@@ -333,12 +328,15 @@ async fn dialing_peers_must_present_a_certificate_from_the_ca() {
     .await
     .expect("start stranger");
     assert!(
-        a.wait_for(WAIT, |v| refused(v) > before).await,
+        a.wait_for(WAIT, |v| common::refused_peer_links(v) > before)
+            .await,
         "A refuses a certificate from another CA: {}",
         a.cluster_view()
     );
     assert!(
-        stranger.wait_for(WAIT, |v| refused(v) >= 1).await,
+        stranger
+            .wait_for(WAIT, |v| common::refused_peer_links(v) >= 1)
+            .await,
         "the stranger hears it was refused: {}",
         stranger.cluster_view()
     );

@@ -295,3 +295,10 @@ impl Hold {
         })
     }
 }
+
+/// Peer links the viewing node of `view` refused.
+pub(crate) fn refused_peer_links(view: &mpreg::ClusterView) -> u64 {
+    view.this()
+        .and_then(|n| n.security)
+        .map_or(0, |s| s.refused_peer_links)
+}
