@@ -179,8 +179,8 @@ async fn the_client_asks_for_its_reply_limit_at_the_upgrade() {
 
 #[tokio::test]
 async fn a_node_takes_the_reply_limit_header_and_goes_on_serving() {
-    // Until the node enforces it (the executor's reply budget), a node
-    // given the header, a malformed one or none serves as before.
+    // A node given the header, a malformed one or none serves calls that
+    // fit; a malformed header is ignored.
     let node = start_default().await;
     let small = guard(
         "connect",

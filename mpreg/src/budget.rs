@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::{ErrorCode, RpcError};
 
 /// A budget of bytes shared by many holders (all requests of a node).
 #[derive(Debug)]
@@ -85,6 +88,28 @@ pub(crate) enum Over {
     Request { limit: usize, would_hold: usize },
     /// The node holds its whole budget (`limit`) for requests.
     Node { limit: usize },
+}
+
+impl Over {
+    /// The error for a result of `bytes` that did not fit: `too_large` when
+    /// the request's budget is crossed (retrying cannot help),
+    /// `overloaded` when the node's is (it may fit later).
+    pub(crate) fn error(self, bytes: usize) -> RpcError {
+        match self {
+            Over::Request { limit, would_hold } => RpcError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a result of {bytes} bytes would make the request hold {would_hold} bytes of results, over its budget of {limit}"
+                ),
+            )
+            .with_details(json!({ "limit": limit, "bytes": bytes })),
+            Over::Node { limit } => RpcError::new(
+                ErrorCode::Overloaded,
+                format!("the node holds its budget of {limit} bytes for requests; try later"),
+            )
+            .with_details(json!({ "limit": limit })),
+        }
+    }
 }
 
 impl ResultBudget {

@@ -847,11 +847,7 @@ pub(crate) async fn handle_frame(
     let Some(_frame_bytes) = state.inflight_bytes.charge(size) else {
         counted.end(Some(ErrorCode::Overloaded));
         let limit = state.inflight_bytes.limit();
-        let error = RpcError::new(
-            ErrorCode::Overloaded,
-            format!("the node holds its budget of {limit} bytes for requests; try later"),
-        )
-        .with_details(json!({ "limit": limit }));
+        let error = crate::budget::Over::Node { limit }.error(size);
         return Answer::err(crate::protocol::request_id(&frame), error).encode();
     };
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;

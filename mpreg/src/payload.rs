@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::budget::{Over, ResultBudget};
-use crate::error::{ErrorCode, RpcError};
+use crate::budget::ResultBudget;
+use crate::error::RpcError;
 
 /// One value: a tree, or JSON text already checked to be valid.
 #[derive(Debug, Clone)]
@@ -65,18 +65,7 @@ impl Payload {
                 bytes,
                 budget: budget.clone(),
             }))),
-            Err(Over::Request { limit, would_hold }) => Err(RpcError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "a result of {bytes} bytes would make the request hold {would_hold} bytes of results, over its budget of {limit}"
-                ),
-            )
-            .with_details(serde_json::json!({ "limit": limit, "bytes": bytes }))),
-            Err(Over::Node { limit }) => Err(RpcError::new(
-                ErrorCode::Overloaded,
-                format!("the node holds its budget of {limit} bytes for requests; try later"),
-            )
-            .with_details(serde_json::json!({ "limit": limit }))),
+            Err(over) => Err(over.error(bytes)),
         }
     }
 
@@ -520,7 +509,7 @@ mod tests {
         let copies: Vec<Payload> = (0..10).map(|_| big.clone()).collect();
         assert_eq!(budget.left(), 48, "ten readers, held once");
         let e = Payload::held(Payload::from(json!("y".repeat(60))), 62, &budget).expect_err("over");
-        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert_eq!(e.code, crate::ErrorCode::TooLarge);
         assert_eq!(copies[0], Payload::from(json!("x".repeat(50))));
         assert_eq!(
             serde_json::to_string(&copies[3]).expect("encode"),
