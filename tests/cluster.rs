@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{RawWs, guard, url};
-use mpreg::{Client, Command, ErrorCode, Function, Node, NodeHandle, Request};
+use mpreg::{Client, Command, ErrorCode, Function, NodeHandle, Request};
 use mpreg::{ClusterView, NodeStatus};
 use serde_json::{Value, json};
 
@@ -15,12 +15,7 @@ const CONVERGE: Duration = Duration::from_secs(30);
 
 /// A node for cluster tests: loopback, port 0, no linked functions.
 fn node(name: &str) -> mpreg::NodeBuilder {
-    Node::builder()
-        .name(name)
-        .listen("127.0.0.1:0")
-        .without_linked_functions()
-        .diagnostics(true)
-        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
+    common::member(name).diagnostics(true)
 }
 
 /// A node for cluster tests that joins through `seed`.

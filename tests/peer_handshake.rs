@@ -6,21 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard, url};
+use common::{RawWs, guard, member as node, url};
 use mpreg::{Client, Command, Function, Node, NodeHandle};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn node(name: &str) -> mpreg::NodeBuilder {
-    Node::builder()
-        .name(name)
-        .listen("127.0.0.1:0")
-        .without_linked_functions()
-        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
-}
 
 fn refused(node: &NodeHandle) -> u64 {
     common::refused_peer_links(&node.cluster_view())

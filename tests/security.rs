@@ -4,20 +4,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, guard, url};
+use common::{RawWs, guard, member as node, url};
 use mpreg::ClusterView;
-use mpreg::{Client, ErrorCode, Node};
+use mpreg::{Client, ErrorCode};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn node(name: &str) -> mpreg::NodeBuilder {
-    Node::builder()
-        .name(name)
-        .listen("127.0.0.1:0")
-        .without_linked_functions()
-        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
-}
 
 /// Gossip packets the viewing node dropped.
 fn dropped(view: &ClusterView) -> u64 {

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{guard, url};
+use common::{guard, member as node, url};
 use mpreg::{Client, Command, Config, Error, Node, NodeBuilder, NodeHandle};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -51,14 +51,6 @@ impl Ca {
             .expect("leaf certificate");
         (cert.pem(), key.serialize_pem())
     }
-}
-
-fn node(name: &str) -> NodeBuilder {
-    Node::builder()
-        .name(name)
-        .listen("127.0.0.1:0")
-        .without_linked_functions()
-        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
 }
 
 /// A node with a certificate from `ca`, trusting `ca`.

@@ -40,6 +40,17 @@ pub(crate) fn builder() -> NodeBuilder {
         .diagnostics(true)
 }
 
+/// A node for cluster tests: named, loopback, port 0, no linked functions,
+/// and failure detection fast enough for tests (100 ms probes, 500 ms to
+/// declare a silent member down).
+pub(crate) fn member(name: &str) -> NodeBuilder {
+    mpreg::Node::builder()
+        .name(name)
+        .listen("127.0.0.1:0")
+        .without_linked_functions()
+        .failure_detection(Duration::from_millis(100), Duration::from_millis(500))
+}
+
 /// Starts a node from `builder` (which should listen on `127.0.0.1:0`).
 pub(crate) async fn start_node(builder: NodeBuilder) -> NodeHandle {
     guard("node start", builder.start())
