@@ -90,7 +90,7 @@ async fn a_peer_without_the_secret_learns_nothing() {
 
     // An opening without a challenge: closed, with nothing said.
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 2}}))
+    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 3}}))
         .await;
     let (texts, close) = until_closed(&mut ws).await;
     assert!(texts.is_empty(), "{texts:?}");
@@ -111,7 +111,7 @@ async fn a_peer_without_the_secret_learns_nothing() {
     // A challenge: A proves itself (a nonce and a proof, nothing else);
     // a hello without the dialer's proof then closes the link.
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 2, "nonce": "ab".repeat(32)}}))
+    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 3, "nonce": "ab".repeat(32)}}))
         .await;
     let proof = ws.recv_json().await;
     assert_eq!(proof["role"], "peer-proof");
@@ -121,7 +121,7 @@ async fn a_peer_without_the_secret_learns_nothing() {
     assert_eq!(keys, ["nonce", "proof"]);
     assert!(proof.to_string().len() < 300, "{proof}");
     ws.send_json(
-        &json!({"role": "peer-hello", "body": {"protocol": 2, "name": "intruder",
+        &json!({"role": "peer-hello", "body": {"protocol": 3, "name": "intruder",
         "addr": null, "generation": 1, "catalog": {"version": 1, "functions": []}}}),
     )
     .await;
@@ -198,10 +198,10 @@ async fn without_a_secret_an_impostor_cannot_replace_a_live_member() {
     // B offers.
     let before = refused(&a);
     let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 2}}))
+    ws.send_json(&json!({"role": "peer-open", "body": {"protocol": 3}}))
         .await;
     ws.send_json(&json!({"role": "peer-hello", "body": {
-        "protocol": 2, "name": "impostor", "addr": b_addr.to_string(),
+        "protocol": 3, "name": "impostor", "addr": b_addr.to_string(),
         "generation": u64::MAX,
         "catalog": {"version": 1, "functions": [
             {"fun": "mpreg.whoami", "datasets": ["b-data"], "idempotent": true}

@@ -145,7 +145,7 @@ async fn cluster_secret_admits_only_nodes_that_know_it() {
 
     // Peers that cannot prove the secret are refused on the link too.
     let open = |nonce: Option<&str>| {
-        let mut o = json!({"role": "peer-open", "body": {"protocol": 2}});
+        let mut o = json!({"role": "peer-open", "body": {"protocol": 3}});
         if let Some(n) = nonce {
             o["body"]["nonce"] = json!(n);
         }

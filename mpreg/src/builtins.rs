@@ -13,6 +13,7 @@ use crate::registry::{Args, Function, Param};
 const ECHO_PARAMS: &[Param] = &[Param::new("arg", "any JSON value")];
 const SLEEP_PARAMS: &[Param] = &[Param::new("ms", "u64")];
 const FAIL_PARAMS: &[Param] = &[Param::new("message", "String")];
+const DESCRIBE_PARAMS: &[Param] = &[Param::new("names", "Vec<String>")];
 
 /// Where `mpreg.cluster` finds its node, once the node exists.
 pub(crate) type NodeSlot = Arc<OnceLock<Weak<NodeState>>>;
@@ -67,11 +68,36 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
                 let node = node.ok_or_else(|| {
                     RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
                 })?;
-                Ok(node.cluster.functions(&node))
+                Ok(crate::cluster::describe_functions(&node).await)
             }
         })
         .returns("array")
         .doc("Every function in the cluster as the node that ran it sees it: parameters (names and types), return type, doc comment, and the nodes that run it with their datasets.")
+        .idempotent()
+        .local_only(),
+    );
+    let slot = node.clone();
+    fns.push(
+        Function::new(crate::cluster::DESCRIBE, move |mut args: Args| {
+            let node = slot.get().and_then(Weak::upgrade);
+            async move {
+                args.__check(DESCRIBE_PARAMS)?;
+                let names: Vec<String> = args.__take(0, &DESCRIBE_PARAMS[0])?;
+                let node = node.ok_or_else(|| {
+                    RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
+                })?;
+                let registry = node.registry();
+                let described: Vec<crate::link::Ability> = registry
+                    .iter()
+                    .filter(|f| names.contains(&f.name))
+                    .map(crate::link::Ability::of)
+                    .collect();
+                serde_json::to_value(described)
+                    .map_err(|e| RpcError::new(crate::ErrorCode::Internal, e.to_string()))
+            }
+        })
+        .params(DESCRIBE_PARAMS, "array")
+        .doc("Describes the functions of the node that runs it, by name (what `mpreg.functions` asks of the nodes whose functions it has no description of).")
         .idempotent()
         .local_only(),
     );

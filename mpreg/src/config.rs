@@ -145,6 +145,11 @@ pub struct Config {
     /// Peer links: how long a link may stay silent (no message, no pong)
     /// before it is treated as lost, in milliseconds.
     pub keepalive_timeout_ms: u64,
+    /// Peer links: a link this node dialed that carried no job for this
+    /// long is closed (by agreement with the peer, so no job is lost), in
+    /// milliseconds; 0 keeps links open. Links open again when a command
+    /// must go to that node: the links a node holds follow its traffic.
+    pub link_idle_timeout_ms: u64,
     /// Failure detection: how often a random member is probed, in
     /// milliseconds.
     pub probe_interval_ms: u64,
@@ -207,6 +212,7 @@ impl std::fmt::Debug for Config {
             .field("slow_reader_timeout_ms", &self.slow_reader_timeout_ms)
             .field("keepalive_interval_ms", &self.keepalive_interval_ms)
             .field("keepalive_timeout_ms", &self.keepalive_timeout_ms)
+            .field("link_idle_timeout_ms", &self.link_idle_timeout_ms)
             .field("probe_interval_ms", &self.probe_interval_ms)
             .field("suspect_timeout_ms", &self.suspect_timeout_ms)
             .field(
@@ -247,6 +253,7 @@ impl Default for Config {
             slow_reader_timeout_ms: 30_000,
             keepalive_interval_ms: 5_000,
             keepalive_timeout_ms: 20_000,
+            link_idle_timeout_ms: 60_000,
             probe_interval_ms: 1_000,
             suspect_timeout_ms: 3_000,
             cluster_secret: None,
@@ -393,6 +400,7 @@ impl Config {
     /// | `MPREG_SLOW_READER_TIMEOUT_MS` | `slow_reader_timeout_ms` |
     /// | `MPREG_KEEPALIVE_INTERVAL_MS` | `keepalive_interval_ms` |
     /// | `MPREG_KEEPALIVE_TIMEOUT_MS` | `keepalive_timeout_ms` |
+    /// | `MPREG_LINK_IDLE_TIMEOUT_MS` | `link_idle_timeout_ms` |
     /// | `MPREG_PROBE_INTERVAL_MS` | `probe_interval_ms` |
     /// | `MPREG_SUSPECT_TIMEOUT_MS` | `suspect_timeout_ms` |
     /// | `MPREG_CLUSTER_SECRET` | `cluster_secret` |
@@ -489,6 +497,9 @@ impl Config {
                 "MPREG_KEEPALIVE_INTERVAL_MS" => {
                     self.keepalive_interval_ms = number(setting, &value)?;
                 }
+                "MPREG_LINK_IDLE_TIMEOUT_MS" => {
+                    self.link_idle_timeout_ms = number(setting, &value)?;
+                }
                 "MPREG_KEEPALIVE_TIMEOUT_MS" => {
                     self.keepalive_timeout_ms = number(setting, &value)?;
                 }
@@ -511,6 +522,8 @@ impl Config {
         crate::link::Keepalive {
             interval: Duration::from_millis(self.keepalive_interval_ms.max(1)),
             timeout: Duration::from_millis(self.keepalive_timeout_ms.max(1)),
+            idle: (self.link_idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.link_idle_timeout_ms)),
         }
     }
 
@@ -550,7 +563,7 @@ impl Config {
 /// The environment variables [`Config::apply_vars`] reads, as `&'static`
 /// names for [`ConfigError::Invalid`]: `MPREG_` and each setting in
 /// capitals, in the order of the fields of [`Config`].
-const ENV_VARS: [&str; 27] = [
+const ENV_VARS: [&str; 28] = [
     "MPREG_NAME",
     "MPREG_LISTEN",
     "MPREG_PEERS",
@@ -571,6 +584,7 @@ const ENV_VARS: [&str; 27] = [
     "MPREG_SLOW_READER_TIMEOUT_MS",
     "MPREG_KEEPALIVE_INTERVAL_MS",
     "MPREG_KEEPALIVE_TIMEOUT_MS",
+    "MPREG_LINK_IDLE_TIMEOUT_MS",
     "MPREG_PROBE_INTERVAL_MS",
     "MPREG_SUSPECT_TIMEOUT_MS",
     "MPREG_CLUSTER_SECRET",

@@ -26,10 +26,12 @@ use crate::exec::Job;
 use crate::payload::Payload;
 use crate::plan::Step;
 
-/// Version of the node-to-node protocol spoken here. Version 2 opens links
-/// with `peer-open` and proves the cluster secret before any hello; nodes
-/// of version 1 (which opened with `peer-hello`) cannot link with it.
-pub(crate) const PEER_PROTOCOL: u32 = 2;
+/// Version of the node-to-node protocol spoken here. Version 2 opened links
+/// with `peer-open` and proved the cluster secret before any hello (nodes
+/// of version 1 opened with `peer-hello`); version 3 gossips abilities as
+/// cards and closes idle links (`idle`, `idle-ok`, `idle-no`). Nodes of
+/// other versions cannot link with it.
+pub(crate) const PEER_PROTOCOL: u32 = 3;
 
 /// The most bytes a peer message may have before the other side has proven
 /// the cluster secret (`peer-open`, `peer-proof`): larger ones are refused
@@ -226,7 +228,7 @@ pub(crate) fn opening(message: &Message) -> Option<Opening> {
     match serde_json::from_slice(bytes).ok()? {
         FirstPeerMessage::PeerOpen(open) => Some(Opening::Open(open)),
         FirstPeerMessage::PeerHello(_) => Some(Opening::Refused(
-            "this node speaks peer protocol 2, which opens with peer-open",
+            "this node speaks peer protocol 3, which opens with peer-open",
         )),
     }
 }
@@ -274,6 +276,15 @@ pub(crate) enum PeerMessage {
     },
     /// The sender no longer needs the answer to `Run { id }`: stop it.
     Cancel { id: u64 },
+    /// The sender (the dialer) found the link idle and sends no more jobs
+    /// on it; it asks to close it.
+    Idle,
+    /// The answer to `Idle` when nothing the receiver sent is in flight:
+    /// it sends no more jobs on the link either, which may close.
+    IdleOk,
+    /// The answer to `Idle` when jobs the receiver sent are in flight: the
+    /// link stays.
+    IdleNo,
 }
 
 /// [`PeerMessage::Run`] made of borrowed parts: the same encoding, without
@@ -344,6 +355,12 @@ struct LinkInner {
     inflight: AtomicUsize,
     /// Jobs sent over the link in total.
     jobs_sent: AtomicU64,
+    /// Grows with every job sent and every message received: the link is
+    /// idle while it stands still.
+    activity: AtomicU64,
+    /// Set while the link is closing for being idle: no job may start on
+    /// it (see [`Link::reserve`]).
+    draining: std::sync::atomic::AtomicBool,
     closed: CancellationToken,
 }
 
@@ -358,6 +375,8 @@ impl Link {
                 next_id: AtomicU64::new(1),
                 inflight: AtomicUsize::new(0),
                 jobs_sent: AtomicU64::new(0),
+                activity: AtomicU64::new(0),
+                draining: std::sync::atomic::AtomicBool::new(false),
                 closed: CancellationToken::new(),
             }),
         }
@@ -392,6 +411,40 @@ impl Link {
         self.inner.closed.is_cancelled()
     }
 
+    /// Whether new jobs may go over this link: it is neither closed nor
+    /// closing for being idle.
+    pub(crate) fn is_usable(&self) -> bool {
+        !self.is_closed() && !self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot for a job on this link: `None` when it is closed or
+    /// closing (the job must go over another link). Counted in the load
+    /// until the slot (or the job it becomes) is dropped.
+    ///
+    /// With [`Link::start_draining`] this is a two-sided check on two
+    /// atomics (each side writes its own, then reads the other's), so a
+    /// job and the decision that the link is idle never both go through.
+    pub(crate) fn reserve(&self) -> Option<InFlight<'_>> {
+        self.inner.inflight.fetch_add(1, Ordering::SeqCst);
+        let slot = InFlight {
+            link: self,
+            id: None,
+            answered: false,
+        };
+        self.is_usable().then_some(slot)
+    }
+
+    /// Marks the link as closing for being idle, unless a job is in flight
+    /// (sent by this side); returns whether it did.
+    fn start_draining(&self) -> bool {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        if self.inner.inflight.load(Ordering::SeqCst) > 0 {
+            self.inner.draining.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
     /// Closes the link: every waiting job fails with `node_lost`.
     pub(crate) fn close(&self) {
         self.inner.closed.cancel();
@@ -423,15 +476,18 @@ impl Link {
         !self.is_closed() && self.inner.outgoing.send(message).await.is_ok()
     }
 
-    /// Runs `job` on the peer and waits for its outputs. Dropping the future
-    /// before the answer tells the peer to stop the job.
+    /// Runs `job` on the peer, in a slot [`Link::reserve`] took, and waits
+    /// for its outputs. Dropping the future before the answer tells the
+    /// peer to stop the job.
     pub(crate) async fn run_job(
         &self,
+        mut slot: InFlight<'_>,
         job: &Job,
         timeout: Duration,
         trace: &str,
         limits: JobLimits,
     ) -> Result<Vec<Payload>, RpcError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let run = RunRef::Run {
             id,
@@ -454,19 +510,14 @@ impl Link {
             Some(p) => p.insert(id, tx),
             None => return Err(self.lost()),
         };
-        let mut guard = InFlight {
-            link: self,
-            id,
-            answered: false,
-        };
-        self.inner.inflight.fetch_add(1, Ordering::Relaxed);
+        slot.id = Some(id);
         if !self.send_encoded(run).await {
-            guard.answered = true;
+            slot.answered = true;
             return Err(self.lost());
         }
         self.inner.jobs_sent.fetch_add(1, Ordering::Relaxed);
         let answer = rx.await;
-        guard.answered = true;
+        slot.answered = true;
         answer.unwrap_or_else(|_| Err(self.lost()))
     }
 
@@ -480,20 +531,24 @@ impl Link {
     }
 }
 
-/// A job in flight: keeps the load count, and cancels the job on the peer
-/// if its caller stops waiting.
-struct InFlight<'a> {
+/// A slot for a job on a link, then the job in flight: keeps the load
+/// count, and cancels the job on the peer if its caller stops waiting.
+#[derive(Debug)]
+pub(crate) struct InFlight<'a> {
     link: &'a Link,
-    id: u64,
+    /// The job's id, once it is sent.
+    id: Option<u64>,
     answered: bool,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.link.inner.inflight.fetch_sub(1, Ordering::Relaxed);
-        if !self.answered {
+        self.link.inner.inflight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(id) = self.id
+            && !self.answered
+        {
             if let Some(p) = self.link.pending().as_mut() {
-                p.remove(&self.id);
+                p.remove(&id);
             }
             // Best effort: when the queue is full or the link gone, the
             // peer's own deadline still ends the job.
@@ -501,19 +556,22 @@ impl Drop for InFlight<'_> {
                 .link
                 .inner
                 .outgoing
-                .try_send(PeerMessage::Cancel { id: self.id }.encode());
+                .try_send(PeerMessage::Cancel { id }.encode());
         }
     }
 }
 
-/// How a link checks that its peer is still there.
+/// How a link checks that its peer is still there, and when it is idle.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Keepalive {
-    /// How often to ping.
+    /// How often to ping (and to look whether the link is idle).
     pub(crate) interval: Duration,
     /// Silence longer than this (no message, not even a pong) closes the
     /// link.
     pub(crate) timeout: Duration,
+    /// When set (on the side that dialed), a link without any job for this
+    /// long is closed, by agreement with the peer (`idle`, `idle-ok`).
+    pub(crate) idle: Option<Duration>,
 }
 
 /// What the receiving side of a link does with what the peer sends.
@@ -548,7 +606,22 @@ where
     let mut ping = tokio::time::interval(keepalive.interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
+    // Idle links: the activity last seen, since when, and where the
+    // closing stands.
+    let mut seen_activity = link.inner.activity.load(Ordering::Relaxed);
+    let mut quiet_since = last_heard;
+    let mut asked_idle = false;
+    let mut close_when_done = false;
     loop {
+        if close_when_done && running.is_empty() {
+            tracing::debug!(peer = %link.inner.peer, "closing an idle link");
+            link.close_with(
+                tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                "idle",
+            )
+            .await;
+            break;
+        }
         let message = tokio::select! {
             biased;
             _ = link.inner.closed.cancelled() => break,
@@ -568,6 +641,18 @@ where
                     break;
                 }
                 let _ = link.inner.outgoing.try_send(Message::Ping(Default::default()));
+                let activity = link.inner.activity.load(Ordering::Relaxed);
+                if activity != seen_activity || !running.is_empty() || link.load() > 0 {
+                    seen_activity = activity;
+                    quiet_since = tokio::time::Instant::now();
+                } else if let Some(idle) = keepalive.idle
+                    && !asked_idle
+                    && quiet_since.elapsed() >= idle
+                    && link.start_draining()
+                {
+                    asked_idle = true;
+                    let _ = link.inner.outgoing.try_send(PeerMessage::Idle.encode());
+                }
                 continue;
             }
         };
@@ -581,7 +666,10 @@ where
         let decoded = match decoded {
             None => break,          // the node is stopping
             Some(None) => continue, // ping, pong
-            Some(Some(Ok(m))) => m,
+            Some(Some(Ok(m))) => {
+                link.inner.activity.fetch_add(1, Ordering::Relaxed);
+                m
+            }
             Some(Some(Err(e))) => {
                 tracing::warn!(peer = %link.inner.peer, error = %e, "peer sent an invalid message; closing the link");
                 break;
@@ -649,6 +737,23 @@ where
                 }
             }
             PeerMessage::Catalog(catalog) => handler.catalog(catalog),
+            PeerMessage::Idle => {
+                let answer = if link.start_draining() {
+                    PeerMessage::IdleOk
+                } else {
+                    PeerMessage::IdleNo
+                };
+                link.send(&answer).await;
+            }
+            PeerMessage::IdleOk if asked_idle => close_when_done = true,
+            PeerMessage::IdleNo if asked_idle => {
+                asked_idle = false;
+                link.inner.draining.store(false, Ordering::SeqCst);
+                quiet_since = tokio::time::Instant::now();
+            }
+            PeerMessage::IdleOk | PeerMessage::IdleNo => {
+                tracing::debug!(peer = %link.inner.peer, "ignoring an answer to an idle nobody asked");
+            }
             PeerMessage::PeerOpen(_) | PeerMessage::PeerHello(_) | PeerMessage::PeerProof(_) => {
                 tracing::debug!(peer = %link.inner.peer, "ignoring a repeated handshake message");
             }
@@ -713,6 +818,18 @@ fn poll_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `job` over `link` as a caller does: in a slot, or `node_lost`
+    /// when the link takes no job.
+    async fn run(
+        link: &Link,
+        job: &Job,
+        timeout: Duration,
+        limits: JobLimits,
+    ) -> Result<Vec<Payload>, RpcError> {
+        let slot = link.reserve().ok_or_else(|| link.lost())?;
+        link.run_job(slot, job, timeout, "", limits).await
+    }
     use crate::plan::Arg;
     use serde_json::{Value, json};
 
@@ -740,8 +857,7 @@ mod tests {
             max_message: 1000,
             budget: 1000,
         };
-        let e = link
-            .run_job(&job, Duration::from_secs(1), "", limits)
+        let e = run(&link, &job, Duration::from_secs(1), limits)
             .await
             .expect_err("too large");
         assert_eq!(e.code, ErrorCode::TooLarge);
@@ -916,10 +1032,7 @@ mod tests {
         };
         let waiting = tokio::spawn({
             let link = link.clone();
-            async move {
-                link.run_job(&job, Duration::from_secs(60), "", LIMITS)
-                    .await
-            }
+            async move { run(&link, &job, Duration::from_secs(60), LIMITS).await }
         });
         // The Run message went out; the answer never comes.
         let sent = rx.recv().await.expect("run sent");
@@ -934,18 +1047,17 @@ mod tests {
         assert!(e.message.contains("peer-x"));
         assert_eq!(link.load(), 0);
         // A closed link refuses new jobs at once.
-        let e = link
-            .run_job(
-                &Job {
-                    steps: Vec::new(),
-                    outputs: Vec::new(),
-                },
-                Duration::from_secs(1),
-                "",
-                LIMITS,
-            )
-            .await
-            .expect_err("closed");
+        let e = run(
+            &link,
+            &Job {
+                steps: Vec::new(),
+                outputs: Vec::new(),
+            },
+            Duration::from_secs(1),
+            LIMITS,
+        )
+        .await
+        .expect_err("closed");
         assert_eq!(e.code, ErrorCode::NodeLost);
     }
 
@@ -957,7 +1069,7 @@ mod tests {
             steps: Vec::new(),
             outputs: Vec::new(),
         };
-        let fut = link.run_job(&job, Duration::from_secs(60), "", LIMITS);
+        let fut = run(&link, &job, Duration::from_secs(60), LIMITS);
         // Poll until the Run is queued, then drop the caller.
         let _ = tokio::time::timeout(Duration::from_millis(50), fut).await;
         let first = rx.recv().await.expect("run");

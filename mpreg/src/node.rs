@@ -256,6 +256,22 @@ impl NodeBuilder {
         self
     }
 
+    /// Closes a link this node dialed once it has carried no job for
+    /// `idle` (default 60 s; zero keeps links open). Links open when a
+    /// command must go to a node, so the links a node holds follow its
+    /// traffic; the peer agrees to the close first, so no job is lost to
+    /// it. Checked at every keepalive ping.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = mpreg::Node::builder().link_idle_timeout(Duration::from_secs(10));
+    /// # drop(builder);
+    /// ```
+    pub fn link_idle_timeout(mut self, idle: Duration) -> Self {
+        self.config.link_idle_timeout_ms = idle.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
     /// Listens with TLS (`wss://`), with the certificate chain and private
     /// key in these PEM files, and presents this certificate to the peers
     /// it dials. Needs [`tls_ca`](Self::tls_ca) too: peers are dialed over
@@ -348,7 +364,15 @@ impl NodeBuilder {
                     generation,
                     version: 1,
                 };
-                let (m, events) = Membership::start(id, membership_config(&config)).await?;
+                // What this node offers at start: its own functions (no
+                // leaf has linked yet).
+                let abilities: Vec<crate::link::Ability> = registry
+                    .iter()
+                    .filter(|f| f.advertised)
+                    .map(crate::link::Ability::of)
+                    .collect();
+                let card = crate::cluster::Card::new(&name, &abilities).encode();
+                let (m, events) = Membership::start(id, card, membership_config(&config)).await?;
                 (Some(m), Some(events))
             }
             None => (None, None),
@@ -785,9 +809,9 @@ impl NodeState {
             self.cluster.bump_version();
             let catalog = self.cluster.catalog(&registry);
             if let Some(m) = &self.membership {
-                m.set_version(catalog.version);
+                m.set_card(crate::cluster::Card::new(&self.name, &catalog.functions).encode());
             }
-            let links = self.cluster.member_links();
+            let links = self.cluster.catalog_listeners(self.membership.is_some());
             // Also called from drop handlers: there may be no runtime left.
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 return;

@@ -105,6 +105,9 @@ fn role(message: &PeerMessage) -> &'static str {
         PeerMessage::Run { .. } => "run",
         PeerMessage::Done { .. } => "done",
         PeerMessage::Cancel { .. } => "cancel",
+        PeerMessage::Idle => "idle",
+        PeerMessage::IdleOk => "idle-ok",
+        PeerMessage::IdleNo => "idle-no",
     }
 }
 

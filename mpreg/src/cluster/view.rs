@@ -50,9 +50,15 @@ pub struct NodeView {
     /// Jobs running there (the viewing node itself), or in flight to it
     /// over the link: the load routing balances on.
     pub load: usize,
-    /// Jobs the viewing node sent to it so far (peers only).
+    /// Jobs the viewing node sent to it so far over its current link
+    /// (peers with a link only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs_sent: Option<u64>,
+    /// Whether the viewing node has a link to it now (links open when a
+    /// command must go there and close once idle; a member is routed to
+    /// from its gossiped card, linked or not). Always true for a leaf.
+    #[serde(default)]
+    pub linked: bool,
     /// Every function it offers, with every dataset it has there.
     pub functions: Vec<FunctionInfo>,
     /// Gossip counters (the viewing node itself, when it is a member).
@@ -71,7 +77,8 @@ pub enum NodeStatus {
     /// The viewing node itself.
     #[serde(rename = "self")]
     This,
-    /// A member, linked.
+    /// A member up (its card gossiped; linked or not, see
+    /// [`NodeView::linked`]).
     Up,
     /// A node that only dials out, served through its link to the viewer.
     Leaf,
@@ -114,7 +121,7 @@ pub struct ParamInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GossipStats {
-    /// The catalog version in the node's gossiped identity.
+    /// The card version in the node's gossiped identity.
     pub identity_version: u64,
     /// Packets dropped (unauthenticated, malformed).
     pub dropped_packets: u64,

@@ -2,12 +2,17 @@
 //! to them, and where each command should run.
 //!
 //! Every node runs the same code. A peer is either a **member** (it
-//! listens; found through membership or configured as a seed) or a **leaf**
-//! (it only dials out: it is served through the link it opened, and this
-//! node, its gateway, offers the leaf's abilities as its own).
+//! listens; found through membership, which also brings its card: what it
+//! offers) or a **leaf** (it only dials out: it is served through the link
+//! it opened, and this node, its gateway, offers the leaf's abilities as
+//! its own). A member is routed to from its card alone; a link to it opens
+//! when a command must go there, and closes once idle.
 
+mod card;
 mod handshake;
 mod view;
+
+pub(crate) use self::card::Card;
 
 pub use self::view::{
     ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo, SecurityStats,
@@ -22,7 +27,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -37,7 +42,7 @@ use crate::link::{
     self, Ability, Catalog, Hello, JobLimits, Link, LinkHandler, Opening, PEER_PROTOCOL,
     PRE_PROOF_MAX, PeerMessage,
 };
-use crate::membership::MemberEvent;
+use crate::membership::{MemberEvent, MemberId};
 use crate::node::{NodeState, run_local};
 use crate::payload::Payload;
 use crate::plan::{Plan, Step};
@@ -64,6 +69,25 @@ pub(crate) enum Target {
     Local,
     /// On a peer, over its link.
     Peer(PeerKey),
+}
+
+/// A member, as its card says.
+#[derive(Debug)]
+struct Member {
+    /// Its key as a routing target (new for each generation).
+    key: PeerKey,
+    name: String,
+    generation: u64,
+    /// The version of the card below.
+    version: u64,
+    abilities: Vec<Ability>,
+}
+
+/// The members known by card, by address, and their keys.
+#[derive(Debug, Default)]
+struct Members {
+    by_addr: HashMap<SocketAddr, Member>,
+    by_key: HashMap<PeerKey, SocketAddr>,
 }
 
 /// A peer with a live link.
@@ -107,6 +131,9 @@ struct Routes {
 /// The cluster state of one node.
 #[derive(Debug)]
 pub(crate) struct Cluster {
+    /// Members, from their cards.
+    members: RwLock<Members>,
+    /// Peers with a link (members this node talks to now, and leaves).
     peers: RwLock<HashMap<PeerKey, Peer>>,
     routes: RwLock<Arc<Routes>>,
     next_key: AtomicU64,
@@ -119,9 +146,9 @@ pub(crate) struct Cluster {
     /// this node, or served by a peer it dialed), none from a peer that
     /// dialed, or this node's own when the peer it dialed refused it.
     pub(crate) refused: AtomicU64,
-    /// Addresses being dialed now, so one node never dials the same peer
-    /// twice at once.
-    dialing: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Links being opened, by address: everyone who needs a link to that
+    /// node waits for the same dial.
+    dialing: std::sync::Mutex<HashMap<SocketAddr, Dialing>>,
     /// Peer tickets seen lately (replays are refused).
     pub(crate) tickets: auth::Tickets,
 }
@@ -129,17 +156,21 @@ pub(crate) struct Cluster {
 impl Default for Cluster {
     fn default() -> Self {
         Self {
+            members: RwLock::new(Members::default()),
             peers: RwLock::new(HashMap::new()),
             routes: RwLock::new(Arc::new(Routes::default())),
             next_key: AtomicU64::new(1),
             version: AtomicU64::new(1),
             changes: watch::Sender::new(0),
-            dialing: std::sync::Mutex::new(std::collections::HashSet::new()),
+            dialing: std::sync::Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             tickets: auth::Tickets::default(),
         }
     }
 }
+
+/// A dial in progress, shared by everyone waiting for it.
+type Dialing = futures_util::future::Shared<BoxFuture<'static, Result<Link, Arc<str>>>>;
 
 /// Why a peer whose link opened was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,9 +356,73 @@ impl Cluster {
             .clone()
     }
 
-    /// The link to a peer, if it is still up.
+    fn read_members(&self) -> std::sync::RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_members(&self) -> std::sync::RwLockWriteGuard<'_, Members> {
+        self.members.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A usable link to the peer `key` (a member or a leaf), if one is
+    /// open.
     pub(crate) fn link(&self, key: PeerKey) -> Option<Link> {
-        self.read_peers().get(&key).map(|p| p.link.clone())
+        let member = self.read_members().by_key.get(&key).copied();
+        let peers = self.read_peers();
+        let link = match member {
+            Some(addr) => peers
+                .values()
+                .find(|p| p.addr == Some(addr) && p.link.is_usable())
+                .map(|p| &p.link),
+            None => peers.get(&key).map(|p| &p.link),
+        };
+        link.filter(|l| l.is_usable()).cloned()
+    }
+
+    /// The address and name of the member `key`, if it is one.
+    fn member_addr(&self, key: PeerKey) -> Option<(SocketAddr, String)> {
+        let members = self.read_members();
+        let addr = *members.by_key.get(&key)?;
+        let name = members.by_addr.get(&addr)?.name.clone();
+        Some((addr, name))
+    }
+
+    /// Takes the card of member `id` (a newer one than held, or the first
+    /// of a new generation, which replaces the old); returns whether
+    /// routing changed. A card that does not decode is logged and left
+    /// out.
+    pub(crate) fn take_card(&self, id: MemberId, card: &[u8]) -> bool {
+        let Some(card) = Card::decode(card) else {
+            tracing::warn!(addr = %id.addr, "a member's card does not decode; ignoring it");
+            return false;
+        };
+        let mut members = self.write_members();
+        if let Some(held) = members.by_addr.get_mut(&id.addr) {
+            if (held.generation, held.version) >= (id.generation, id.version) {
+                return false;
+            }
+            if held.generation == id.generation {
+                held.version = id.version;
+                held.name = card.name.clone();
+                held.abilities = card.abilities();
+                return true;
+            }
+            let old = held.key;
+            members.by_key.remove(&old);
+        }
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        members.by_key.insert(key, id.addr);
+        members.by_addr.insert(
+            id.addr,
+            Member {
+                key,
+                name: card.name.clone(),
+                generation: id.generation,
+                version: id.version,
+                abilities: card.abilities(),
+            },
+        );
+        true
     }
 
     /// A receiver that sees a new value whenever routing changes.
@@ -353,7 +448,8 @@ impl Cluster {
         }
     }
 
-    /// Recomputes the routes from our registry and every peer's catalog.
+    /// Recomputes the routes from our registry, every member's card and
+    /// every leaf's catalog.
     pub(crate) fn rebuild(&self, registry: &Registry) {
         let mut by_fun: HashMap<String, Vec<Route>> = HashMap::new();
         for f in registry.iter() {
@@ -364,7 +460,26 @@ impl Cluster {
                 via_leaf: false,
             });
         }
+        for member in self.read_members().by_addr.values() {
+            for a in &member.abilities {
+                by_fun.entry(a.fun.clone()).or_default().push(Route {
+                    target: Target::Peer(member.key),
+                    datasets: a.datasets.clone(),
+                    idempotent: a.idempotent,
+                    via_leaf: false,
+                });
+            }
+        }
+        // Leaves are known by their link; and a node that is no member
+        // (itself a leaf) knows its gateways by their links too.
+        let members = self.read_members();
         for (&key, peer) in self.read_peers().iter() {
+            let by_card = peer
+                .addr
+                .is_some_and(|addr| members.by_addr.contains_key(&addr));
+            if by_card || peer.link.is_closed() {
+                continue;
+            }
             for a in &peer.catalog.functions {
                 by_fun.entry(a.fun.clone()).or_default().push(Route {
                     target: Target::Peer(key),
@@ -374,6 +489,7 @@ impl Cluster {
                 });
             }
         }
+        drop(members);
         *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Routes { by_fun });
         self.changes.send_modify(|v| *v += 1);
     }
@@ -412,7 +528,8 @@ impl Cluster {
     fn load(&self, state: &NodeState, target: Target) -> usize {
         match target {
             Target::Local => state.local_load(),
-            Target::Peer(key) => self.link(key).map_or(usize::MAX, |l| l.load()),
+            // A member without a link has nothing in flight from here.
+            Target::Peer(key) => self.link(key).map_or(0, |l| l.load()),
         }
     }
 
@@ -444,7 +561,7 @@ impl Cluster {
             let existing = peers
                 .iter()
                 .find(|(_, p)| p.addr == Some(addr))
-                .map(|(k, p)| (*k, p.generation, p.dialed, p.link.is_closed()));
+                .map(|(k, p)| (*k, p.generation, p.dialed, !p.link.is_usable()));
             if let Some((key, generation, old_dialed, old_closed)) = existing {
                 if !proven && !old_closed {
                     // Anyone can claim any address without a secret: the
@@ -498,9 +615,21 @@ impl Cluster {
         self.write_peers().remove(&key)
     }
 
-    /// Closes the links of every peer at `addr` that is not newer than
-    /// `generation` (it failed, left or restarted).
+    /// Forgets the member at `addr` and closes its links, unless newer
+    /// than `generation` (it failed, left or restarted).
     pub(crate) fn drop_member(&self, addr: SocketAddr, generation: u64) {
+        {
+            let mut members = self.write_members();
+            let old = members
+                .by_addr
+                .get(&addr)
+                .filter(|m| m.generation <= generation)
+                .map(|m| m.key);
+            if let Some(key) = old {
+                members.by_addr.remove(&addr);
+                members.by_key.remove(&key);
+            }
+        }
         for p in self.read_peers().values() {
             if p.addr == Some(addr) && p.generation <= generation {
                 p.link.close();
@@ -513,12 +642,12 @@ impl Cluster {
         self.version.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The links to member peers (not leaves): who must hear of a change
-    /// of our catalog.
-    pub(crate) fn member_links(&self) -> Vec<Link> {
+    /// Who must hear of a change of our catalog over a link: a member's
+    /// leaves (members read the card), or a leaf's gateways.
+    pub(crate) fn catalog_listeners(&self, member: bool) -> Vec<Link> {
         self.read_peers()
             .values()
-            .filter(|p| !p.is_leaf())
+            .filter(|p| !member || p.is_leaf())
             .map(|p| p.link.clone())
             .collect()
     }
@@ -537,48 +666,43 @@ impl Cluster {
             .any(|p| p.addr == Some(addr) && !p.link.is_closed())
     }
 
-    /// Every function in the cluster as this node sees it, described, with
-    /// the nodes that run it (what `mpreg.functions` returns).
+    /// Every function in the cluster as this node knows it without asking
+    /// anyone (descriptions where at hand): what the status page shows.
     pub(crate) fn functions(&self, state: &NodeState) -> Value {
+        let (by_fun, _) = function_table(&self.places(state));
+        Value::Array(by_fun.into_values().collect())
+    }
+
+    /// Every place a function runs, as this node knows it: its own
+    /// functions (described), the members' (from their cards: names,
+    /// datasets, idempotent) and its leaves' (described), each with the
+    /// node's name and, for a peer, its key.
+    fn places(&self, state: &NodeState) -> Vec<(String, Option<PeerKey>, Ability)> {
         let registry = state.registry();
-        let mut places: Vec<(String, Ability)> = registry
+        let mut places: Vec<(String, Option<PeerKey>, Ability)> = registry
             .iter()
-            .map(|f| (state.name.clone(), Ability::of(f)))
+            .map(|f| (state.name.clone(), None, Ability::of(f)))
             .collect();
-        for p in self.read_peers().values() {
+        let members = self.read_members();
+        for m in members.by_addr.values() {
             places.extend(
-                p.catalog
-                    .functions
+                m.abilities
                     .iter()
-                    .map(|a| (p.name.clone(), a.clone())),
+                    .map(|a| (m.name.clone(), Some(m.key), a.clone())),
             );
         }
-        let mut by_fun: std::collections::BTreeMap<String, Value> =
-            std::collections::BTreeMap::new();
-        for (node, a) in places {
-            let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
-                json!({
-                    "name": a.fun,
-                    "params": a.params,
-                    "returns": a.returns,
-                    "doc": a.doc,
-                    "idempotent": a.idempotent,
-                    "nodes": [],
-                })
-            });
-            // The first place that describes the function gives its
-            // description (a runtime function may have none).
-            if entry["doc"] == "" && !a.doc.is_empty() {
-                entry["doc"] = json!(a.doc);
-            }
-            if entry["params"].as_array().is_some_and(Vec::is_empty) && !a.params.is_empty() {
-                entry["params"] = json!(a.params);
-            }
-            if let Some(nodes) = entry["nodes"].as_array_mut() {
-                nodes.push(json!({ "node": node, "datasets": a.datasets }));
+        for (&key, p) in self.read_peers().iter() {
+            let by_card = p.addr.is_some_and(|a| members.by_addr.contains_key(&a));
+            if !by_card {
+                places.extend(
+                    p.catalog
+                        .functions
+                        .iter()
+                        .map(|a| (p.name.clone(), Some(key), a.clone())),
+                );
             }
         }
-        Value::Array(by_fun.into_values().collect())
+        places
     }
 
     /// The cluster as this node sees it (what `mpreg.cluster` returns).
@@ -596,6 +720,7 @@ impl Cluster {
             generation: state.generation,
             load: state.local_load(),
             jobs_sent: None,
+            linked: false,
             functions: info(&own),
             gossip: state.membership.as_ref().map(|m| GossipStats {
                 identity_version: m.id().version,
@@ -605,33 +730,174 @@ impl Cluster {
                 refused_peer_links: self.refused.load(Ordering::Relaxed),
             }),
         }];
-        let mut peers: Vec<NodeView> = self
-            .read_peers()
-            .values()
-            .map(|p| NodeView {
-                name: p.name.clone(),
-                addr: p.addr,
-                status: if p.is_leaf() {
-                    NodeStatus::Leaf
-                } else {
-                    NodeStatus::Up
-                },
-                generation: p.generation,
-                load: p.link.load(),
-                jobs_sent: Some(p.link.jobs_sent()),
-                functions: info(&p.catalog.functions),
-                gossip: None,
-                security: None,
+        let members = self.read_members();
+        let peers = self.read_peers();
+        let link_to = |addr: SocketAddr| {
+            peers
+                .values()
+                .find(|p| p.addr == Some(addr) && !p.link.is_closed())
+                .map(|p| &p.link)
+        };
+        let mut others: Vec<NodeView> = members
+            .by_addr
+            .iter()
+            .map(|(&addr, m)| {
+                let link = link_to(addr);
+                NodeView {
+                    name: m.name.clone(),
+                    addr: Some(addr),
+                    status: NodeStatus::Up,
+                    generation: m.generation,
+                    load: link.map_or(0, Link::load),
+                    jobs_sent: link.map(Link::jobs_sent),
+                    linked: link.is_some(),
+                    functions: info(&m.abilities),
+                    gossip: None,
+                    security: None,
+                }
             })
             .collect();
-        peers.sort_by(|a, b| a.name.cmp(&b.name));
-        nodes.extend(peers);
+        others.extend(
+            peers
+                .values()
+                .filter(|p| !p.addr.is_some_and(|a| members.by_addr.contains_key(&a)))
+                .map(|p| NodeView {
+                    name: p.name.clone(),
+                    addr: p.addr,
+                    status: if p.is_leaf() {
+                        NodeStatus::Leaf
+                    } else {
+                        NodeStatus::Up
+                    },
+                    generation: p.generation,
+                    load: p.link.load(),
+                    jobs_sent: Some(p.link.jobs_sent()),
+                    linked: true,
+                    functions: info(&p.catalog.functions),
+                    gossip: None,
+                    security: None,
+                }),
+        );
+        others.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes.extend(others);
         ClusterView {
             self_name: state.name.clone(),
             nodes,
         }
     }
 }
+
+/// Every function in the cluster as this node sees it, described, with the
+/// nodes that run it (what `mpreg.functions` returns). Members' cards carry
+/// no descriptions: a function described nowhere at hand is described by
+/// one node that runs it (`mpreg.describe`, over a link), at most
+/// [`DESCRIBE_AT_ONCE`] nodes asked at once; a node that cannot answer
+/// leaves its functions undescribed.
+pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
+    let places = state.cluster.places(state);
+    let (mut by_fun, mut described) = function_table(&places);
+    // One node to ask per function still undescribed, each node once.
+    let mut ask: HashMap<PeerKey, Vec<String>> = HashMap::new();
+    for (_, key, a) in &places {
+        if let Some(key) = key
+            && !described.contains(&a.fun)
+        {
+            described.insert(a.fun.clone());
+            ask.entry(*key).or_default().push(a.fun.clone());
+        }
+    }
+    let placer = Placer {
+        state: state.clone(),
+        scope: Scope::Cluster,
+        deadline: Instant::now() + DESCRIBE_TIMEOUT,
+        trace: Arc::from("mpreg.functions"),
+        budget: ResultBudget::new(state.config.reply_budget(), state.inflight_bytes.clone()),
+    };
+    let answers = futures_util::stream::iter(ask)
+        .map(|(key, names)| {
+            let placer = placer.clone();
+            async move {
+                let step = Step {
+                    name: "describe".to_owned(),
+                    fun: DESCRIBE.to_owned(),
+                    args: vec![crate::plan::Arg::Value(Payload::from(json!(names)))],
+                    kwargs: Vec::new(),
+                    locs: Vec::new(),
+                    deps: Vec::new(),
+                };
+                let job = Job {
+                    steps: vec![step],
+                    outputs: vec![0],
+                };
+                attempt(&placer, key, &job).await
+            }
+        })
+        .buffer_unordered(DESCRIBE_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    for answer in answers {
+        let Ok(values) = answer else { continue };
+        for value in values {
+            let abilities = value
+                .into_value()
+                .ok()
+                .and_then(|v| serde_json::from_value::<Vec<Ability>>(v).ok());
+            let Some(abilities) = abilities else { continue };
+            for a in abilities {
+                if let Some(entry) = by_fun.get_mut(&a.fun) {
+                    entry["params"] = json!(a.params);
+                    entry["returns"] = json!(a.returns);
+                    entry["doc"] = json!(a.doc);
+                }
+            }
+        }
+    }
+    Value::Array(by_fun.into_values().collect())
+}
+
+/// Every function at hand (see [`Cluster::places`]), by name, as
+/// `mpreg.functions` lists it, described where a place describes it; and
+/// the names of those described.
+fn function_table(
+    places: &[(String, Option<PeerKey>, Ability)],
+) -> (std::collections::BTreeMap<String, Value>, BTreeSet<String>) {
+    let mut by_fun: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    let mut described: BTreeSet<String> = BTreeSet::new();
+    for (node, _, a) in places {
+        let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
+            json!({
+                "name": a.fun,
+                "params": a.params,
+                "returns": a.returns,
+                "doc": a.doc,
+                "idempotent": a.idempotent,
+                "nodes": [],
+            })
+        });
+        // The first place that describes the function gives its
+        // description (a runtime function may have none).
+        if !a.doc.is_empty() || !a.params.is_empty() || !a.returns.is_empty() {
+            if !described.contains(&a.fun) {
+                entry["params"] = json!(a.params);
+                entry["returns"] = json!(a.returns);
+                entry["doc"] = json!(a.doc);
+            }
+            described.insert(a.fun.clone());
+        }
+        if let Some(nodes) = entry["nodes"].as_array_mut() {
+            nodes.push(json!({ "node": node, "datasets": a.datasets }));
+        }
+    }
+    (by_fun, described)
+}
+
+/// The built-in that describes functions of the node it runs on (local
+/// only, not advertised): `mpreg.functions` asks it of peers.
+pub(crate) const DESCRIBE: &str = "mpreg.describe";
+/// How long `mpreg.functions` waits for descriptions.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Nodes asked for descriptions at once.
+const DESCRIBE_AT_ONCE: usize = 16;
 
 /// Places and runs the commands of one request (or of one job a peer
 /// sent), within its deadline.
@@ -719,28 +985,88 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payloa
 }
 
 async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload>, RpcError> {
-    let Some(link) = placer.state.cluster.link(key) else {
+    // A link that starts closing for being idle just as the job would go
+    // takes no job (nothing was sent): a fresh link to the node does.
+    for _ in 0..3 {
+        let link = match placer.state.cluster.link(key) {
+            Some(link) => link,
+            None => connect(&placer.state, key, placer.deadline).await?,
+        };
+        let Some(slot) = link.reserve() else {
+            continue;
+        };
+        let left = placer.deadline.saturating_duration_since(Instant::now());
+        let limits = JobLimits {
+            max_message: placer.state.config.max_message_size,
+            // What the job's results may add to what the request holds.
+            budget: placer.budget.left(),
+        };
+        let values = link.run_job(slot, job, left, &placer.trace, limits).await?;
+        // The peer kept within `budget`; other parts of the request may
+        // have taken some of it meanwhile.
+        return values
+            .into_iter()
+            .map(|v| {
+                let bytes = v.json_len();
+                Payload::held(v, bytes, &placer.budget)
+            })
+            .collect();
+    }
+    Err(RpcError::new(
+        ErrorCode::NodeLost,
+        "every link to the node closed before the call could go",
+    ))
+}
+
+/// Opens a link to the member `key` (or waits for the dial another call
+/// started), within `deadline`: links open when a command must go there.
+async fn connect(
+    state: &Arc<NodeState>,
+    key: PeerKey,
+    deadline: Instant,
+) -> Result<Link, RpcError> {
+    let Some((addr, name)) = state.cluster.member_addr(key) else {
         return Err(RpcError::new(
             ErrorCode::NodeLost,
             "the node left before the call",
         ));
     };
-    let left = placer.deadline.saturating_duration_since(Instant::now());
-    let limits = JobLimits {
-        max_message: placer.state.config.max_message_size,
-        // What the job's results may add to what the request holds.
-        budget: placer.budget.left(),
+    let dialing = {
+        let mut dialing = state
+            .cluster
+            .dialing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        dialing
+            .entry(addr)
+            .or_insert_with(|| {
+                let state = state.clone();
+                let dial: BoxFuture<'static, Result<Link, Arc<str>>> = Box::pin(async move {
+                    let url = format!("{}://{addr}", state.tls.scheme());
+                    let linked = dial(&state, &url).await.map(|(_, link)| link);
+                    state
+                        .cluster
+                        .dialing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&addr);
+                    linked.map_err(Arc::from)
+                });
+                futures_util::FutureExt::shared(dial)
+            })
+            .clone()
     };
-    let values = link.run_job(job, left, &placer.trace, limits).await?;
-    // The peer kept within `budget`; other parts of the request may have
-    // taken some of it meanwhile.
-    values
-        .into_iter()
-        .map(|v| {
-            let bytes = v.json_len();
-            Payload::held(v, bytes, &placer.budget)
-        })
-        .collect()
+    match tokio::time::timeout_at(deadline, dialing).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => Err(RpcError::new(
+            ErrorCode::NodeLost,
+            format!("cannot link to node '{name}' at {addr}: {e}"),
+        )),
+        Err(_) => Err(RpcError::new(
+            ErrorCode::Timeout,
+            format!("no link to node '{name}' at {addr} before the deadline"),
+        )),
+    }
 }
 
 /// Serves a peer's messages for this node.
@@ -834,6 +1160,7 @@ async fn run_link<Si, St>(
     theirs: Hello,
     dialed: bool,
     sent_version: u64,
+    registered: Option<oneshot::Sender<Link>>,
 ) where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
         + Unpin
@@ -851,10 +1178,10 @@ async fn run_link<Si, St>(
     let leaf = theirs.addr.is_none();
     let link = Link::new(name.clone(), outgoing);
     let proven = state.secret.is_some();
-    let registered = state
+    let outcome = state
         .cluster
         .register(state.advertise, theirs, link.clone(), dialed, proven);
-    let key = match registered {
+    let key = match outcome {
         Ok(key) => key,
         Err(why) => {
             match why {
@@ -873,14 +1200,18 @@ async fn run_link<Si, St>(
             return;
         }
     };
-    tracing::info!(node = %state.name, peer = %name, leaf, "peer linked");
+    tracing::debug!(node = %state.name, peer = %name, leaf, dialed, "peer linked");
     state.routing_changed(leaf);
+    if let Some(registered) = registered {
+        let _ = registered.send(link.clone());
+    }
     // Our catalog may have changed since our hello went out, before this
     // peer was registered to hear about changes.
     let catalog = state.cluster.catalog(&state.registry());
     if catalog.version != sent_version {
         link.send(&PeerMessage::Catalog(catalog)).await;
     }
+    let keepalive = state.config.keepalive();
     // Whatever ends this link (the peer, an error, or this future being
     // dropped at shutdown), its callers hear `node_lost` and it leaves the
     // routes.
@@ -899,7 +1230,11 @@ async fn run_link<Si, St>(
             state: state.clone(),
             key,
         },
-        state.config.keepalive(),
+        link::Keepalive {
+            // Only the side that dialed closes an idle link.
+            idle: if dialed { keepalive.idle } else { None },
+            ..keepalive
+        },
     )
     .await;
 }
@@ -1006,7 +1341,7 @@ pub(crate) async fn accept<Si, St>(
     .await
     .unwrap_or(Err(OpenError::TimedOut));
     match opened {
-        Ok(theirs) => run_link(state, sink, source, theirs, false, sent_version).await,
+        Ok(theirs) => run_link(state, sink, source, theirs, false, sent_version, None).await,
         Err(e) => failed_opening(&state, &mut sink, &e, "accepted").await,
     }
 }
@@ -1017,8 +1352,13 @@ pub(crate) async fn accept<Si, St>(
 /// serves the link on a new task. Returns once the link is up (or failed
 /// to come up).
 /// On success, returns the address the peer advertises (which may differ
-/// from the URL's, e.g. through a proxy or NAT).
-pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<SocketAddr>, String> {
+/// from the URL's, e.g. through a proxy or NAT), and the link once
+/// registered. A link not registered (another link to that node is kept)
+/// is an error.
+pub(crate) async fn dial(
+    state: &Arc<NodeState>,
+    url: &str,
+) -> Result<(Option<SocketAddr>, Link), String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let config = ws::config(state.config.max_message_size);
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
@@ -1067,6 +1407,7 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<Soc
         }
     };
     let advertised = theirs.addr;
+    let (registered, link) = oneshot::channel();
     state.spawn(run_link(
         state.clone(),
         sink,
@@ -1074,8 +1415,12 @@ pub(crate) async fn dial(state: &Arc<NodeState>, url: &str) -> Result<Option<Soc
         theirs,
         true,
         sent_version,
+        Some(registered),
     ));
-    Ok(advertised)
+    match link.await {
+        Ok(link) => Ok((advertised, link)),
+        Err(_) => Err("the link was not kept (another link to that node is)".to_owned()),
+    }
 }
 
 /// Keeps a configured peer (`url`) joined. A member announces itself to
@@ -1118,7 +1463,7 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
                     // A fresh link registers on its own task: count it as
                     // done; the next look checks it under its real address.
                     match dial(&state, &url).await {
-                        Ok(peer) => {
+                        Ok((peer, _)) => {
                             advertised = peer.or(advertised);
                             true
                         }
@@ -1146,80 +1491,59 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
     }
 }
 
-/// Follows membership: dials members that come up (the lower address dials
-/// at once; anyone still unlinked is dialed at the next tick), and drops
-/// the links of members that fail, leave or restart.
+/// How often, at most, routing is rebuilt for what membership reports:
+/// cards arriving together (a thousand at join) make one rebuild.
+const REBUILD_AT_MOST_EVERY: Duration = Duration::from_millis(50);
+
+/// Follows membership: takes the cards of members (routing to them needs
+/// no link), and forgets members that fail, leave or restart, closing
+/// their links. Events that arrive together are taken together, and
+/// routing is rebuilt once for them.
 pub(crate) async fn follow_membership(
     state: Arc<NodeState>,
     mut events: mpsc::Receiver<MemberEvent>,
 ) {
-    let me = state.advertise;
-    let tick = Duration::from_millis(state.config.probe_interval_ms.max(50));
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rebuild: Option<Instant> = None;
     loop {
-        let event = tokio::select! {
-            event = events.recv() => match event {
-                Some(event) => event,
-                None => return,
-            },
-            _ = ticker.tick() => {
-                let Some(m) = &state.membership else { return };
-                for member in m.members().await {
-                    if me.is_some_and(|me| me < member.addr) && !state.cluster.linked(member.addr) {
-                        spawn_dial(&state, member.addr);
-                    }
-                }
-                continue;
-            }
+        let Some(first) = events.recv().await else {
+            return;
         };
-        tracing::debug!(node = %state.name, ?event, "membership");
-        match event {
-            MemberEvent::Up(id) => {
-                if me.is_some_and(|me| me < id.addr) && !state.cluster.linked(id.addr) {
-                    spawn_dial(&state, id.addr);
-                }
-            }
-            MemberEvent::Down(id) => state.cluster.drop_member(id.addr, id.generation),
-            MemberEvent::Changed { old, new } => {
-                if new.generation != old.generation {
-                    // Restarted: the old link (if any) is dead.
-                    state.cluster.drop_member(old.addr, old.generation);
-                    if me.is_some_and(|me| me < new.addr) {
-                        spawn_dial(&state, new.addr);
-                    }
-                }
-                // A new version alone: the catalog comes over the link.
-            }
+        // Rebuilding at most every so often: wait for the rest of a burst.
+        if let Some(last) = last_rebuild {
+            tokio::time::sleep_until(last + REBUILD_AT_MOST_EVERY).await;
+        }
+        let mut changed = follow(&state, first);
+        while let Ok(event) = events.try_recv() {
+            changed |= follow(&state, event);
+        }
+        if changed {
+            state.cluster.rebuild(&state.registry());
+            last_rebuild = Some(Instant::now());
         }
     }
 }
 
-/// Dials a member on a new task, unless this node is dialing it already.
-fn spawn_dial(state: &Arc<NodeState>, addr: SocketAddr) {
-    let fresh = state
-        .cluster
-        .dialing
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(addr);
-    if !fresh {
-        return;
-    }
-    let task_state = state.clone();
-    state.spawn(async move {
-        let state = task_state;
-        let scheme = state.tls.scheme();
-        if let Err(e) = dial(&state, &format!("{scheme}://{addr}")).await {
-            tracing::debug!(peer = %addr, error = %e, "cannot link to member yet");
+/// Applies one membership event; returns whether routing changed.
+fn follow(state: &NodeState, event: MemberEvent) -> bool {
+    tracing::debug!(node = %state.name, ?event, "membership");
+    match event {
+        // Routing waits for the card.
+        MemberEvent::Up(_) => false,
+        MemberEvent::Down(id) => {
+            state.cluster.drop_member(id.addr, id.generation);
+            true
         }
-        state
-            .cluster
-            .dialing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&addr);
-    });
+        MemberEvent::Changed { old, new } => {
+            // Restarted: the old node, its card and its links are gone. A
+            // new version alone: its card is on the way.
+            let restarted = new.generation != old.generation;
+            if restarted {
+                state.cluster.drop_member(old.addr, old.generation);
+            }
+            restarted
+        }
+        MemberEvent::Card { id, card } => state.cluster.take_card(id, &card),
+    }
 }
 
 /// The first address a `ws://host:port` (or `wss://`) URL's host name

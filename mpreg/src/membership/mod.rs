@@ -10,8 +10,14 @@
 //! [`MemberEvent`]s for the cluster manager.
 //!
 //! The gossiped identity ([`MemberId`]) is small on purpose: address,
-//! generation (one per process start) and catalog version. The catalog itself
-//! is fetched over the WebSocket link when a member's version changes.
+//! generation (one per process start) and card version. The card itself
+//! (what the member offers, opaque bytes here) is pulled from its owner over
+//! the same socket whenever a member comes up or its version grows
+//! (`cards.rs`), and handed to the cluster as [`MemberEvent::Card`].
+//!
+//! The protocol itself lives in `core.rs`, a state machine without IO (so
+//! a simulation can run many nodes over an in-memory network); this module
+//! is the driver that gives it a socket and a clock.
 //!
 //! # Events
 //!
@@ -27,9 +33,13 @@
 //!   been reported `Down` (foca then reports a rename of a down member plus
 //!   `MemberUp`, and a rename of a member that is not up is not an event).
 
+mod cards;
+mod core;
+#[cfg(test)]
+mod sim;
+
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::HashMap,
     io,
     net::SocketAddr,
     num::{NonZeroU32, NonZeroUsize},
@@ -40,10 +50,7 @@ use std::{
     time::Duration,
 };
 
-use foca::{
-    AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec,
-    Timer,
-};
+use foca::{OwnedNotification, PeriodicParams};
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::{
     net::UdpSocket,
@@ -54,6 +61,8 @@ use tokio::{
 };
 use tracing::Instrument;
 
+use self::core::Core;
+
 /// Largest packet foca produces and accepts: below a typical Ethernet MTU, so
 /// gossip datagrams are not fragmented.
 const MAX_PACKET_SIZE: NonZeroUsize = match NonZeroUsize::new(1400) {
@@ -62,8 +71,10 @@ const MAX_PACKET_SIZE: NonZeroUsize = match NonZeroUsize::new(1400) {
 };
 
 /// Cluster size foca's LAN preset is tuned for (it sets how many times an
-/// update is retransmitted). A few tens of nodes is the expected scale.
-const EXPECTED_CLUSTER_SIZE: NonZeroU32 = match NonZeroU32::new(16) {
+/// update is retransmitted: 7 times at this size). Enough for a few
+/// thousand nodes: what a rumor misses, the periodic pull of the whole
+/// membership state (`core.rs`) brings.
+const EXPECTED_CLUSTER_SIZE: NonZeroU32 = match NonZeroU32::new(64) {
     Some(size) => size,
     None => unreachable!(),
 };
@@ -75,7 +86,7 @@ const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(60 * 60);
 
 /// Capacity of the events channel. The cluster manager consumes it promptly;
 /// when it is full the membership task waits.
-const EVENTS_CAPACITY: usize = 1024;
+const EVENTS_CAPACITY: usize = 4096;
 
 /// Capacity of the command channel from the handles to the task.
 const COMMANDS_CAPACITY: usize = 64;
@@ -98,8 +109,8 @@ pub(crate) struct MemberId {
     /// Real nodes use a generation above 0 (0 is the placeholder used when
     /// announcing to an address).
     pub(crate) generation: u64,
-    /// Bumped whenever the node's catalog of functions changes (and by foca's
-    /// renew on rejoin), telling the others to fetch the catalog again.
+    /// Bumped whenever the node's card (what it offers) changes, and by
+    /// foca's renew on rejoin, telling the others to fetch the card again.
     pub(crate) version: u64,
 }
 
@@ -146,12 +157,20 @@ pub(crate) enum MemberEvent {
     /// A member is down (failed or left). Its abilities must disappear.
     Down(MemberId),
     /// A member with the same address now has a new identity (restart: new
-    /// generation; catalog change: new version). `old` was up.
+    /// generation; card change: new version). `old` was up.
     Changed {
         /// The identity that was up until now.
         old: MemberId,
         /// The identity that replaces it.
         new: MemberId,
+    },
+    /// The card of a member up arrived: `id`'s, or a later one of the same
+    /// generation.
+    Card {
+        /// The identity the card belongs to.
+        id: MemberId,
+        /// The card, as its owner encoded it.
+        card: Arc<[u8]>,
     },
 }
 
@@ -222,12 +241,15 @@ impl MembershipConfig {
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspect_to_down;
         config.remove_down_after = Some(REMOVE_DOWN_AFTER);
-        // Leave room for the tag when packets are authenticated.
-        config.max_packet_size = match self.secret {
-            Some(_) => NonZeroUsize::new(MAX_PACKET_SIZE.get() - crate::auth::TAG_LEN)
-                .unwrap_or(MAX_PACKET_SIZE),
-            None => MAX_PACKET_SIZE,
+        // Leave room for the kind byte, and the tag when packets are
+        // authenticated.
+        let tag = if self.secret.is_some() {
+            crate::auth::TAG_LEN
+        } else {
+            0
         };
+        config.max_packet_size =
+            NonZeroUsize::new(MAX_PACKET_SIZE.get() - 1 - tag).unwrap_or(MAX_PACKET_SIZE);
         config.notify_down_members = true;
         config.periodic_announce = Some(PeriodicParams {
             frequency: self.probe_period,
@@ -240,10 +262,6 @@ impl MembershipConfig {
         Ok(config)
     }
 }
-
-/// The foca instance this module drives: postcard on the wire, no custom
-/// broadcasts (the catalog travels over WebSocket, not gossip).
-type SwimFoca = Foca<MemberId, PostcardCodec, SmallRng, NoCustomBroadcast>;
 
 /// The members this node considers up, keyed by address, and the translation
 /// of foca's notifications into [`MemberEvent`]s against it.
@@ -285,7 +303,7 @@ impl MemberView {
                 _ => None,
             },
             other => {
-                tracing::debug!(notification = ?other, "membership notification");
+                tracing::trace!(notification = ?other, "membership notification");
                 None
             }
         }
@@ -303,9 +321,17 @@ enum Command {
     /// Ask the node at this address to let us in.
     Announce(SocketAddr),
     /// Reply with the members currently up.
-    Members(tokio::sync::oneshot::Sender<Vec<MemberId>>),
+    Members(oneshot::Sender<Vec<MemberId>>),
     /// Leave the cluster and stop.
     Leave,
+}
+
+/// What this node advertises: its identity and its card (whose version is
+/// the identity's).
+#[derive(Debug, Clone)]
+struct Advert {
+    id: MemberId,
+    card: Arc<[u8]>,
 }
 
 /// Handle to the running membership task. Cheap to clone.
@@ -313,11 +339,11 @@ enum Command {
 pub(crate) struct Membership {
     /// Commands to the task.
     commands: mpsc::Sender<Command>,
-    /// Our identity, as wanted by the handles (`set_version`) or chosen by
-    /// foca (renew on rejoin). The task watches it and applies changes; a
-    /// watch coalesces them, so `set_version` never blocks nor gets lost.
-    identity: Arc<watch::Sender<MemberId>>,
-    /// Packets foca rejected (malformed, too big, misaddressed).
+    /// Our identity and card, as wanted by the handles (`set_card`) or
+    /// renewed by foca (rejoin). The task watches it and applies changes; a
+    /// watch coalesces them, so `set_card` never blocks nor gets lost.
+    advert: Arc<watch::Sender<Advert>>,
+    /// Packets dropped (unauthenticated, malformed, misaddressed).
     dropped: Arc<AtomicU64>,
     /// The task, taken by the first `leave` to wait for the socket to close.
     task: Arc<Mutex<Option<Task>>>,
@@ -343,13 +369,14 @@ impl Task {
 }
 
 impl Membership {
-    /// Binds UDP on `id.addr` and starts the membership task. Events arrive on
-    /// the returned receiver.
+    /// Binds UDP on `id.addr` and starts the membership task, offering
+    /// `card`. Events arrive on the returned receiver.
     ///
     /// `id.addr` must be the address other nodes reach us at, with a real port
     /// (the one of the WebSocket listener, which keeps the number taken).
     pub(crate) async fn start(
         id: MemberId,
+        card: Arc<[u8]>,
         config: MembershipConfig,
     ) -> io::Result<(Membership, mpsc::Receiver<MemberEvent>)> {
         if id.addr.port() == 0 {
@@ -358,26 +385,22 @@ impl Membership {
                 "membership needs the node's real port, not 0",
             ));
         }
-        let foca_config = config.foca_config()?;
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
+        let core = Core::new(id, &config, rng, card.clone())?;
         let socket = std::net::UdpSocket::bind(id.addr)?;
         socket.set_nonblocking(true)?;
 
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);
-        let (identity_tx, identity_rx) = watch::channel(id);
-        let identity = Arc::new(identity_tx);
+        let (advert_tx, advert_rx) = watch::channel(Advert { id, card });
+        let advert = Arc::new(advert_tx);
         let dropped = Arc::new(AtomicU64::new(0));
 
         let driver = Driver {
-            foca: Foca::new(id, foca_config, rng, PostcardCodec),
-            runtime: AccumulatingRuntime::new(),
-            timers: BinaryHeap::new(),
-            view: MemberView::default(),
+            core,
             events: events_tx,
-            identity: Arc::clone(&identity),
+            advert: Arc::clone(&advert),
             dropped: Arc::clone(&dropped),
-            secret: config.secret.clone(),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
         // Failure detection runs on a thread and runtime of its own: a node
@@ -406,11 +429,8 @@ impl Membership {
                             return;
                         }
                     };
-                    let task = tokio::spawn(
-                        driver
-                            .run(socket, commands_rx, identity_rx)
-                            .instrument(span),
-                    );
+                    let task =
+                        tokio::spawn(driver.run(socket, commands_rx, advert_rx).instrument(span));
                     let _ = ready_tx.send(Ok(task.abort_handle()));
                     let _ = task.await;
                 });
@@ -426,7 +446,7 @@ impl Membership {
         };
         let membership = Membership {
             commands: commands_tx,
-            identity,
+            advert,
             dropped,
             task: Arc::new(Mutex::new(Some(task))),
         };
@@ -442,34 +462,34 @@ impl Membership {
         }
     }
 
-    /// Changes our identity's version (catalog changed); other members see
-    /// `Changed`. The version only moves forward: if `version` is not above
-    /// the current one (foca's renew may have bumped it), the current one
-    /// plus one is used. [`Membership::id`] tells the result.
-    pub(crate) fn set_version(&self, version: u64) {
-        self.identity.send_modify(|id| {
-            id.version = version.max(id.version.saturating_add(1));
+    /// Offers `card` from now on: our identity's version grows (past any
+    /// version foca's renew may have taken), so every member fetches it.
+    /// [`Membership::id`] tells the new identity.
+    pub(crate) fn set_card(&self, card: Arc<[u8]>) {
+        self.advert.send_modify(|advert| {
+            advert.id.version = advert.id.version.saturating_add(1);
+            advert.card = card;
         });
     }
 
     /// The members currently considered up (not including ourselves). Empty
     /// once the task has stopped.
     pub(crate) async fn members(&self) -> Vec<MemberId> {
-        let (reply, members) = tokio::sync::oneshot::channel();
+        let (reply, members) = oneshot::channel();
         if self.commands.send(Command::Members(reply)).await.is_err() {
             return Vec::new();
         }
         members.await.unwrap_or_default()
     }
 
-    /// Our current identity (including a version set by `set_version` that
+    /// Our current identity (including a version set by `set_card` that
     /// the task may not have gossiped yet).
     pub(crate) fn id(&self) -> MemberId {
-        *self.identity.borrow()
+        self.advert.borrow().id
     }
 
-    /// Packets dropped because foca rejected them (garbage, too big, meant
-    /// for a previous identity of ours).
+    /// Packets dropped because they were unauthenticated, malformed or
+    /// meant for a previous identity of ours.
     pub(crate) fn dropped_packets(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -524,35 +544,21 @@ enum Wake {
     Packet(io::Result<(usize, SocketAddr)>),
     /// A command, or `None` once every handle is gone.
     Command(Option<Command>),
-    /// The wanted identity changed (`Err` if its sender is gone).
-    Identity(Result<(), watch::error::RecvError>),
-    /// The earliest timer is due.
+    /// The wanted advert changed (`Err` if its sender is gone).
+    Advert(Result<(), watch::error::RecvError>),
+    /// A deadline of the core is due.
     Timer,
 }
 
-/// The state owned by the membership task.
-///
-/// Timers live in a min-heap polled by the task's own `select!` with one
-/// `sleep_until` for the earliest deadline. This spawns no task per timer, and
-/// timers due at the same instant come out in foca's `Timer` order (which
-/// puts an indirect probe before the next probe, as foca needs).
+/// The membership task: the core, and where its output goes.
 struct Driver {
-    /// The SWIM state machine.
-    foca: SwimFoca,
-    /// Collects what foca wants done after each call; drained by `flush`.
-    runtime: AccumulatingRuntime<MemberId>,
-    /// Pending timers, earliest first.
-    timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
-    /// Members up, for `members()` and to shape events.
-    view: MemberView,
+    core: Core,
     /// Events to the cluster manager.
     events: mpsc::Sender<MemberEvent>,
-    /// Shared identity, updated when foca renews ours.
-    identity: Arc<watch::Sender<MemberId>>,
-    /// Shared count of rejected packets.
+    /// Shared advert, updated when foca renews our identity.
+    advert: Arc<watch::Sender<Advert>>,
+    /// Shared count of dropped packets.
     dropped: Arc<AtomicU64>,
-    /// Authenticates packets, when the cluster has a secret.
-    secret: Option<crate::auth::Secret>,
 }
 
 impl Driver {
@@ -563,167 +569,80 @@ impl Driver {
         mut self,
         socket: UdpSocket,
         mut commands: mpsc::Receiver<Command>,
-        mut wanted: watch::Receiver<MemberId>,
+        mut wanted: watch::Receiver<Advert>,
     ) {
         // One byte more than foca accepts, so an oversized datagram is seen as
         // such (truncated to this length) and rejected, not cut and parsed.
         let mut buf = vec![0u8; MAX_PACKET_SIZE.get() + crate::auth::TAG_LEN + 1];
         loop {
-            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let next = self.core.next_deadline();
             let wake = tokio::select! {
                 received = socket.recv_from(&mut buf) => Wake::Packet(received),
                 command = commands.recv() => Wake::Command(command),
-                changed = wanted.changed() => Wake::Identity(changed),
-                () = sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
+                changed = wanted.changed() => Wake::Advert(changed),
+                () = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                     Wake::Timer
                 }
             };
+            let now = Instant::now();
             match wake {
                 Wake::Packet(Ok((len, from))) => {
                     let received = buf.get(..len).unwrap_or(&buf);
-                    let packet = match &self.secret {
-                        None => Some(received),
-                        Some(secret) => secret.open(received),
-                    };
-                    let Some(packet) = packet else {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%from, len, "dropped an unauthenticated membership packet");
-                        continue;
-                    };
-                    if let Err(error) = self.foca.handle_data(packet, &mut self.runtime) {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%from, len, %error, "dropped a membership packet");
-                    }
-                    self.flush(&socket).await;
+                    self.core.receive(from, received, now);
                 }
                 Wake::Packet(Err(error)) => {
                     tracing::debug!(%error, "receiving a membership packet failed");
                 }
-                Wake::Command(Some(Command::Announce(addr))) => {
-                    if addr == self.foca.identity().addr {
-                        tracing::debug!(%addr, "not announcing to ourselves");
-                        continue;
-                    }
-                    let seed = MemberId::placeholder(addr);
-                    if let Err(error) = self.foca.announce(seed, &mut self.runtime) {
-                        tracing::debug!(%addr, %error, "announce failed");
-                    }
-                    self.flush(&socket).await;
-                }
+                Wake::Command(Some(Command::Announce(addr))) => self.core.announce(addr, now),
                 Wake::Command(Some(Command::Members(reply))) => {
-                    let _ = reply.send(self.view.members());
+                    let _ = reply.send(self.core.members());
                 }
-                Wake::Identity(Ok(())) => {
-                    let id = *wanted.borrow_and_update();
-                    self.change_identity(id, &socket).await;
+                Wake::Advert(Ok(())) => {
+                    let Advert { id, card } = wanted.borrow_and_update().clone();
+                    self.core.change_identity(id, card, now);
                 }
-                Wake::Timer => self.fire_due_timers(&socket).await,
-                Wake::Command(Some(Command::Leave) | None) | Wake::Identity(Err(_)) => {
-                    if let Err(error) = self.foca.leave_cluster(&mut self.runtime) {
-                        tracing::debug!(%error, "leaving the cluster failed");
-                    }
+                Wake::Timer => self.core.tick(now),
+                Wake::Command(Some(Command::Leave) | None) | Wake::Advert(Err(_)) => {
+                    self.core.leave(now);
                     self.flush(&socket).await;
                     tracing::debug!("left the cluster");
                     return;
                 }
             }
+            self.flush(&socket).await;
         }
     }
 
-    /// Switches foca to the identity the handles want (new version).
-    async fn change_identity(&mut self, id: MemberId, socket: &UdpSocket) {
-        if id == *self.foca.identity() {
-            return;
-        }
-        match self.foca.change_identity(id, &mut self.runtime) {
-            Ok(()) => {
-                // foca gossiped the change; it now waits for a member to talk
-                // to the new identity before it probes again. Announcing to a
-                // few members brings a reply right away.
-                let peers: Vec<MemberId> = self
-                    .foca
-                    .iter_members()
-                    .take(REANNOUNCE_AFTER_CHANGE)
-                    .map(|member| *member.id())
-                    .collect();
-                for peer in peers {
-                    if let Err(error) = self.foca.announce(peer, &mut self.runtime) {
-                        tracing::debug!(?peer, %error, "announce after change failed");
-                    }
-                }
-            }
-            Err(error) => tracing::debug!(?id, %error, "changing identity failed"),
-        }
-        self.flush(socket).await;
-    }
-
-    /// Hands every due timer to foca, in deadline (then foca's) order.
-    async fn fire_due_timers(&mut self, socket: &UdpSocket) {
-        let now = Instant::now();
-        while self
-            .timers
-            .peek()
-            .is_some_and(|Reverse((at, _))| *at <= now)
-        {
-            let Some(Reverse((_, timer))) = self.timers.pop() else {
-                break;
-            };
-            if let Err(error) = self.foca.handle_timer(timer, &mut self.runtime) {
-                tracing::debug!(%error, "membership timer failed");
-            }
-            self.flush(socket).await;
-        }
-    }
-
-    /// Does what foca asked for in its last call: sends packets, schedules
-    /// timers, turns notifications into events.
+    /// Sends what the core queued, and hands its events on.
     async fn flush(&mut self, socket: &UdpSocket) {
-        while let Some((to, data)) = self.runtime.to_send() {
-            let data = match &self.secret {
-                None => data.to_vec(),
-                Some(secret) => {
-                    let mut tagged = Vec::with_capacity(data.len() + crate::auth::TAG_LEN);
-                    tagged.extend_from_slice(&data);
-                    tagged.extend_from_slice(&secret.tag(&data));
-                    tagged
+        for (to, packet) in self.core.take_outbox() {
+            if let Err(error) = socket.send_to(&packet, to).await {
+                tracing::debug!(%to, %error, "sending a membership packet failed");
+            }
+        }
+        if let Some(renewed) = self.core.take_renewed() {
+            self.advert.send_if_modified(|wanted| {
+                let newer = renewed.version > wanted.id.version;
+                if newer {
+                    wanted.id = renewed;
                 }
-            };
-            if let Err(error) = socket.send_to(&data, to.addr).await {
-                tracing::debug!(to = %to.addr, %error, "sending a membership packet failed");
-            }
+                newer
+            });
         }
-        let now = Instant::now();
-        while let Some((after, timer)) = self.runtime.to_schedule() {
-            // Delays come from our config; saturate rather than overflow.
-            let at = now.checked_add(after).unwrap_or(now + REMOVE_DOWN_AFTER);
-            self.timers.push(Reverse((at, timer)));
-        }
-        while let Some(notification) = self.runtime.to_notify() {
-            if let OwnedNotification::Rejoin(id) = &notification {
-                // The cluster declared us down and foca renewed our identity.
-                tracing::info!(?id, "rejoined the cluster with a renewed identity");
-                let renewed = *id;
-                self.identity.send_if_modified(|wanted| {
-                    let newer = renewed.version > wanted.version;
-                    if newer {
-                        *wanted = renewed;
-                    }
-                    newer
-                });
-            }
-            if let Some(event) = self.view.apply(notification) {
-                tracing::debug!(?event, "membership event");
-                // An error means nobody listens any more; keep the cluster
-                // view running for `members()`.
-                let _ = self.events.send(event).await;
-            }
+        self.dropped.store(self.core.dropped(), Ordering::Relaxed);
+        while let Some(event) = self.core.next_event() {
+            // An error means nobody listens any more; keep the cluster
+            // view running for `members()`.
+            let _ = self.events.send(event).await;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::core::SwimFoca;
     use super::*;
+    use foca::{AccumulatingRuntime, Foca, PostcardCodec};
     use std::net::TcpListener;
     use tokio::time::timeout;
 
@@ -961,7 +880,8 @@ mod tests {
                 generation,
                 version: 1,
             };
-            let (membership, events) = Membership::start(id, MembershipConfig::for_tests())
+            let card: Arc<[u8]> = Arc::from(format!("card of {addr}").into_bytes());
+            let (membership, events) = Membership::start(id, card, MembershipConfig::for_tests())
                 .await
                 .expect("start membership");
             Self {
@@ -1060,13 +980,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn udp_join_version_change_and_leave() {
+    async fn udp_join_card_change_and_leave() {
         let (mut a, mut b, mut c) = three_nodes().await;
         let (b_old, c_id) = (b.id(), c.id());
 
-        b.membership.set_version(7);
+        b.membership.set_card(Arc::from(&b"new card"[..]));
         let b_new = MemberId {
-            version: 7,
+            version: b_old.version + 1,
             ..b_old
         };
         assert_eq!(b.id(), b_new);
@@ -1080,12 +1000,14 @@ mod tests {
                 skipped.iter().all(|e| *e != MemberEvent::Down(b_old)),
                 "a version change is not a Down: {skipped:?}"
             );
+            // The new card is fetched from b.
+            let card = MemberEvent::Card {
+                id: b_new,
+                card: Arc::from(&b"new card"[..]),
+            };
+            node.expect_event("b's new card", |e| *e == card).await;
         }
         eventually_members(&a.membership, &[b_new, c_id]).await;
-
-        // A version that is not newer still moves forward.
-        b.membership.set_version(3);
-        assert_eq!(b.id().version, 8);
 
         c.membership.leave().await;
         for node in [&mut a, &mut b] {
@@ -1093,6 +1015,18 @@ mod tests {
                 .await;
         }
         eventually_members(&a.membership, &[b.id()]).await;
+    }
+
+    #[tokio::test]
+    async fn udp_cards_of_members_arrive() {
+        let mut a = TestNode::start(1).await;
+        let b = TestNode::start(1).await;
+        join_via(&b.membership, a.addr()).await;
+        let want = MemberEvent::Card {
+            id: b.id(),
+            card: Arc::from(format!("card of {}", b.addr()).into_bytes()),
+        };
+        a.expect_event("b's card", |e| *e == want).await;
     }
 
     #[tokio::test]

@@ -1,0 +1,392 @@
+//! The gossip of one node without IO: SWIM (`foca`), the view of members
+//! up, and the cards fetched from them ([`Cards`]). The driver (see the
+//! parent module) feeds it packets, timers and commands with the time they
+//! happen at, and sends what it queued; a simulation feeds it the same
+//! from an in-memory network and a clock of its own.
+//!
+//! # Packets
+//!
+//! Every packet on the gossip socket starts with one byte saying what it
+//! is ([`KIND_SWIM`]: foca's, [`KIND_ASK`]/[`KIND_PART`]: cards); with a
+//! cluster secret, every packet ends with a tag over the rest, and a packet
+//! without a valid tag is dropped unread.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
+use rand::rngs::SmallRng;
+use tokio::time::Instant;
+
+use super::cards::{Cards, KIND_ASK, KIND_PART, KIND_SWIM, PART_BYTES};
+use super::{MemberEvent, MemberId, MemberView, MembershipConfig, REANNOUNCE_AFTER_CHANGE};
+use crate::auth::Secret;
+
+/// An ask for the receiver's whole membership state.
+pub(crate) const KIND_STATE_ASK: u8 = 3;
+/// A part of the sender's membership state: members, postcard-encoded.
+pub(crate) const KIND_STATE: u8 = 4;
+
+/// Members in one packet of membership state: at most 43 bytes each
+/// (an IPv6 address, three numbers and a state), so a part stays within
+/// [`PART_BYTES`].
+const STATE_PART_MEMBERS: usize = PART_BYTES / 44;
+
+/// After joining, the whole membership state is pulled from a random
+/// member after this long, then twice as long each time up to
+/// [`SYNC_MAX`]: anti-entropy for what gossip missed (a rumor reaches
+/// most nodes in a few rounds, but a few nodes in a thousand miss it).
+const SYNC_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest time between two pulls of the membership state.
+const SYNC_MAX: std::time::Duration = std::time::Duration::from_secs(32);
+
+/// The foca instance driven here: postcard on the wire, no custom
+/// broadcasts (cards are pulled from their owners, see [`Cards`]).
+pub(crate) type SwimFoca = Foca<MemberId, PostcardCodec, SmallRng, foca::NoCustomBroadcast>;
+
+/// One node's gossip state.
+pub(crate) struct Core {
+    foca: SwimFoca,
+    /// What foca asked for in its last call; drained after each.
+    runtime: AccumulatingRuntime<MemberId>,
+    /// foca's timers, earliest first (then in foca's order, which puts an
+    /// indirect probe before the next probe, as foca needs).
+    timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
+    /// The members up.
+    view: MemberView,
+    cards: Cards,
+    secret: Option<Secret>,
+    /// Packets to send, framed and tagged.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// Events for the cluster, in order.
+    events: VecDeque<MemberEvent>,
+    /// Packets dropped (unauthenticated, malformed, misaddressed).
+    dropped: u64,
+    /// Our identity, when foca renewed it (rejoin) since last asked.
+    renewed: Option<MemberId>,
+    /// When to pull the membership state from a random member next.
+    next_sync: Option<Instant>,
+    /// Periodic pulls so far.
+    syncs: usize,
+    /// The time between the last pull and the next.
+    sync_every: std::time::Duration,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("id", self.foca.identity())
+            .field("members", &self.view.up.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A node with identity `id` offering `card`. Fails on timings foca
+    /// cannot work with.
+    pub(crate) fn new(
+        id: MemberId,
+        config: &MembershipConfig,
+        rng: SmallRng,
+        card: Arc<[u8]>,
+    ) -> io::Result<Self> {
+        let foca_config = config.foca_config()?;
+        Ok(Self {
+            foca: Foca::new(id, foca_config, rng, PostcardCodec),
+            runtime: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            view: MemberView::default(),
+            cards: Cards::new(card),
+            secret: config.secret.clone(),
+            outbox: Vec::new(),
+            events: VecDeque::new(),
+            dropped: 0,
+            renewed: None,
+            next_sync: None,
+            syncs: 0,
+            sync_every: SYNC_FIRST,
+        })
+    }
+
+    /// Our identity.
+    pub(crate) fn id(&self) -> MemberId {
+        *self.foca.identity()
+    }
+
+    /// The members up (not including ourselves).
+    pub(crate) fn members(&self) -> Vec<MemberId> {
+        self.view.members()
+    }
+
+    /// Packets dropped so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Takes the packets to send.
+    pub(crate) fn take_outbox(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Takes the next event.
+    pub(crate) fn next_event(&mut self) -> Option<MemberEvent> {
+        self.events.pop_front()
+    }
+
+    /// Our identity, if foca renewed it since the last call.
+    pub(crate) fn take_renewed(&mut self) -> Option<MemberId> {
+        self.renewed.take()
+    }
+
+    /// When [`Core::tick`] must run next.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        [timer, self.cards.next_deadline(), self.next_sync]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A packet arrived from `from`.
+    pub(crate) fn receive(&mut self, from: SocketAddr, received: &[u8], now: Instant) {
+        let packet = match &self.secret {
+            None => Some(received),
+            Some(secret) => secret.open(received),
+        };
+        let Some((&kind, body)) = packet.and_then(<[u8]>::split_first) else {
+            self.dropped += 1;
+            tracing::debug!(%from, len = received.len(), "dropped an unauthenticated or empty gossip packet");
+            return;
+        };
+        match kind {
+            KIND_SWIM => {
+                if let Err(error) = self.foca.handle_data(body, &mut self.runtime) {
+                    self.dropped += 1;
+                    tracing::debug!(%from, len = received.len(), %error, "dropped a membership packet");
+                }
+            }
+            // Only members are answered: a stranger gets nothing to
+            // reflect at someone else.
+            KIND_ASK if self.view.up.contains_key(&from) => {
+                let me = self.id();
+                let whole = packet.unwrap_or_default();
+                match self.cards.answer(me, whole) {
+                    Some(answer) => self.queue(from, answer),
+                    None => self.dropped += 1,
+                }
+            }
+            KIND_STATE_ASK if body.is_empty() && self.view.up.contains_key(&from) => {
+                for part in self.state_parts() {
+                    self.queue(from, part);
+                }
+            }
+            KIND_STATE => match postcard::from_bytes::<Vec<Member<MemberId>>>(body) {
+                // Not broadcast again: the sender has gossiped it already.
+                Ok(members) => {
+                    if let Err(error) =
+                        self.foca
+                            .apply_many(members.into_iter(), false, &mut self.runtime)
+                    {
+                        tracing::debug!(%from, %error, "membership state not applied");
+                    }
+                }
+                Err(_) => self.dropped += 1,
+            },
+            KIND_ASK | KIND_STATE_ASK => {
+                tracing::debug!(%from, "gossip state asked for by a non-member");
+            }
+            KIND_PART => {
+                let whole = packet.unwrap_or_default();
+                let (arrived, next) = self.cards.receive(from, whole, now);
+                if let Some(ask) = next {
+                    self.queue(from, ask);
+                }
+                if let Some(arrived) = arrived {
+                    self.events.push_back(MemberEvent::Card {
+                        id: arrived.id,
+                        card: arrived.card,
+                    });
+                }
+            }
+            _ => self.dropped += 1,
+        }
+        self.drain(now);
+    }
+
+    /// Asks the node at `addr` to let us in.
+    pub(crate) fn announce(&mut self, addr: SocketAddr, now: Instant) {
+        if addr == self.id().addr {
+            tracing::debug!(%addr, "not announcing to ourselves");
+            return;
+        }
+        if let Err(error) = self
+            .foca
+            .announce(MemberId::placeholder(addr), &mut self.runtime)
+        {
+            tracing::debug!(%addr, %error, "announce failed");
+        }
+        self.drain(now);
+    }
+
+    /// Switches to identity `id` offering `card` (the card changed: `id`
+    /// has a newer version).
+    pub(crate) fn change_identity(&mut self, id: MemberId, card: Arc<[u8]>, now: Instant) {
+        self.cards.set_own(card);
+        if id == self.id() {
+            return;
+        }
+        match self.foca.change_identity(id, &mut self.runtime) {
+            Ok(()) => {
+                // foca gossiped the change; it now waits for a member to
+                // talk to the new identity before it probes again.
+                // Announcing to a few members brings a reply right away.
+                let peers: Vec<MemberId> = self
+                    .foca
+                    .iter_members()
+                    .take(REANNOUNCE_AFTER_CHANGE)
+                    .map(|member| *member.id())
+                    .collect();
+                for peer in peers {
+                    if let Err(error) = self.foca.announce(peer, &mut self.runtime) {
+                        tracing::debug!(?peer, %error, "announce after change failed");
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(?id, %error, "changing identity failed"),
+        }
+        self.drain(now);
+    }
+
+    /// Our membership state (every member we know of, down ones too), in
+    /// packets of at most [`STATE_PART_MEMBERS`] members.
+    fn state_parts(&self) -> Vec<Vec<u8>> {
+        let members: Vec<&Member<MemberId>> = self.foca.iter_membership_state().collect();
+        members
+            .chunks(STATE_PART_MEMBERS)
+            .map(encode_state)
+            .collect()
+    }
+
+    /// Pulls the whole membership state from `from`.
+    fn sync_with(&mut self, from: SocketAddr) {
+        self.queue(from, vec![KIND_STATE_ASK]);
+    }
+
+    /// Runs what is due at `now`: foca's timers (in deadline, then foca's,
+    /// order), the asks for cards and the periodic pull of the state.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        if self.next_sync.is_some_and(|at| at <= now) {
+            self.sync_every = (self.sync_every * 2).min(SYNC_MAX);
+            self.next_sync = Some(now + self.sync_every);
+            // A different member each time (the map's order is random).
+            self.syncs += 1;
+            let count = self.view.up.len().max(1);
+            let member = self.view.up.keys().nth(self.syncs % count).copied();
+            if let Some(member) = member {
+                self.sync_with(member);
+            }
+        }
+        while self
+            .timers
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            let Some(Reverse((_, timer))) = self.timers.pop() else {
+                break;
+            };
+            if let Err(error) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!(%error, "membership timer failed");
+            }
+            self.drain(now);
+        }
+        self.drain(now);
+    }
+
+    /// Leaves the cluster: the others see `Down` at once.
+    pub(crate) fn leave(&mut self, now: Instant) {
+        if let Err(error) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::debug!(%error, "leaving the cluster failed");
+        }
+        self.drain(now);
+    }
+
+    /// Frames (and tags) a packet for `to`.
+    fn queue(&mut self, to: SocketAddr, packet: Vec<u8>) {
+        let packet = match &self.secret {
+            None => packet,
+            Some(secret) => {
+                let tag = secret.tag(&packet);
+                let mut tagged = packet;
+                tagged.extend_from_slice(&tag);
+                tagged
+            }
+        };
+        self.outbox.push((to, packet));
+    }
+
+    /// Does what foca asked for in its last call (packets, timers,
+    /// notifications), then asks for the cards now wanted.
+    fn drain(&mut self, now: Instant) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            let mut packet = Vec::with_capacity(data.len() + 1);
+            packet.push(KIND_SWIM);
+            packet.extend_from_slice(&data);
+            self.queue(to.addr, packet);
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            // Delays come from our config; saturate rather than overflow.
+            let at = now
+                .checked_add(after)
+                .unwrap_or(now + super::REMOVE_DOWN_AFTER);
+            self.timers.push(Reverse((at, timer)));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            if let OwnedNotification::Rejoin(id) = &notification {
+                // The cluster declared us down and foca renewed our identity.
+                tracing::info!(?id, "rejoined the cluster with a renewed identity");
+                self.renewed = Some(*id);
+            }
+            let alone = self.view.up.is_empty();
+            if let Some(event) = self.view.apply(notification) {
+                tracing::debug!(?event, "membership event");
+                // The first member seen (at join, or after being cut off):
+                // pull everything it knows at once, rather than waiting for
+                // gossip to bring each member.
+                if alone && let MemberEvent::Up(id) = &event {
+                    self.sync_with(id.addr);
+                    self.sync_every = SYNC_FIRST;
+                    self.next_sync = Some(now + SYNC_FIRST);
+                }
+                match &event {
+                    MemberEvent::Up(id) | MemberEvent::Changed { new: id, .. } => {
+                        if let MemberEvent::Changed { old, new } = &event
+                            && old.generation != new.generation
+                        {
+                            self.cards.forget(old.addr);
+                        }
+                        self.cards.want(*id);
+                    }
+                    MemberEvent::Down(id) => self.cards.forget(id.addr),
+                    MemberEvent::Card { .. } => {}
+                }
+                self.events.push_back(event);
+            }
+        }
+        for (to, ask) in self.cards.poll(now) {
+            self.queue(to, ask);
+        }
+    }
+}
+
+/// One part of a membership state, framed.
+fn encode_state(members: &[&Member<MemberId>]) -> Vec<u8> {
+    let mut packet = vec![KIND_STATE];
+    // Members are addresses and numbers: encoding cannot fail.
+    if let Ok(body) = postcard::to_allocvec(members) {
+        packet.extend_from_slice(&body);
+    }
+    packet
+}
