@@ -11,6 +11,7 @@
 //!             [--warmup S] [--timeout S] [--request FILE] [--baseline] [--json]
 //! mpreg bench suite [--json] [--quick]
 //! mpreg bench hostile [--secs N] [--json] [--max-rss-mib M]
+//! mpreg bench cluster [--nodes N] [--processes P] [--timeout S] [--idle-secs S] [--json]
 //! ```
 //!
 //! `cluster` asks the node at URL for its view of the cluster (the built-in
@@ -33,6 +34,10 @@
 //! client's success rate and latency in both runs, the node's peak RSS, and
 //! what each attacker saw, and fails unless the client got 100 %. The node
 //! is killed (and the attack stopped) past `--max-rss-mib` (default 8192).
+//! `bench cluster` starts N nodes (default 64) spread over P worker
+//! processes (this executable again, `bench cluster-worker`, hidden) and
+//! measures convergence, a routing check, memory per node, idle CPU and
+//! how long a killed node stays in the views.
 
 #[path = "mpreg/bench/mod.rs"]
 mod bench;
@@ -94,8 +99,8 @@ enum Cmd {
         json: bool,
     },
     /// Measure throughput and latency of a node (`bench URL`), run the
-    /// whole benchmark suite (`bench suite`), or a node under attack
-    /// (`bench hostile`).
+    /// whole benchmark suite (`bench suite`), a node under attack
+    /// (`bench hostile`), or a cluster of many nodes (`bench cluster`).
     Bench(BenchArgs),
 }
 
@@ -161,6 +166,69 @@ enum BenchCmd {
         /// passes this many MiB, to protect the machine.
         #[arg(long, default_value_t = 8192)]
         max_rss_mib: u64,
+    },
+    /// Start N nodes over P processes and measure convergence, routing,
+    /// memory per node, idle CPU and how long a killed node stays.
+    ///
+    /// The nodes run on loopback in P worker processes (this executable
+    /// again). Measured: the time until every node sees every node and
+    /// dataset after the last one started, a routing check, memory per node
+    /// (RSS beyond each process's baseline), threads and sockets, the
+    /// cluster's idle CPU, and the time until a killed node leaves every
+    /// view. Fails if the cluster does not converge within --timeout, a
+    /// routing check fails, or the killed node stays.
+    ///
+    /// Open files: each node holds 2 sockets (its TCP listener and its UDP
+    /// gossip socket) plus one per link it has open, and a pair of nodes
+    /// may be linked; a worker with K nodes may thus need K x (N + 1) open
+    /// files. Keep that under the soft limit (`ulimit -n`) with more
+    /// --processes, or raise the limit. A worker that cannot start a node
+    /// reports why, and the command fails.
+    Cluster {
+        /// Nodes in the cluster (node i is named n{i}, has dataset d{i},
+        /// and joins through n0).
+        #[arg(long, default_value_t = 64)]
+        nodes: usize,
+        /// Worker processes the nodes are spread over, as evenly as
+        /// possible.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// Seconds each long wait may take: starting, convergence after
+        /// the last start, a killed node leaving every view. On timeout the
+        /// figures reached so far are printed.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        /// Seconds the converged cluster is left idle while its CPU time
+        /// is measured (0 skips it).
+        #[arg(long, default_value_t = 10.0)]
+        idle_secs: f64,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One worker process of `bench cluster` (internal): starts its nodes,
+    /// then takes orders on stdin and reports on stdout, one JSON object
+    /// per line.
+    #[command(hide = true)]
+    ClusterWorker {
+        /// Index of its first node.
+        #[arg(long)]
+        first: usize,
+        /// How many nodes it starts.
+        #[arg(long)]
+        count: usize,
+        /// Nodes in the whole cluster.
+        #[arg(long)]
+        total: usize,
+        /// Worker processes in the run.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// The seed node's URL (none: this worker starts node 0, the seed).
+        #[arg(long)]
+        seed: Option<String>,
+        /// Exit after this many seconds whatever happens.
+        #[arg(long)]
+        lifetime_secs: u64,
     },
 }
 
@@ -319,6 +387,40 @@ async fn bench_command(args: BenchArgs) -> CliResult {
                 duration: seconds("secs", secs)?,
                 json,
                 max_rss_mib,
+            })
+            .await;
+        }
+        Some(BenchCmd::Cluster {
+            nodes,
+            processes,
+            timeout,
+            idle_secs,
+            json,
+        }) => {
+            return bench::cluster(bench::ClusterOptions {
+                nodes,
+                processes,
+                timeout: seconds("timeout", timeout)?,
+                idle: seconds("idle-secs", idle_secs)?,
+                json,
+            })
+            .await;
+        }
+        Some(BenchCmd::ClusterWorker {
+            first,
+            count,
+            total,
+            workers,
+            seed,
+            lifetime_secs,
+        }) => {
+            return bench::cluster_worker(bench::WorkerOptions {
+                first,
+                count,
+                total,
+                workers,
+                seed,
+                lifetime: Duration::from_secs(lifetime_secs),
             })
             .await;
         }

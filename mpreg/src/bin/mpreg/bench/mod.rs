@@ -1,7 +1,9 @@
 //! `mpreg bench`: a load generator for any server speaking the mpreg wire
 //! protocol, a bare WebSocket baseline server to compare it with, the
-//! suite that measures every target of the benchmark table in one run, and
-//! a hostile-neighbours run (`bench hostile`, see `hostile.rs`).
+//! suite that measures every target of the benchmark table in one run, a
+//! hostile-neighbours run (`bench hostile`, see `hostile/`), and a scale
+//! run of many nodes over several processes (`bench cluster`, see
+//! `cluster.rs`).
 //!
 //! The load generator opens C raw WebSocket connections (tokio-tungstenite,
 //! not `mpreg::Client`, so the client side costs the same for the baseline
@@ -16,11 +18,13 @@
 use serde_json::json;
 
 mod baseline;
+mod cluster;
 mod hostile;
 mod load;
 mod suite;
 
 pub(crate) use baseline::*;
+pub(crate) use cluster::{ClusterOptions, WorkerOptions, cluster, cluster_worker};
 pub(crate) use hostile::{HostileOptions, hostile};
 pub(crate) use load::*;
 pub(crate) use suite::*;

@@ -669,6 +669,7 @@ async fn take_turns(
 }
 
 /// A child process killed when dropped.
+#[derive(Debug)]
 pub(crate) struct Child(pub(crate) std::process::Child);
 
 impl Drop for Child {
