@@ -324,7 +324,7 @@ async fn peers_on_the_same_port_and_status_json() {
     let linked = a
         .wait_for(common::HANG_GUARD, |v| v.nodes_with_dataset("model-b") > 0)
         .await;
-    assert!(linked, "alpha learns beta's functions over the link");
+    assert!(linked, "alpha learns beta's functions by gossip");
     // A call routed from alpha to beta: counted on beta, where it ran.
     let client = client(&a).await;
     let r: Vec<i64> = guard(

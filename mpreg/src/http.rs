@@ -286,7 +286,13 @@ impl Site for NodeState {
         Exposition {
             node: &self.name,
             counts: self.metrics.snapshot(),
-            peers: self.cluster.view(self).nodes.len().saturating_sub(1),
+            peers: self
+                .cluster
+                .view(self)
+                .nodes
+                .iter()
+                .filter(|n| n.linked)
+                .count(),
             refused_peer_links: self
                 .cluster
                 .refused
