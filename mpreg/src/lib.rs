@@ -121,7 +121,6 @@ mod payload;
 mod plan;
 mod protocol;
 mod registry;
-mod route;
 mod server;
 mod tls;
 mod ws;
@@ -158,7 +157,8 @@ pub mod __bench {
 
 pub use client::{Client, ClientBuilder, Event, Progress, ResultStream, Results};
 pub use cluster::{
-    ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo, SecurityStats,
+    ClusterSummary, ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo,
+    SecurityStats,
 };
 pub use config::Config;
 pub use context::{Context, Dataset};

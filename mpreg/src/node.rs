@@ -645,6 +645,14 @@ impl NodeHandle {
         self.state.cluster.view(&self.state)
     }
 
+    /// A few counts of the cluster as this node sees it (nodes, links,
+    /// datasets), cheap enough to poll often even in a large cluster,
+    /// unlike [`cluster_view`](Self::cluster_view), which copies every
+    /// node's functions.
+    pub fn cluster_summary(&self) -> crate::ClusterSummary {
+        self.state.cluster.summary()
+    }
+
     /// Waits until `ready` holds for this node's view of the cluster, or
     /// until `timeout`; returns whether it held. Checks again at every
     /// change of the node's routing (peers, catalogs), and every 20 ms for

@@ -76,7 +76,9 @@ impl Card {
     }
 
     /// The abilities on the card (without descriptions). A dataset index
-    /// out of range is left out.
+    /// out of range is left out. (The cluster reads cards into interned
+    /// offers instead.)
+    #[cfg(test)]
     pub(crate) fn abilities(&self) -> Vec<Ability> {
         self.functions
             .iter()

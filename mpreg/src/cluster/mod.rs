@@ -10,12 +10,14 @@
 
 mod card;
 mod handshake;
+mod routes;
 mod view;
 
 pub(crate) use self::card::Card;
 
 pub use self::view::{
-    ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo, SecurityStats,
+    ClusterSummary, ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo,
+    SecurityStats,
 };
 
 use std::collections::{BTreeSet, HashMap};
@@ -34,6 +36,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use self::handshake::{Acceptor, Dialer, Handshake, Outcome, Refusal};
+use self::routes::{Candidate, Interner, Offer, Routes, choose, random_below};
 use crate::auth;
 use crate::budget::{Allowance, ResultBudget};
 use crate::error::{ErrorCode, RpcError};
@@ -47,7 +50,6 @@ use crate::node::{NodeState, run_local};
 use crate::payload::Payload;
 use crate::plan::{Plan, Step};
 use crate::registry::{Registry, Unavailable};
-use crate::route::{Candidate, choose, random_below};
 use crate::ws;
 
 /// How long the other side of a new link may take to open it (proofs and
@@ -80,7 +82,43 @@ struct Member {
     generation: u64,
     /// The version of the card below.
     version: u64,
-    abilities: Vec<Ability>,
+    /// What it offers, interned.
+    offers: Vec<Offer>,
+}
+
+impl Member {
+    /// What it offers, as abilities (without descriptions).
+    fn abilities(&self) -> Vec<Ability> {
+        self.offers.iter().map(undescribed).collect()
+    }
+}
+
+/// An offer as an ability without description.
+fn undescribed(offer: &Offer) -> Ability {
+    Ability {
+        fun: offer.fun.to_string(),
+        datasets: (*offer.datasets).clone(),
+        idempotent: offer.idempotent,
+        params: Vec::new(),
+        returns: String::new(),
+        doc: String::new(),
+    }
+}
+
+/// An ability, interned.
+fn offer(
+    interner: &mut Interner,
+    fun: &str,
+    datasets: &BTreeSet<String>,
+    idempotent: bool,
+) -> Offer {
+    let (fun, fun_id) = interner.name(fun);
+    Offer {
+        fun,
+        fun_id,
+        datasets: interner.datasets(datasets.clone()),
+        idempotent,
+    }
 }
 
 /// The members known by card, by address, and their keys.
@@ -110,24 +148,6 @@ impl Peer {
     }
 }
 
-/// One place a function can run.
-#[derive(Debug, Clone)]
-struct Route {
-    target: Target,
-    datasets: BTreeSet<String>,
-    idempotent: bool,
-    /// Served here through a leaf's link: counts as "here" for jobs that
-    /// peers send to this node.
-    via_leaf: bool,
-}
-
-/// Function name → every place it runs. Rebuilt whenever a catalog changes;
-/// readers take a cheap snapshot.
-#[derive(Debug, Default)]
-struct Routes {
-    by_fun: HashMap<String, Vec<Route>>,
-}
-
 /// The cluster state of one node.
 #[derive(Debug)]
 pub(crate) struct Cluster {
@@ -135,7 +155,9 @@ pub(crate) struct Cluster {
     members: RwLock<Members>,
     /// Peers with a link (members this node talks to now, and leaves).
     peers: RwLock<HashMap<PeerKey, Peer>>,
-    routes: RwLock<Arc<Routes>>,
+    routes: RwLock<Arc<Routes<Target>>>,
+    /// Names and dataset sets shared by members' offers and routes.
+    interner: std::sync::Mutex<Interner>,
     next_key: AtomicU64,
     /// Our catalog's version: grows whenever what we offer changes.
     version: AtomicU64,
@@ -159,6 +181,7 @@ impl Default for Cluster {
             members: RwLock::new(Members::default()),
             peers: RwLock::new(HashMap::new()),
             routes: RwLock::new(Arc::new(Routes::default())),
+            interner: std::sync::Mutex::new(Interner::default()),
             next_key: AtomicU64::new(1),
             version: AtomicU64::new(1),
             changes: watch::Sender::new(0),
@@ -349,7 +372,7 @@ impl Cluster {
         self.peers.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn routes(&self) -> Arc<Routes> {
+    fn routes(&self) -> Arc<Routes<Target>> {
         self.routes
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -404,7 +427,7 @@ impl Cluster {
             if held.generation == id.generation {
                 held.version = id.version;
                 held.name = card.name.clone();
-                held.abilities = card.abilities();
+                held.offers = self.offers_of(&card);
                 return true;
             }
             let old = held.key;
@@ -419,10 +442,26 @@ impl Cluster {
                 name: card.name.clone(),
                 generation: id.generation,
                 version: id.version,
-                abilities: card.abilities(),
+                offers: self.offers_of(&card),
             },
         );
         true
+    }
+
+    /// What `card` offers, interned.
+    fn offers_of(&self, card: &Card) -> Vec<Offer> {
+        let mut interner = self.interner.lock().unwrap_or_else(PoisonError::into_inner);
+        card.functions
+            .iter()
+            .map(|f| {
+                let datasets: BTreeSet<String> = f
+                    .datasets
+                    .iter()
+                    .filter_map(|&i| card.datasets.get(i as usize).cloned())
+                    .collect();
+                offer(&mut interner, &f.name, &datasets, f.idempotent)
+            })
+            .collect()
     }
 
     /// A receiver that sees a new value whenever routing changes.
@@ -451,47 +490,69 @@ impl Cluster {
     /// Recomputes the routes from our registry, every member's card and
     /// every leaf's catalog.
     pub(crate) fn rebuild(&self, registry: &Registry) {
-        let mut by_fun: HashMap<String, Vec<Route>> = HashMap::new();
-        for f in registry.iter() {
-            by_fun.entry(f.name.clone()).or_default().push(Route {
-                target: Target::Local,
-                datasets: f.datasets.clone(),
-                idempotent: f.idempotent,
-                via_leaf: false,
-            });
-        }
-        for member in self.read_members().by_addr.values() {
-            for a in &member.abilities {
-                by_fun.entry(a.fun.clone()).or_default().push(Route {
-                    target: Target::Peer(member.key),
-                    datasets: a.datasets.clone(),
-                    idempotent: a.idempotent,
-                    via_leaf: false,
-                });
-            }
-        }
-        // Leaves are known by their link; and a node that is no member
-        // (itself a leaf) knows its gateways by their links too.
-        let members = self.read_members();
-        for (&key, peer) in self.read_peers().iter() {
-            let by_card = peer
-                .addr
-                .is_some_and(|addr| members.by_addr.contains_key(&addr));
-            if by_card || peer.link.is_closed() {
-                continue;
-            }
-            for a in &peer.catalog.functions {
-                by_fun.entry(a.fun.clone()).or_default().push(Route {
-                    target: Target::Peer(key),
-                    datasets: a.datasets.clone(),
-                    idempotent: a.idempotent,
-                    via_leaf: peer.is_leaf(),
-                });
-            }
-        }
-        drop(members);
-        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Routes { by_fun });
+        let table = {
+            let mut interner = self.interner.lock().unwrap_or_else(PoisonError::into_inner);
+            let own: Vec<Offer> = registry
+                .iter()
+                .map(|f| offer(&mut interner, &f.name, &f.datasets, f.idempotent))
+                .collect();
+            let members = self.read_members();
+            // Leaves are known by their link; and a node that is no member
+            // (itself a leaf) knows its gateways by their links too.
+            let linked: Vec<(PeerKey, bool, Vec<Offer>)> = self
+                .read_peers()
+                .iter()
+                .filter(|(_, p)| {
+                    !p.link.is_closed() && !p.addr.is_some_and(|a| members.by_addr.contains_key(&a))
+                })
+                .map(|(&key, p)| {
+                    let offers = p
+                        .catalog
+                        .functions
+                        .iter()
+                        .map(|a| offer(&mut interner, &a.fun, &a.datasets, a.idempotent))
+                        .collect();
+                    (key, p.is_leaf(), offers)
+                })
+                .collect();
+            let places = std::iter::once((Target::Local, false, &own[..]))
+                .chain(
+                    members
+                        .by_addr
+                        .values()
+                        .map(|m| (Target::Peer(m.key), false, &m.offers[..])),
+                )
+                .chain(
+                    linked
+                        .iter()
+                        .map(|(key, leaf, offers)| (Target::Peer(*key), *leaf, &offers[..])),
+                );
+            let table = Routes::build(interner.names(), places);
+            drop(members);
+            drop(linked);
+            drop(own);
+            interner.prune();
+            table
+        };
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
         self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// How many nodes this node knows (itself included), how many it has a
+    /// link to, and how many datasets they have: no copy of the view, for
+    /// polling (counting the datasets is one pass over the routes).
+    pub(crate) fn summary(&self) -> ClusterSummary {
+        let members = self.read_members();
+        let peers = self.read_peers();
+        let others = peers
+            .values()
+            .filter(|p| !p.addr.is_some_and(|a| members.by_addr.contains_key(&a)))
+            .count();
+        ClusterSummary {
+            nodes: 1 + members.by_addr.len() + others,
+            linked: peers.values().filter(|p| !p.link.is_closed()).count(),
+            datasets: self.routes().datasets(),
+        }
     }
 
     /// The places that can run `fun` with every dataset in `locs`, within
@@ -505,7 +566,7 @@ impl Cluster {
         exclude: Option<Target>,
     ) -> Result<Vec<Candidate<Target>>, RpcError> {
         let routes = self.routes();
-        let Some(all) = routes.by_fun.get(fun) else {
+        let Some(all) = routes.get(fun) else {
             return Err(Unavailable::NoFunction.error(fun, locs));
         };
         let candidates: Vec<Candidate<Target>> = all
@@ -538,7 +599,6 @@ impl Cluster {
         let routes = self.routes();
         job.steps.iter().all(|s| {
             routes
-                .by_fun
                 .get(&s.fun)
                 .is_some_and(|rs| rs.iter().all(|r| r.idempotent))
         })
@@ -659,6 +719,11 @@ impl Cluster {
         }
     }
 
+    /// Members known by card.
+    pub(crate) fn members(&self) -> usize {
+        self.read_members().by_addr.len()
+    }
+
     /// Whether there is a live link to the node at `addr`.
     pub(crate) fn linked(&self, addr: SocketAddr) -> bool {
         self.read_peers()
@@ -686,9 +751,9 @@ impl Cluster {
         let members = self.read_members();
         for m in members.by_addr.values() {
             places.extend(
-                m.abilities
+                m.offers
                     .iter()
-                    .map(|a| (m.name.clone(), Some(m.key), a.clone())),
+                    .map(|o| (m.name.clone(), Some(m.key), undescribed(o))),
             );
         }
         for (&key, p) in self.read_peers().iter() {
@@ -751,7 +816,7 @@ impl Cluster {
                     load: link.map_or(0, Link::load),
                     jobs_sent: link.map(Link::jobs_sent),
                     linked: link.is_some(),
-                    functions: info(&m.abilities),
+                    functions: info(&m.abilities()),
                     gossip: None,
                     security: None,
                 }
@@ -1494,6 +1559,12 @@ pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
 /// How often, at most, routing is rebuilt for what membership reports:
 /// cards arriving together (a thousand at join) make one rebuild.
 const REBUILD_AT_MOST_EVERY: Duration = Duration::from_millis(50);
+/// What each member adds to the time between two rebuilds.
+const REBUILD_PER_MEMBER: Duration = Duration::from_micros(250);
+/// Rebuilding takes at most one part in this many of the time: in a large
+/// cluster (a rebuild copies a pointer per function per member), rebuilds
+/// space out as they grow.
+const REBUILD_SHARE: u32 = 20;
 
 /// Follows membership: takes the cards of members (routing to them needs
 /// no link), and forgets members that fail, leave or restart, closing
@@ -1503,22 +1574,27 @@ pub(crate) async fn follow_membership(
     state: Arc<NodeState>,
     mut events: mpsc::Receiver<MemberEvent>,
 ) {
-    let mut last_rebuild: Option<Instant> = None;
+    let mut next_rebuild = Instant::now();
     loop {
         let Some(first) = events.recv().await else {
             return;
         };
         // Rebuilding at most every so often: wait for the rest of a burst.
-        if let Some(last) = last_rebuild {
-            tokio::time::sleep_until(last + REBUILD_AT_MOST_EVERY).await;
-        }
+        tokio::time::sleep_until(next_rebuild).await;
         let mut changed = follow(&state, first);
         while let Ok(event) = events.try_recv() {
             changed |= follow(&state, event);
         }
         if changed {
+            let started = Instant::now();
             state.cluster.rebuild(&state.registry());
-            last_rebuild = Some(Instant::now());
+            let took = started.elapsed();
+            // Each member adds a little wait: in a large cluster, a node
+            // rebuilds a few times a second while cards pour in, not
+            // twenty (many nodes may share a machine).
+            let members = u32::try_from(state.cluster.members()).unwrap_or(u32::MAX);
+            let floor = REBUILD_AT_MOST_EVERY + REBUILD_PER_MEMBER.saturating_mul(members);
+            next_rebuild = Instant::now() + floor.max(took * REBUILD_SHARE);
         }
     }
 }

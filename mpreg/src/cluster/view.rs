@@ -35,6 +35,33 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
+/// A few counts of the cluster as one node sees it, cheap to take (no
+/// copy of the view): what to poll when waiting for a large cluster to
+/// converge. What [`NodeHandle::cluster_summary`](crate::NodeHandle::cluster_summary)
+/// returns.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), mpreg::Error> {
+/// let node = mpreg::Node::builder().datasets(["model-a"]).start().await?;
+/// let summary = node.cluster_summary();
+/// assert_eq!((summary.nodes, summary.linked, summary.datasets), (1, 0, 1));
+/// # node.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ClusterSummary {
+    /// Nodes known, the viewing node included: members by their gossiped
+    /// cards, leaves by their links.
+    pub nodes: usize,
+    /// Peers the viewing node has a link to now.
+    pub linked: usize,
+    /// Distinct datasets offered anywhere in the cluster, as routing sees
+    /// them.
+    pub datasets: usize,
+}
+
 /// One node in a [`ClusterView`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -43,6 +43,18 @@ pub(crate) const KIND_SWIM: u8 = 0;
 pub(crate) const KIND_ASK: u8 = 1;
 /// A part of the sender's card.
 pub(crate) const KIND_PART: u8 = 2;
+/// Cards the sender holds, whole, several to a packet (see
+/// [`Cards::bulk`]).
+pub(crate) const KIND_CARDS: u8 = 5;
+
+/// One card in a [`KIND_CARDS`] packet.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Carried {
+    addr: SocketAddr,
+    generation: u64,
+    version: u64,
+    card: Vec<u8>,
+}
 
 /// Bytes of an ask: kind, generation, version, part.
 const ASK_LEN: usize = 1 + 8 + 8 + 2;
@@ -83,8 +95,9 @@ impl Want {
 pub(crate) struct Cards {
     /// Our card, as encoded by the cluster.
     own: Arc<[u8]>,
-    /// The identity (generation, version) of every card held, by address.
-    held: HashMap<SocketAddr, (u64, u64)>,
+    /// Every card held, by address: its identity (generation, version)
+    /// and the card, to pass on to members that join.
+    held: HashMap<SocketAddr, (u64, u64, Arc<[u8]>)>,
     /// Cards wanted, by address.
     wants: HashMap<SocketAddr, Want>,
     /// Wanted cards not asked for yet, oldest first (entries no longer
@@ -114,7 +127,11 @@ impl Cards {
     /// Wants the card of `id` unless one as recent is held or wanted.
     pub(crate) fn want(&mut self, id: MemberId) {
         let key = (id.generation, id.version);
-        if self.held.get(&id.addr).is_some_and(|held| *held >= key) {
+        if self
+            .held
+            .get(&id.addr)
+            .is_some_and(|(generation, version, _)| (*generation, *version) >= key)
+        {
             return;
         }
         match self.wants.get_mut(&id.addr) {
@@ -138,6 +155,11 @@ impl Cards {
     pub(crate) fn forget(&mut self, addr: SocketAddr) {
         self.held.remove(&addr);
         self.wants.remove(&addr);
+    }
+
+    /// Cards wanted and not held yet.
+    pub(crate) fn wanted(&self) -> usize {
+        self.wants.len()
     }
 
     /// When [`Cards::poll`] has something to do next: the earliest
@@ -259,14 +281,95 @@ impl Cards {
         let Some(want) = self.wants.remove(&from) else {
             return (None, None);
         };
-        let card: Vec<u8> = want.parts.into_iter().flatten().flatten().collect();
-        self.held.insert(from, (generation, version));
-        let arrived = Arrived {
-            id: want.id,
-            card: card.into(),
-        };
+        let card: Arc<[u8]> = want
+            .parts
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect::<Vec<u8>>()
+            .into();
+        self.held.insert(from, (generation, version, card.clone()));
+        let arrived = Arrived { id: want.id, card };
         (Some(arrived), None)
     }
+
+    /// Every card held, and ours (identity `me`), packed several to a
+    /// packet (each packet's cards at most [`PART_BYTES`] bytes): what a
+    /// member that joins gets from one member instead of asking each
+    /// owner. A card too large for a packet is left out (its owner is
+    /// asked).
+    pub(crate) fn bulk(&self, me: MemberId) -> Vec<Vec<u8>> {
+        let own = (me.addr, (me.generation, me.version, &self.own));
+        let all = self
+            .held
+            .iter()
+            .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
+            .chain(std::iter::once(own));
+        let mut packets = Vec::new();
+        let mut batch: Vec<Carried> = Vec::new();
+        let mut size = 0;
+        for (addr, (generation, version, card)) in all {
+            // Address, numbers and length prefix: at most 40 bytes.
+            let len = card.len() + 40;
+            if len > PART_BYTES {
+                continue;
+            }
+            if size + len > PART_BYTES {
+                packets.push(encode_carried(&batch));
+                batch.clear();
+                size = 0;
+            }
+            batch.push(Carried {
+                addr,
+                generation,
+                version,
+                card: card.to_vec(),
+            });
+            size += len;
+        }
+        if !batch.is_empty() {
+            packets.push(encode_carried(&batch));
+        }
+        packets
+    }
+
+    /// Takes the cards of a [`KIND_CARDS`] packet (its kind byte left
+    /// out) that are wanted, of the generation wanted and at least the
+    /// version; returns them. `None` when malformed.
+    pub(crate) fn receive_bulk(&mut self, body: &[u8]) -> Option<Vec<Arrived>> {
+        let carried: Vec<Carried> = postcard::from_bytes(body).ok()?;
+        let mut arrived = Vec::new();
+        for c in carried {
+            let Some(want) = self.wants.get(&c.addr) else {
+                continue;
+            };
+            let usable = c.generation == want.id.generation && c.version >= want.id.version;
+            if !usable {
+                continue;
+            }
+            self.wants.remove(&c.addr);
+            let card: Arc<[u8]> = c.card.into();
+            self.held
+                .insert(c.addr, (c.generation, c.version, card.clone()));
+            let id = MemberId {
+                addr: c.addr,
+                generation: c.generation,
+                version: c.version,
+            };
+            arrived.push(Arrived { id, card });
+        }
+        Some(arrived)
+    }
+}
+
+/// A [`KIND_CARDS`] packet of `cards`.
+fn encode_carried(cards: &[Carried]) -> Vec<u8> {
+    let mut packet = vec![KIND_CARDS];
+    // Addresses, numbers and bytes: encoding cannot fail.
+    if let Ok(body) = postcard::to_allocvec(cards) {
+        packet.extend_from_slice(&body);
+    }
+    packet
 }
 
 /// The header fields and body of a part; `None` when malformed.
@@ -333,6 +436,42 @@ mod tests {
         assert_eq!(cards.wants.len(), 0);
         cards.want(id(2, 1, 2));
         assert_eq!(cards.wants.len(), 1);
+    }
+
+    #[test]
+    fn held_cards_pass_on_in_bulk_to_who_wants_them() {
+        let mut holder = Cards::new(Arc::from(&b"holder's"[..]));
+        for port in 2..=40u16 {
+            holder.want(id(port, 1, 1));
+            fetch(
+                &mut holder,
+                id(port, 1, 1),
+                format!("card {port}").as_bytes(),
+            );
+        }
+        // Too large for a packet: left out of the bulk.
+        holder.want(id(50, 1, 1));
+        fetch(&mut holder, id(50, 1, 1), &[7u8; PART_BYTES]);
+        let me = id(1, 1, 3);
+        let packets = holder.bulk(me);
+        assert!(packets.len() > 1, "several packets");
+        assert!(packets.iter().all(|p| p.len() <= PART_BYTES + 1));
+
+        let mut joiner = Cards::new(Arc::from(&b""[..]));
+        joiner.want(me);
+        joiner.want(id(7, 1, 1));
+        joiner.want(id(8, 2, 1)); // another generation than held: not taken
+        joiner.want(id(50, 1, 1));
+        let arrived: Vec<Arrived> = packets
+            .iter()
+            .flat_map(|p| joiner.receive_bulk(&p[1..]).expect("well formed"))
+            .collect();
+        let ids: Vec<MemberId> = arrived.iter().map(|a| a.id).collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(ids.contains(&me) && ids.contains(&id(7, 1, 1)));
+        assert!(arrived.iter().any(|a| &*a.card == b"card 7"));
+        assert_eq!(joiner.wants.len(), 2, "8 and 50 are asked of their owners");
+        assert!(joiner.receive_bulk(&[0xff, 0xff]).is_none());
     }
 
     #[test]

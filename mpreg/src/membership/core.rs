@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
-use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use tokio::time::Instant;
 
-use super::cards::{Cards, KIND_ASK, KIND_PART, KIND_SWIM, PART_BYTES};
+use super::cards::{Cards, KIND_ASK, KIND_CARDS, KIND_PART, KIND_SWIM, PART_BYTES};
 use super::{MemberEvent, MemberId, MemberView, MembershipConfig, REANNOUNCE_AFTER_CHANGE};
 use crate::auth::Secret;
 
@@ -35,11 +35,14 @@ pub(crate) const KIND_STATE: u8 = 4;
 /// [`PART_BYTES`].
 const STATE_PART_MEMBERS: usize = PART_BYTES / 44;
 
+/// A pull asks for the cards too when more than this many are wanted.
+const BULK_WHEN_WANTED: usize = 16;
+
 /// After joining, the whole membership state is pulled from a random
 /// member after this long, then twice as long each time up to
 /// [`SYNC_MAX`]: anti-entropy for what gossip missed (a rumor reaches
 /// most nodes in a few rounds, but a few nodes in a thousand miss it).
-const SYNC_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const SYNC_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest time between two pulls of the membership state.
 const SYNC_MAX: std::time::Duration = std::time::Duration::from_secs(32);
 
@@ -69,8 +72,14 @@ pub(crate) struct Core {
     renewed: Option<MemberId>,
     /// When to pull the membership state from a random member next.
     next_sync: Option<Instant>,
-    /// Periodic pulls so far.
-    syncs: usize,
+    /// Picks the members to pull from, and when.
+    rng: SmallRng,
+    /// Set at join until the first pull, which asks for the cards too.
+    joining: bool,
+    /// foca's configuration, and the cluster size its retransmissions are
+    /// tuned for.
+    config: foca::Config,
+    tuned_for: usize,
     /// The time between the last pull and the next.
     sync_every: std::time::Duration,
 }
@@ -94,8 +103,10 @@ impl Core {
         card: Arc<[u8]>,
     ) -> io::Result<Self> {
         let foca_config = config.foca_config()?;
+        let mut rng = rng;
+        let own_rng = SmallRng::from_rng(&mut rng);
         Ok(Self {
-            foca: Foca::new(id, foca_config, rng, PostcardCodec),
+            foca: Foca::new(id, foca_config.clone(), rng, PostcardCodec),
             runtime: AccumulatingRuntime::new(),
             timers: BinaryHeap::new(),
             view: MemberView::default(),
@@ -106,7 +117,10 @@ impl Core {
             dropped: 0,
             renewed: None,
             next_sync: None,
-            syncs: 0,
+            rng: own_rng,
+            joining: false,
+            config: foca_config.clone(),
+            tuned_for: 0,
             sync_every: SYNC_FIRST,
         })
     }
@@ -178,17 +192,47 @@ impl Core {
                     None => self.dropped += 1,
                 }
             }
-            KIND_STATE_ASK if body.is_empty() && self.view.up.contains_key(&from) => {
+            KIND_STATE_ASK if body.len() <= 1 && self.view.up.contains_key(&from) => {
                 for part in self.state_parts() {
                     self.queue(from, part);
                 }
+                // Asked with the cards too: after the members, so they are
+                // wanted by the time the cards arrive.
+                if body == [1] {
+                    let me = self.id();
+                    for part in self.cards.bulk(me) {
+                        self.queue(from, part);
+                    }
+                }
             }
+            KIND_CARDS => match self.cards.receive_bulk(body) {
+                Some(arrived) => {
+                    self.events
+                        .extend(arrived.into_iter().map(|a| MemberEvent::Card {
+                            id: a.id,
+                            card: a.card,
+                        }));
+                }
+                None => self.dropped += 1,
+            },
             KIND_STATE => match postcard::from_bytes::<Vec<Member<MemberId>>>(body) {
                 // Not broadcast again: the sender has gossiped it already.
                 Ok(members) => {
+                    // Only what may be news (members not up here, downs):
+                    // foca finds a member by a linear search, so applying a
+                    // thousand known members costs a million steps.
+                    let me = self.id().addr;
+                    let news: Vec<Member<MemberId>> = members
+                        .into_iter()
+                        .filter(|m| {
+                            let known_up = m.state() != foca::State::Down
+                                && self.view.up.get(&m.id().addr) == Some(m.id());
+                            m.id().addr != me && !known_up
+                        })
+                        .collect();
                     if let Err(error) =
                         self.foca
-                            .apply_many(members.into_iter(), false, &mut self.runtime)
+                            .apply_many(news.into_iter(), false, &mut self.runtime)
                     {
                         tracing::debug!(%from, %error, "membership state not applied");
                     }
@@ -270,9 +314,12 @@ impl Core {
             .collect()
     }
 
-    /// Pulls the whole membership state from `from`.
+    /// Pulls the whole membership state from `from`, with every card it
+    /// holds when many are wanted here (at join).
     fn sync_with(&mut self, from: SocketAddr) {
-        self.queue(from, vec![KIND_STATE_ASK]);
+        let with_cards = self.joining || self.cards.wanted() > BULK_WHEN_WANTED;
+        self.joining = false;
+        self.queue(from, vec![KIND_STATE_ASK, u8::from(with_cards)]);
     }
 
     /// Runs what is due at `now`: foca's timers (in deadline, then foca's,
@@ -281,10 +328,9 @@ impl Core {
         if self.next_sync.is_some_and(|at| at <= now) {
             self.sync_every = (self.sync_every * 2).min(SYNC_MAX);
             self.next_sync = Some(now + self.sync_every);
-            // A different member each time (the map's order is random).
-            self.syncs += 1;
             let count = self.view.up.len().max(1);
-            let member = self.view.up.keys().nth(self.syncs % count).copied();
+            let pick = self.rng.random_range(0..count);
+            let member = self.view.up.keys().nth(pick).copied();
             if let Some(member) = member {
                 self.sync_with(member);
             }
@@ -355,10 +401,15 @@ impl Core {
                 // The first member seen (at join, or after being cut off):
                 // pull everything it knows at once, rather than waiting for
                 // gossip to bring each member.
-                if alone && let MemberEvent::Up(id) = &event {
-                    self.sync_with(id.addr);
-                    self.sync_every = SYNC_FIRST;
-                    self.next_sync = Some(now + SYNC_FIRST);
+                // Not at once, and not necessarily from the member that
+                // let us in (a seed that a thousand nodes join at once
+                // would send a thousand states): from a random member,
+                // within half a second.
+                if alone && let MemberEvent::Up(_) = &event {
+                    self.joining = true;
+                    self.sync_every = SYNC_FIRST / 2;
+                    let jitter = self.rng.random_range(0..SYNC_FIRST.as_millis() as u64 / 2);
+                    self.next_sync = Some(now + std::time::Duration::from_millis(jitter));
                 }
                 match &event {
                     MemberEvent::Up(id) | MemberEvent::Changed { new: id, .. } => {
@@ -377,6 +428,16 @@ impl Core {
         }
         for (to, ask) in self.cards.poll(now) {
             self.queue(to, ask);
+        }
+        // Retransmissions follow the cluster's size (by doubling or
+        // halving, not at every member).
+        let members = self.view.up.len();
+        if members > self.tuned_for.saturating_mul(2).max(8) || members < self.tuned_for / 2 {
+            self.tuned_for = members;
+            self.config.max_transmissions = super::max_transmissions(members);
+            if let Err(error) = self.foca.set_config(self.config.clone()) {
+                tracing::debug!(%error, "retuning retransmissions failed");
+            }
         }
     }
 }

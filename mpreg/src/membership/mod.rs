@@ -70,14 +70,21 @@ const MAX_PACKET_SIZE: NonZeroUsize = match NonZeroUsize::new(1400) {
     None => unreachable!(),
 };
 
-/// Cluster size foca's LAN preset is tuned for (it sets how many times an
-/// update is retransmitted: 7 times at this size). Enough for a few
-/// thousand nodes: what a rumor misses, the periodic pull of the whole
-/// membership state (`core.rs`) brings.
-const EXPECTED_CLUSTER_SIZE: NonZeroU32 = match NonZeroU32::new(64) {
-    Some(size) => size,
-    None => unreachable!(),
-};
+/// How many times each node sends each membership update on, for a cluster
+/// of `members` (foca's LAN preset says 4·log10(n+1): 4 for 16 nodes, 12
+/// for 1,000; this is 3·log10(n+1), at least 4). Updated as the cluster
+/// grows (`core.rs`). Not more: foca finds a member by a linear search,
+/// so every update a node receives costs a pass over all members; what a
+/// rumor misses, the pulls of the whole membership state bring.
+pub(crate) fn max_transmissions(members: usize) -> std::num::NonZeroU8 {
+    let tx = (3.0 * ((members as f64) + 1.0).log10()).ceil();
+    let tx = if tx.is_finite() {
+        tx.clamp(4.0, 12.0) as u8
+    } else {
+        4
+    };
+    std::num::NonZeroU8::new(tx).unwrap_or(std::num::NonZeroU8::MIN)
+}
 
 /// How long a down identity is remembered. An identity that is forgotten
 /// could be resurrected by stale gossip; restarts use a new generation, so a
@@ -178,8 +185,8 @@ pub(crate) enum MemberEvent {
 #[derive(Debug, Clone)]
 pub(crate) struct MembershipConfig {
     /// How often a random member is probed. Also sets the periodic announce
-    /// (every probe period, to one member) that helps discovery: members
-    /// that joined at the same moment learn of each other within a period.
+    /// (every ten probe periods, to one member); discovery itself is the
+    /// pulls of the whole membership state.
     pub(crate) probe_period: Duration,
     /// How long to wait for a direct ack before asking others to probe
     /// indirectly. Must be shorter than `probe_period`.
@@ -222,7 +229,7 @@ impl MembershipConfig {
 
     /// foca's LAN preset with our timings. Rejects timings foca cannot work
     /// with (zero, or a probe round trip not shorter than the probe period).
-    fn foca_config(&self) -> io::Result<foca::Config> {
+    pub(crate) fn foca_config(&self) -> io::Result<foca::Config> {
         let zero = [
             self.probe_period,
             self.probe_rtt,
@@ -236,7 +243,8 @@ impl MembershipConfig {
                 format!("invalid membership timings: {self:?}"),
             ));
         }
-        let mut config = foca::Config::new_lan(EXPECTED_CLUSTER_SIZE);
+        let mut config = foca::Config::new_lan(NonZeroU32::MIN);
+        config.max_transmissions = max_transmissions(0);
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspect_to_down;
@@ -251,8 +259,11 @@ impl MembershipConfig {
         config.max_packet_size =
             NonZeroUsize::new(MAX_PACKET_SIZE.get() - 1 - tag).unwrap_or(MAX_PACKET_SIZE);
         config.notify_down_members = true;
+        // Discovery is the pulls of the whole state (`core.rs`); an
+        // announce brings a feed of members, each applied by a linear
+        // search, so not too often.
         config.periodic_announce = Some(PeriodicParams {
-            frequency: self.probe_period,
+            frequency: self.probe_period * 10,
             num_members: NonZeroUsize::MIN,
         });
         config.periodic_gossip = Some(PeriodicParams {
@@ -349,7 +360,47 @@ pub(crate) struct Membership {
     task: Arc<Mutex<Option<Task>>>,
 }
 
-/// The membership task, which runs on a thread of its own (see `start`).
+/// The socket of a membership task, closed before the task's end is told.
+struct Closing {
+    socket: UdpSocket,
+    _finished: oneshot::Sender<()>,
+}
+
+/// The runtime the gossip of every node of this process runs on: one
+/// thread of its own, started with the first node.
+fn gossip_runtime() -> io::Result<tokio::runtime::Handle> {
+    static RUNTIME: Mutex<Option<tokio::runtime::Handle>> = Mutex::new(None);
+    let mut shared = RUNTIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = shared.as_ref() {
+        return Ok(handle.clone());
+    }
+    let (ready, handle) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("mpreg-gossip".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    let _ = ready.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            }
+        })?;
+    let handle = handle
+        .recv()
+        .map_err(|_| io::Error::other("the gossip thread stopped at start"))??;
+    *shared = Some(handle.clone());
+    Ok(handle)
+}
+
+/// The membership task, which runs on the gossip thread (see `start`).
 #[derive(Debug)]
 struct Task {
     abort: AbortHandle,
@@ -403,43 +454,30 @@ impl Membership {
             dropped: Arc::clone(&dropped),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
-        // Failure detection runs on a thread and runtime of its own: a node
-        // whose workers are busy (decoding a huge message, a handler that
-        // blocks) still answers probes, so it is not declared dead.
-        let (ready_tx, ready_rx) = oneshot::channel::<io::Result<AbortHandle>>();
+        // Failure detection runs on a thread and runtime of its own, shared
+        // by the nodes of this process: a node whose workers are busy
+        // (decoding a huge message, a handler that blocks) still answers
+        // probes, so it is not declared dead; and a process with a hundred
+        // nodes has one gossip thread, not a hundred.
+        let runtime = gossip_runtime()?;
+        let socket = {
+            let _entered = runtime.enter();
+            UdpSocket::from_std(socket)?
+        };
         let (finished_tx, finished_rx) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("mpreg-membership".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
+        let task = runtime.spawn(
+            async move {
+                // Dropped in this order however the task ends (aborted
+                // too): the socket closes, then the waiters hear it.
+                let closing = Closing {
+                    socket,
+                    _finished: finished_tx,
                 };
-                runtime.block_on(async move {
-                    let socket = match UdpSocket::from_std(socket) {
-                        Ok(socket) => socket,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let task =
-                        tokio::spawn(driver.run(socket, commands_rx, advert_rx).instrument(span));
-                    let _ = ready_tx.send(Ok(task.abort_handle()));
-                    let _ = task.await;
-                });
-                // Dropping the runtime closed the socket: tell the waiters.
-                drop(finished_tx);
-            })?;
-        let abort = ready_rx
-            .await
-            .map_err(|_| io::Error::other("the membership thread stopped at start"))??;
+                driver.run(&closing.socket, commands_rx, advert_rx).await;
+            }
+            .instrument(span),
+        );
+        let abort = task.abort_handle();
         let task = Task {
             abort,
             finished: finished_rx,
@@ -567,7 +605,7 @@ impl Driver {
     /// cleanly).
     async fn run(
         mut self,
-        socket: UdpSocket,
+        socket: &UdpSocket,
         mut commands: mpsc::Receiver<Command>,
         mut wanted: watch::Receiver<Advert>,
     ) {
@@ -604,12 +642,12 @@ impl Driver {
                 Wake::Timer => self.core.tick(now),
                 Wake::Command(Some(Command::Leave) | None) | Wake::Advert(Err(_)) => {
                     self.core.leave(now);
-                    self.flush(&socket).await;
+                    self.flush(socket).await;
                     tracing::debug!("left the cluster");
                     return;
                 }
             }
-            self.flush(&socket).await;
+            self.flush(socket).await;
         }
     }
 

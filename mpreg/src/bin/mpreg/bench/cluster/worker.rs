@@ -5,10 +5,10 @@
 //!
 //! Nodes are polled only while something is watched (convergence, a killed
 //! node leaving the views), never during the idle window. Looking at a
-//! node means building its `cluster_view()`, the only public way to see
-//! its membership, whose cost grows with the cluster (a few milliseconds
-//! at 256 nodes): looking at every node every 100 ms would take more CPU
-//! than the cluster itself. So a pass looks at the nodes not yet done,
+//! node means taking its `cluster_summary()` (nodes and datasets counted,
+//! one pass over its routes), whose cost still grows with the cluster:
+//! looking at every node every 100 ms could take more CPU than the
+//! cluster itself. So a pass looks at the nodes not yet done,
 //! those that saw least first, and stops at the first that is not done:
 //! while the worker is not done, a pass costs one view, and the moment its
 //! last node is done is still seen at the next pass. Passes come every
@@ -19,8 +19,8 @@
 //! more (one could have lost a peer since). For the progress figures
 //! (fewest and most nodes and datasets a view holds), a survey looks at
 //! every node not yet done at most every 5 s, and within another tenth of
-//! a core; a `Stop` order surveys at once. What polling cost (the time inside `cluster_view()`
-//! and the count) and the longest time between two passes (what a
+//! a core; a `Stop` order surveys at once. What polling cost (the time inside
+//! `cluster_summary()`) and the longest time between two passes (what a
 //! reported time may be late by) are reported with the outcome.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,7 +28,7 @@ use std::io::BufRead as _;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use mpreg::{ClusterView, Command, Node, NodeHandle, Request};
+use mpreg::{Command, Node, NodeHandle, Request};
 use tokio::sync::mpsc;
 
 use super::procfs;
@@ -325,7 +325,7 @@ impl Worker {
                         c.pending.remove(&i);
                         continue;
                     };
-                    let seen = c.polling.look(|| count_view(&node.cluster_view(), total));
+                    let seen = c.polling.look(|| seen_by(node));
                     c.seen.insert(i, seen);
                     if seen == (total, total) {
                         c.pending.remove(&i);
@@ -343,7 +343,7 @@ impl Worker {
                 }
                 if c.pending.is_empty() {
                     for (&i, node) in &self.nodes {
-                        let seen = c.polling.look(|| count_view(&node.cluster_view(), total));
+                        let seen = c.polling.look(|| seen_by(node));
                         c.seen.insert(i, seen);
                         if seen != (total, total) {
                             c.pending.insert(i);
@@ -367,9 +367,9 @@ impl Worker {
                         g.pending.remove(&i);
                         continue;
                     };
-                    let listed = g
-                        .polling
-                        .look(|| node.cluster_view().node(&g.name).is_some());
+                    // Nothing else changes meanwhile: the killed node is
+                    // gone from a view once it counts one node less.
+                    let listed = g.polling.look(|| node.cluster_summary().nodes >= total);
                     if !listed {
                         g.pending.remove(&i);
                     } else if !full {
@@ -484,22 +484,12 @@ impl Polling {
     }
 }
 
-/// How many nodes `view` has, and how many of the datasets `d0..d{total-1}`
-/// some node of it offers.
-fn count_view(view: &ClusterView, total: usize) -> (usize, usize) {
-    let mut offered = vec![false; total];
-    for node in &view.nodes {
-        for dataset in node.functions.iter().flat_map(|f| &f.datasets) {
-            if let Some(i) = dataset
-                .strip_prefix('d')
-                .and_then(|n| n.parse::<usize>().ok())
-                && let Some(slot) = offered.get_mut(i)
-            {
-                *slot = true;
-            }
-        }
-    }
-    (view.nodes.len(), offered.iter().filter(|&&o| o).count())
+/// How many nodes and datasets `node` sees, from its cluster summary (every
+/// node of the bench has one dataset of its own, so all of them are seen
+/// when the count is the number of nodes).
+fn seen_by(node: &NodeHandle) -> (usize, usize) {
+    let summary = node.cluster_summary();
+    (summary.nodes, summary.datasets)
 }
 
 /// Progress of `nodes` nodes of which `pending` are not converged, from
@@ -533,25 +523,9 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn a_view_is_counted_in_nodes_and_datasets() {
-        let view: ClusterView = serde_json::from_value(json!({
-            "self": "n0",
-            "nodes": [
-                {"name": "n0", "addr": "127.0.0.1:1", "status": "self", "generation": 1, "load": 0,
-                 "functions": [{"fun": "echo", "datasets": ["d0"]}, {"fun": "echos", "datasets": ["d0"]}]},
-                {"name": "n2", "addr": "127.0.0.1:2", "status": "up", "generation": 1, "load": 0,
-                 "functions": [{"fun": "echo", "datasets": ["d2", "other", "d99"]}]},
-                {"name": "n3", "addr": "127.0.0.1:3", "status": "up", "generation": 1, "load": 0,
-                 "functions": []}
-            ]
-        }))
-        .expect("a view");
-        assert_eq!(count_view(&view, 4), (3, 2));
-        assert_eq!(count_view(&view, 100), (3, 3));
-
+    fn progress_spans_what_the_nodes_saw() {
         let p = progress(3, 1, [(3, 2), (4, 4), (1, 0)].into_iter());
         assert_eq!((p.converged, p.seen_nodes_min, p.seen_nodes_max), (2, 1, 4));
         assert_eq!((p.seen_datasets_min, p.seen_datasets_max), (0, 4));
