@@ -1,0 +1,369 @@
+//! Where the commands of a request (or of a job a peer sent) run, and
+//! running them there: the [`Placer`] the executor dispatches through,
+//! jobs sent to peers (over a link opened on demand, retried once elsewhere
+//! when idempotent), jobs peers send here, and `mpreg.functions`.
+
+use super::driver::dial;
+use super::*;
+
+/// Which places a placement may choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Anywhere in the cluster (a client's request).
+    Cluster,
+    /// This node and its leaves only (a job a peer routed here).
+    Here,
+}
+
+/// Every function in the cluster as this node sees it, described, with the
+/// nodes that run it (what `mpreg.functions` returns). Members' cards carry
+/// no descriptions: a function described nowhere at hand is described by
+/// one node that runs it (`mpreg.describe`, over a link), at most
+/// [`DESCRIBE_AT_ONCE`] nodes asked at once; a node that cannot answer
+/// leaves its functions undescribed.
+pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
+    let places = state.cluster.places(state);
+    let (mut by_fun, mut described) = function_table(&places);
+    // One node to ask per function still undescribed, each node once.
+    let mut ask: HashMap<PeerKey, Vec<String>> = HashMap::new();
+    for (_, key, a) in &places {
+        if let Some(key) = key
+            && !described.contains(&a.fun)
+        {
+            described.insert(a.fun.clone());
+            ask.entry(*key).or_default().push(a.fun.clone());
+        }
+    }
+    let placer = Placer {
+        state: state.clone(),
+        scope: Scope::Cluster,
+        deadline: Instant::now() + DESCRIBE_TIMEOUT,
+        trace: Arc::from("mpreg.functions"),
+        budget: ResultBudget::new(state.config.reply_budget(), state.inflight_bytes.clone()),
+    };
+    let answers = futures_util::stream::iter(ask)
+        .map(|(key, names)| {
+            let placer = placer.clone();
+            async move {
+                let step = Step {
+                    name: "describe".to_owned(),
+                    fun: DESCRIBE.to_owned(),
+                    args: vec![crate::plan::Arg::Value(Payload::from(json!(names)))],
+                    kwargs: Vec::new(),
+                    locs: Vec::new(),
+                    deps: Vec::new(),
+                };
+                let job = Job {
+                    steps: vec![step],
+                    outputs: vec![0],
+                };
+                attempt(&placer, key, &job).await
+            }
+        })
+        .buffer_unordered(DESCRIBE_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    for answer in answers {
+        let Ok(values) = answer else { continue };
+        for value in values {
+            let abilities = value
+                .into_value()
+                .ok()
+                .and_then(|v| serde_json::from_value::<Vec<Ability>>(v).ok());
+            let Some(abilities) = abilities else { continue };
+            for a in abilities {
+                if let Some(entry) = by_fun.get_mut(&a.fun) {
+                    entry["params"] = json!(a.params);
+                    entry["returns"] = json!(a.returns);
+                    entry["doc"] = json!(a.doc);
+                }
+            }
+        }
+    }
+    Value::Array(by_fun.into_values().collect())
+}
+
+/// Every function at hand (see [`Cluster::places`]), by name, as
+/// `mpreg.functions` lists it, described where a place describes it; and
+/// the names of those described.
+pub(super) fn function_table(
+    places: &[(String, Option<PeerKey>, Ability)],
+) -> (std::collections::BTreeMap<String, Value>, BTreeSet<String>) {
+    let mut by_fun: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    let mut described: BTreeSet<String> = BTreeSet::new();
+    for (node, _, a) in places {
+        let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
+            json!({
+                "name": a.fun,
+                "params": a.params,
+                "returns": a.returns,
+                "doc": a.doc,
+                "idempotent": a.idempotent,
+                "nodes": [],
+            })
+        });
+        // The first place that describes the function gives its
+        // description (a runtime function may have none).
+        if !a.doc.is_empty() || !a.params.is_empty() || !a.returns.is_empty() {
+            if !described.contains(&a.fun) {
+                entry["params"] = json!(a.params);
+                entry["returns"] = json!(a.returns);
+                entry["doc"] = json!(a.doc);
+            }
+            described.insert(a.fun.clone());
+        }
+        if let Some(nodes) = entry["nodes"].as_array_mut() {
+            nodes.push(json!({ "node": node, "datasets": a.datasets }));
+        }
+    }
+    (by_fun, described)
+}
+
+/// The built-in that describes functions of the node it runs on (local
+/// only, not advertised): `mpreg.functions` asks it of peers.
+pub(crate) const DESCRIBE: &str = "mpreg.describe";
+/// How long `mpreg.functions` waits for descriptions.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Nodes asked for descriptions at once.
+const DESCRIBE_AT_ONCE: usize = 16;
+
+/// Places and runs the commands of one request (or of one job a peer
+/// sent), within its deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct Placer {
+    pub(crate) state: Arc<NodeState>,
+    pub(crate) scope: Scope,
+    pub(crate) deadline: Instant,
+    /// The request's id, carried to peers so one request can be followed
+    /// across the cluster's logs.
+    pub(crate) trace: Arc<str>,
+    /// The bytes of results the request (or job) may hold.
+    pub(crate) budget: Arc<ResultBudget>,
+}
+
+impl Dispatch for Placer {
+    type Target = Target;
+
+    fn place(&self, step: &Step) -> Result<Target, RpcError> {
+        let candidates =
+            self.state
+                .cluster
+                .candidates(&self.state, &step.fun, &step.locs, self.scope, None)?;
+        let pick = choose(&candidates, random_below).unwrap_or(0);
+        Ok(candidates[pick].target)
+    }
+
+    fn ships_chains(&self, target: &Target) -> bool {
+        matches!(target, Target::Peer(_))
+    }
+
+    fn run(&self, target: Target, job: Job) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
+        match target {
+            Target::Local => run_local(self, job),
+            Target::Peer(key) => Box::pin(run_remote(self.clone(), key, job)),
+        }
+    }
+}
+
+/// Runs a job on a peer. If the peer is lost and every function of the
+/// job is idempotent, runs it once more elsewhere.
+async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payload>, RpcError> {
+    let cluster = &placer.state.cluster;
+    // The job is encoded from a borrow, so it is still here for a retry.
+    let retry = cluster.idempotent(&job);
+    let first = attempt(&placer, key, &job).await;
+    let Err(e) = &first else {
+        return first;
+    };
+    if !retry || e.code != ErrorCode::NodeLost {
+        return first;
+    }
+    // Somewhere else that can run every step of the job.
+    let mut options: Option<Vec<Candidate<Target>>> = None;
+    for step in &job.steps {
+        let here = cluster
+            .candidates(
+                &placer.state,
+                &step.fun,
+                &step.locs,
+                placer.scope,
+                Some(Target::Peer(key)),
+            )
+            .unwrap_or_default();
+        options = Some(match options {
+            None => here,
+            Some(prev) => prev
+                .into_iter()
+                .filter(|c| here.iter().any(|h| h.target == c.target))
+                .collect(),
+        });
+    }
+    let options = options.unwrap_or_default();
+    let Some(pick) = choose(&options, random_below) else {
+        return first;
+    };
+    tracing::debug!(error = %e, "retrying an idempotent job on another node");
+    let target = options[pick].target;
+    match target {
+        Target::Local => run_local(&placer, job).await,
+        // Boxed: a retry is rare, and its state would otherwise double
+        // that of every forwarded job.
+        Target::Peer(other) => Box::pin(attempt(&placer, other, &job)).await,
+    }
+}
+
+async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload>, RpcError> {
+    // A link that starts closing for being idle just as the job would go
+    // takes no job (nothing was sent): a fresh link to the node does.
+    for _ in 0..3 {
+        let link = match placer.state.cluster.link(key) {
+            Some(link) => link,
+            None => connect(&placer.state, key, placer.deadline).await?,
+        };
+        let Some(slot) = link.reserve() else {
+            continue;
+        };
+        let left = placer.deadline.saturating_duration_since(Instant::now());
+        let limits = JobLimits {
+            max_message: placer.state.config.max_message_size,
+            // What the job's results may add to what the request holds.
+            budget: placer.budget.left(),
+        };
+        let values = link.run_job(slot, job, left, &placer.trace, limits).await?;
+        // The peer kept within `budget`; other parts of the request may
+        // have taken some of it meanwhile.
+        return values
+            .into_iter()
+            .map(|v| {
+                let bytes = v.json_len();
+                Payload::held(v, bytes, &placer.budget)
+            })
+            .collect();
+    }
+    Err(RpcError::new(
+        ErrorCode::NodeLost,
+        "every link to the node closed before the call could go",
+    ))
+}
+
+/// Opens a link to the member `key` (or waits for the dial another call
+/// started), within `deadline`: links open when a command must go there.
+async fn connect(
+    state: &Arc<NodeState>,
+    key: PeerKey,
+    deadline: Instant,
+) -> Result<Link, RpcError> {
+    let Some((addr, name)) = state.cluster.member_addr(key) else {
+        return Err(RpcError::new(
+            ErrorCode::NodeLost,
+            "the node left before the call",
+        ));
+    };
+    let dialing = {
+        let mut dialing = state
+            .cluster
+            .dialing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        dialing
+            .entry(addr)
+            .or_insert_with(|| {
+                let state = state.clone();
+                let dial: BoxFuture<'static, Result<Link, Arc<str>>> = Box::pin(async move {
+                    let url = format!("{}://{addr}", state.tls.scheme());
+                    let linked = dial(&state, &url).await.map(|(_, link)| link);
+                    state
+                        .cluster
+                        .dialing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&addr);
+                    linked.map_err(Arc::from)
+                });
+                futures_util::FutureExt::shared(dial)
+            })
+            .clone()
+    };
+    match tokio::time::timeout_at(deadline, dialing).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => Err(RpcError::new(
+            ErrorCode::NodeLost,
+            format!("cannot link to node '{name}' at {addr}: {e}"),
+        )),
+        Err(_) => Err(RpcError::new(
+            ErrorCode::Timeout,
+            format!("no link to node '{name}' at {addr} before the deadline"),
+        )),
+    }
+}
+
+/// Serves a peer's messages for this node.
+pub(super) struct Served {
+    pub(super) state: Arc<NodeState>,
+    pub(super) key: PeerKey,
+}
+
+impl LinkHandler for Served {
+    fn run(
+        &self,
+        job: Job,
+        timeout: Duration,
+        trace: Option<String>,
+        budget: Option<u64>,
+    ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
+        let trace: Arc<str> = trace.unwrap_or_default().into();
+        let span = tracing::debug_span!("job", node = %self.state.name, id = %trace, steps = job.steps.len());
+        // What the sender accepts, within this node's own budgets.
+        let config = &self.state.config;
+        let limit = budget
+            .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX))
+            .min(config.reply_budget())
+            .min(config.max_message_size);
+        let placer = Placer {
+            state: self.state.clone(),
+            scope: Scope::Here,
+            deadline: crate::node::far_enough(timeout),
+            trace,
+            budget: ResultBudget::new(limit, self.state.inflight_bytes.clone()),
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                if let Some(bad) = job.outputs.iter().find(|&&o| o >= job.steps.len()) {
+                    return Err(RpcError::bad_request(format!(
+                        "job output {bad} names no step (the job has {})",
+                        job.steps.len()
+                    )));
+                }
+                let plan = Plan::from_steps(job.steps)?;
+                let run = execute(plan, &placer, Wanted::These(job.outputs));
+                match tokio::time::timeout(timeout, run).await {
+                    Ok(out) => Ok(out?.into_iter().map(|(_, v)| v).collect()),
+                    Err(_) => Err(RpcError::new(
+                        ErrorCode::Timeout,
+                        format!("job did not finish within {} ms", timeout.as_millis()),
+                    )),
+                }
+            },
+            span,
+        ))
+    }
+
+    fn max_answer(&self) -> usize {
+        self.state.config.max_message_size
+    }
+
+    fn catalog(&self, catalog: Catalog) {
+        let cluster = &self.state.cluster;
+        let is_leaf = {
+            let mut peers = cluster.write_peers();
+            match peers.get_mut(&self.key) {
+                Some(p) if catalog.version >= p.catalog.version => {
+                    p.catalog = catalog;
+                    p.is_leaf()
+                }
+                _ => return,
+            }
+        };
+        self.state.routing_changed(is_leaf);
+    }
+}
