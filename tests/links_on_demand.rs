@@ -136,3 +136,42 @@ async fn a_killed_member_leaves_the_views_without_ever_being_linked() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_keeps_its_link_to_its_gateway_however_idle() {
+    let idle = Duration::from_millis(50);
+    let gateway = start_node(
+        member("G")
+            .keepalive(Duration::from_millis(20), Duration::from_secs(5))
+            .link_idle_timeout(idle),
+    )
+    .await;
+    let leaf = start_node(
+        mpreg::Node::builder()
+            .name("L")
+            .without_linked_functions()
+            .dial_out_only()
+            .peers([url(&gateway)])
+            .datasets(["leaf-data"])
+            .keepalive(Duration::from_millis(20), Duration::from_secs(5))
+            .link_idle_timeout(idle),
+    )
+    .await;
+    let gateway_with_leaf =
+        |view: &ClusterView| linked(view, "L") && view.offers("echo", &["leaf-data"]);
+    assert!(gateway.wait_for(CONVERGE, gateway_with_leaf).await);
+    // For ten idle times (the leaf dialed, but never closes its link to
+    // its gateway), looked at every 10 ms: linked throughout (a closed
+    // link would show, the leaf redials only after 100 ms or more).
+    let closed = gateway
+        .wait_for(idle * 10, |view| !gateway_with_leaf(view))
+        .await;
+    assert!(
+        !closed,
+        "the leaf's link closed: {}",
+        gateway.cluster_view()
+    );
+    echo_on(&gateway, "leaf-data", 7).await;
+    leaf.shutdown().await;
+    gateway.shutdown().await;
+}

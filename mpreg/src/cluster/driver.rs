@@ -231,8 +231,15 @@ async fn run_link<Si, St>(
             key,
         },
         link::Keepalive {
-            // Only the side that dialed closes an idle link.
-            idle: if dialed { keepalive.idle } else { None },
+            // Only the side that dialed closes an idle link, and only
+            // between members: a leaf's link to its gateway is its
+            // membership (the gateway serves it, and offers its functions,
+            // only while it is up).
+            idle: if dialed && !leaf && state.advertise.is_some() {
+                keepalive.idle
+            } else {
+                None
+            },
             ..keepalive
         },
     )
