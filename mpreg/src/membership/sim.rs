@@ -278,6 +278,43 @@ fn lan() -> MembershipConfig {
     MembershipConfig::default()
 }
 
+/// `n` nodes started at once, all through node 0, converged (within 30 s).
+fn joined(n: usize, loss_percent: u32) -> Sim {
+    let mut sim = Sim::new(lan(), loss_percent);
+    sim.start(0, None);
+    for i in 1..n {
+        sim.start(i, Some(0));
+    }
+    sim.settle(Duration::from_secs(30), &|_| true, "joined");
+    sim
+}
+
+impl Sim {
+    /// Runs until the nodes of every group converge among themselves, for
+    /// at most `max`; returns the time it took. Panics (saying `what`)
+    /// when they do not.
+    fn settle_groups(
+        &mut self,
+        max: Duration,
+        groups: &[&dyn Fn(usize) -> bool],
+        what: &str,
+    ) -> Duration {
+        let took = self.run_until(max, |s| groups.iter().all(|g| s.converged(g)));
+        match took {
+            Some(took) => took,
+            None => panic!(
+                "not {what} within {max:?}: a node sees only {} others",
+                self.fewest_up(|_| true)
+            ),
+        }
+    }
+
+    /// [`Sim::settle_groups`] with one group.
+    fn settle(&mut self, max: Duration, group: &dyn Fn(usize) -> bool, what: &str) -> Duration {
+        self.settle_groups(max, &[group], what)
+    }
+}
+
 #[test]
 fn a_thousand_nodes_converge() {
     let n = 1000;
@@ -289,62 +326,34 @@ fn a_thousand_nodes_converge() {
         sim.run(Duration::from_millis(2));
     }
     // The target of the scale benchmark is 10 s on real sockets.
-    let took = sim.run_until(Duration::from_secs(10), |s| s.converged(|_| true));
+    let took = sim.settle(Duration::from_secs(10), &|_| true, "converged");
     eprintln!(
         "{n} nodes: every node sees every other up and holds its card {took:?} after the last start ({} packets)",
         sim.delivered
-    );
-    assert!(
-        took.is_some(),
-        "not converged: a node sees only {} others",
-        sim.fewest_up(|_| true)
     );
 }
 
 #[test]
 fn a_partition_serves_each_half_and_heals() {
     let n = 64;
-    let mut sim = Sim::new(lan(), 1);
-    sim.start(0, None);
-    for i in 1..n {
-        sim.start(i, Some(0));
-    }
-    assert!(
-        sim.run_until(Duration::from_secs(30), |s| s.converged(|_| true))
-            .is_some()
-    );
+    let mut sim = joined(n, 1);
     let left = |i: usize| i < n / 2;
+    let right = |i: usize| !left(i);
     sim.partition(left);
-    let split = sim.run_until(Duration::from_secs(60), |s| {
-        s.converged(left) && s.converged(|i| !left(i))
-    });
-    assert!(
-        split.is_some(),
-        "each half never saw only itself: fewest up {}",
-        sim.fewest_up(|_| true)
+    let split = sim.settle_groups(
+        Duration::from_secs(60),
+        &[&left, &right],
+        "split into halves that each see only themselves",
     );
     sim.heal();
-    let healed = sim.run_until(Duration::from_secs(120), |s| s.converged(|_| true));
+    let healed = sim.settle(Duration::from_secs(120), &|_| true, "whole again");
     eprintln!("partition: halves apart after {split:?}, whole again {healed:?} after healing");
-    assert!(
-        healed.is_some(),
-        "not whole again: fewest up {}",
-        sim.fewest_up(|_| true)
-    );
 }
 
 #[test]
 fn churn_settles_on_the_nodes_running() {
     let n = 128;
-    let mut sim = Sim::new(lan(), 1);
-    sim.start(0, None);
-    for i in 1..n {
-        sim.start(i, Some(0));
-    }
-    assert!(
-        sim.run_until(Duration::from_secs(30), |s| s.converged(|_| true))
-            .is_some()
-    );
+    let mut sim = joined(n, 1);
     // Every 200 ms, one node crashes and another restarts, for 10 s.
     for round in 0..50 {
         let victim = 1 + (round * 37) % (n - 1);
@@ -355,11 +364,6 @@ fn churn_settles_on_the_nodes_running() {
         }
         sim.run(Duration::from_millis(200));
     }
-    let settled = sim.run_until(Duration::from_secs(60), |s| s.converged(|_| true));
+    let settled = sim.settle(Duration::from_secs(60), &|_| true, "settled");
     eprintln!("churn: settled {settled:?} after the last change");
-    assert!(
-        settled.is_some(),
-        "not settled: fewest up {}",
-        sim.fewest_up(|_| true)
-    );
 }

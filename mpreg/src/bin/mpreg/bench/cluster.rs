@@ -396,6 +396,37 @@ impl Run {
     }
 }
 
+/// Waits until every worker is `done`, or `deadline`. Past it, orders every
+/// worker to stop watching (a fresh look from each, and no more polling)
+/// and waits at most [`STOP_WAIT`] for those not done to answer (`answered`
+/// with the time of the order). Returns whether all were done, and how many
+/// did not answer.
+async fn watch(
+    fleet: &mut Fleet,
+    run: &mut Run,
+    deadline: Instant,
+    phase: Phase,
+    show: bool,
+    done: impl Fn(&Record) -> bool,
+    answered: impl Fn(&Record, Instant) -> bool,
+) -> BenchResult<(bool, usize)> {
+    if wait_until(fleet, run, deadline, phase, show, |r| {
+        r.records.iter().all(&done)
+    })
+    .await?
+    {
+        return Ok((true, 0));
+    }
+    let stop = Instant::now();
+    fleet.send_all(&Order::Stop)?;
+    let settled = |w: &Record| done(w) || answered(w, stop);
+    wait_until(fleet, run, stop + STOP_WAIT, phase, show, |r| {
+        r.records.iter().all(settled)
+    })
+    .await?;
+    Ok((false, run.records.iter().filter(|w| !settled(w)).count()))
+}
+
 /// Absorbs notes until `done` holds (true) or `deadline` passes (false),
 /// showing the progress line of `phase` when `show`.
 async fn wait_until(
@@ -533,38 +564,22 @@ async fn run_cluster(o: ClusterOptions, show: bool) -> BenchResult<()> {
         .unwrap_or(spawned);
 
     // 2. Convergence.
-    let converged = wait_until(
+    // Workers that converged watch nothing and say nothing more.
+    let (converged, silent) = watch(
         &mut fleet,
         &mut run,
         last_started + o.timeout,
         Phase::Converge,
         show,
-        |r| r.records.iter().all(|w| w.converged_at.is_some()),
+        |w| w.converged_at.is_some(),
+        |w, stop| w.progress.is_some_and(|(at, _)| at >= stop),
     )
     .await?;
-    if !converged {
-        // A fresh look from every worker, and no more polling.
-        let stop = Instant::now();
-        fleet.send_all(&Order::Stop)?;
-        // Workers that converged watch nothing and say nothing more.
-        let answered =
-            |w: &Record| w.converged_at.is_some() || w.progress.is_some_and(|(at, _)| at >= stop);
-        let all = wait_until(
-            &mut fleet,
-            &mut run,
-            stop + STOP_WAIT,
-            Phase::Converge,
-            show,
-            |r| r.records.iter().all(answered),
-        )
-        .await?;
-        if !all {
-            notes.push(format!(
-                "{} workers did not answer within {} of the timeout: their figures are from their last progress",
-                run.records.iter().filter(|w| !answered(w)).count(),
-                secs(STOP_WAIT)
-            ));
-        }
+    if silent > 0 {
+        notes.push(format!(
+            "{silent} workers did not answer within {} of the timeout: their figures are from their last progress",
+            secs(STOP_WAIT)
+        ));
     }
     let converged_wall = spawned.elapsed();
     for r in &mut run.records {
@@ -681,37 +696,23 @@ async fn run_cluster(o: ClusterOptions, show: bool) -> BenchResult<()> {
                 secs(KILL_WAIT)
             ));
         }
-        gone = wait_until(
+        let silent;
+        (gone, silent) = watch(
             &mut fleet,
             &mut run,
             sent + o.timeout,
             Phase::Gone,
             show,
-            |r| r.records.iter().all(|w| w.gone_at.is_some()),
+            |w| w.gone_at.is_some(),
+            |w, stop| w.listing.is_some_and(|(at, _)| at >= stop),
         )
         .await?;
-        if !gone {
-            let stop = Instant::now();
-            fleet.send_all(&Order::Stop)?;
-            let answered =
-                |w: &Record| w.gone_at.is_some() || w.listing.is_some_and(|(at, _)| at >= stop);
-            let all = wait_until(
-                &mut fleet,
-                &mut run,
-                stop + STOP_WAIT,
-                Phase::Gone,
-                show,
-                |r| r.records.iter().all(answered),
-            )
-            .await?;
-            if !all {
-                notes.push(format!(
-                    "{} workers did not answer within {} of the timeout: their counts of nodes listing {} are from their last report",
-                    run.records.iter().filter(|w| !answered(w)).count(),
-                    secs(STOP_WAIT),
-                    node_name(victim)
-                ));
-            }
+        if silent > 0 {
+            notes.push(format!(
+                "{silent} workers did not answer within {} of the timeout: their counts of nodes listing {} are from their last report",
+                secs(STOP_WAIT),
+                node_name(victim)
+            ));
         }
     }
     if show {
