@@ -266,6 +266,12 @@ impl MembershipConfig {
             frequency: self.probe_period * 10,
             num_members: NonZeroUsize::MIN,
         });
+        // A partition heals when one side announces to a member it holds
+        // down: every ten probe periods (foca's preset: 65 s).
+        config.periodic_announce_to_down_members = Some(PeriodicParams {
+            frequency: self.probe_period * 10,
+            num_members: NonZeroUsize::MIN.saturating_add(1),
+        });
         config.periodic_gossip = Some(PeriodicParams {
             frequency: self.gossip_interval,
             num_members: config.num_indirect_probes,
