@@ -12,12 +12,15 @@
 //! without a valid tag is dropped unread.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
+use foca::{
+    AccumulatingRuntime, Codec, Foca, Incarnation, Member, Message, OwnedNotification,
+    PostcardCodec, State, Timer,
+};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use tokio::time::Instant;
 
@@ -82,6 +85,59 @@ pub(crate) struct Core {
     tuned_for: usize,
     /// The time between the last pull and the next.
     sync_every: std::time::Duration,
+    /// The latest state of each member given to foca (see [`Known`]).
+    known: Known,
+}
+
+/// The latest state (in SWIM's order) of each member given to foca, by
+/// address, so that updates which cannot be news are dropped before foca
+/// sees them.
+///
+/// foca finds a member by a linear search of its member list: with a
+/// thousand members, each update applied costs a thousand steps, and every
+/// update reaches every node several times (it is retransmitted
+/// `max_transmissions` times by every node that learns it). Nearly all
+/// arrive as repeats. foca's state of a member only moves up SWIM's order
+/// (a higher incarnation; at one incarnation, alive < suspect; down last)
+/// and an update is applied only when it is above that state, so an update
+/// not above one already given to foca for the same identity is one foca
+/// would ignore: dropping it changes nothing (neither foca's state nor
+/// what it gossips).
+#[derive(Debug, Default)]
+struct Known(HashMap<SocketAddr, (MemberId, Incarnation, State)>);
+
+impl Known {
+    /// Whether `update` may change foca's state: it is about a member not
+    /// given yet, another identity at its address, or above the state given.
+    fn is_news(&self, update: &Member<MemberId>) -> bool {
+        let Some((id, incarnation, state)) = self.0.get(&update.id().addr) else {
+            return true;
+        };
+        if id != update.id() {
+            return true;
+        }
+        swim_rank(update.incarnation(), update.state()) > swim_rank(*incarnation, *state)
+    }
+
+    /// Records `update` as given to foca (if it is above what was).
+    fn given(&mut self, update: &Member<MemberId>) {
+        if self.is_news(update) {
+            self.0.insert(
+                update.id().addr,
+                (*update.id(), update.incarnation(), update.state()),
+            );
+        }
+    }
+}
+
+/// A member state's place in SWIM's order of precedence: a higher
+/// incarnation first, then suspect over alive; down above everything.
+fn swim_rank(incarnation: Incarnation, state: State) -> (u8, Incarnation, u8) {
+    match state {
+        State::Alive => (0, incarnation, 0),
+        State::Suspect => (0, incarnation, 1),
+        State::Down => (1, 0, 0),
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -122,6 +178,7 @@ impl Core {
             config: foca_config.clone(),
             tuned_for: 0,
             sync_every: SYNC_FIRST,
+            known: Known::default(),
         })
     }
 
@@ -177,6 +234,8 @@ impl Core {
         };
         match kind {
             KIND_SWIM => {
+                let filtered = self.without_repeats(body);
+                let body = filtered.as_deref().unwrap_or(body);
                 if let Err(error) = self.foca.handle_data(body, &mut self.runtime) {
                     self.dropped += 1;
                     tracing::debug!(%from, len = received.len(), %error, "dropped a membership packet");
@@ -218,18 +277,14 @@ impl Core {
             KIND_STATE => match postcard::from_bytes::<Vec<Member<MemberId>>>(body) {
                 // Not broadcast again: the sender has gossiped it already.
                 Ok(members) => {
-                    // Only what may be news (members not up here, downs):
-                    // foca finds a member by a linear search, so applying a
-                    // thousand known members costs a million steps.
                     let me = self.id().addr;
                     let news: Vec<Member<MemberId>> = members
                         .into_iter()
-                        .filter(|m| {
-                            let known_up = m.state() != foca::State::Down
-                                && self.view.up.get(&m.id().addr) == Some(m.id());
-                            m.id().addr != me && !known_up
-                        })
+                        .filter(|m| m.id().addr != me && self.known.is_news(m))
                         .collect();
+                    for member in &news {
+                        self.known.given(member);
+                    }
                     if let Err(error) =
                         self.foca
                             .apply_many(news.into_iter(), false, &mut self.runtime)
@@ -258,6 +313,58 @@ impl Core {
             _ => self.dropped += 1,
         }
         self.drain(now);
+    }
+
+    /// `body` (a foca packet) without the updates that cannot be news (see
+    /// [`Known`]), when it carries any; `None` to hand it to foca as it is.
+    ///
+    /// A packet's layout is foca's: its header, then (unless the message
+    /// is an announce or a broadcast) a big-endian `u16` count of updates
+    /// and the updates, then custom broadcasts (none here). Only a packet
+    /// foca will apply the updates of is filtered: addressed to our
+    /// identity, from a member up here (foca ignores the updates of a
+    /// sender it holds down). Updates about ourselves always pass.
+    fn without_repeats(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        let mut rest = body;
+        let header = Codec::<MemberId>::decode_header(&mut PostcardCodec, &mut rest).ok()?;
+        let me = self.id();
+        if header.dst != me
+            || matches!(header.message, Message::Announce | Message::Broadcast)
+            || self.view.up.get(&header.src.addr) != Some(&header.src)
+        {
+            return None;
+        }
+        let header_len = body.len() - rest.len();
+        let (count, mut rest) = match rest {
+            [high, low, tail @ ..] => (u16::from_be_bytes([*high, *low]), tail),
+            _ => return None,
+        };
+        let mut kept = Vec::with_capacity(usize::from(count));
+        let mut dropped = false;
+        for _ in 0..count {
+            let update = Codec::<MemberId>::decode_member(&mut PostcardCodec, &mut rest).ok()?;
+            if update.id().addr == me.addr || self.known.is_news(&update) {
+                kept.push(update);
+            } else {
+                dropped = true;
+            }
+        }
+        for update in &kept {
+            self.known.given(update);
+        }
+        if !dropped {
+            return None;
+        }
+        let mut packet = Vec::with_capacity(body.len());
+        packet.extend_from_slice(&body[..header_len]);
+        // At most the count read: fits.
+        let kept_count = u16::try_from(kept.len()).unwrap_or(count);
+        packet.extend_from_slice(&kept_count.to_be_bytes());
+        for update in &kept {
+            Codec::<MemberId>::encode_member(&mut PostcardCodec, update, &mut packet).ok()?;
+        }
+        packet.extend_from_slice(rest);
+        Some(packet)
     }
 
     /// Asks the node at `addr` to let us in.
@@ -450,4 +557,44 @@ fn encode_state(members: &[&Member<MemberId>]) -> Vec<u8> {
         packet.extend_from_slice(&body);
     }
     packet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(port: u16, generation: u64) -> MemberId {
+        MemberId {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            generation,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn only_updates_above_the_state_given_are_news() {
+        let mut known = Known::default();
+        let a = id(1, 7);
+        let alive = |inc| Member::new(a, inc, State::Alive);
+        let suspect = |inc| Member::new(a, inc, State::Suspect);
+        assert!(known.is_news(&alive(0)), "a member never given");
+        known.given(&alive(0));
+        assert!(!known.is_news(&alive(0)), "the same state again");
+        assert!(known.is_news(&suspect(0)), "suspect over alive");
+        known.given(&suspect(0));
+        assert!(!known.is_news(&alive(0)), "alive under suspect");
+        assert!(!known.is_news(&suspect(0)));
+        assert!(known.is_news(&alive(1)), "a refutation: higher incarnation");
+        known.given(&alive(1));
+        assert!(!known.is_news(&suspect(0)), "an older suspicion");
+        // Giving something below what was given changes nothing.
+        known.given(&alive(0));
+        assert!(!known.is_news(&alive(1)));
+        known.given(&Member::new(a, 0, State::Down));
+        assert!(!known.is_news(&alive(9)), "down is final for an identity");
+        assert!(!known.is_news(&Member::new(a, 0, State::Down)));
+        let restarted = Member::new(id(1, 8), 0, State::Alive);
+        assert!(known.is_news(&restarted), "another identity at the address");
+        assert!(known.is_news(&Member::new(id(2, 7), 0, State::Alive)));
+    }
 }

@@ -61,6 +61,9 @@ pub(super) struct Sim {
     config: MembershipConfig,
     /// Packets delivered so far.
     pub(super) delivered: u64,
+    /// Packets delivered so far by kind (their first byte; the last entry
+    /// counts every kind past it).
+    pub(super) delivered_by_kind: [u64; 8],
 }
 
 /// The address of node `i`.
@@ -88,6 +91,7 @@ impl Sim {
             rng: SmallRng::seed_from_u64(7),
             config,
             delivered: 0,
+            delivered_by_kind: [0; 8],
         }
     }
 
@@ -203,6 +207,8 @@ impl Sim {
             };
             if self.nodes[i].alive {
                 self.delivered += 1;
+                let kind = packet.data.first().map_or(0, |&k| usize::from(k));
+                self.delivered_by_kind[kind.min(7)] += 1;
                 self.nodes[i].core.receive(packet.from, &packet.data, now);
                 self.collect(i);
             }
@@ -328,8 +334,10 @@ fn a_thousand_nodes_converge() {
     // The target of the scale benchmark is 10 s on real sockets.
     let took = sim.settle(Duration::from_secs(10), &|_| true, "converged");
     eprintln!(
-        "{n} nodes: every node sees every other up and holds its card {took:?} after the last start ({} packets)",
-        sim.delivered
+        "{n} nodes: every node sees every other up and holds its card {took:?} after the last start \
+         ({} packets; by kind: swim, card ask, card part, state ask, state part, cards: {:?})",
+        sim.delivered,
+        &sim.delivered_by_kind[..6],
     );
 }
 
