@@ -4,13 +4,24 @@
 //! Membership gossips each member's identity (address, generation, card
 //! version); this module makes sure that, for every member up, this node
 //! ends up holding the card of that identity. When a member comes up or its
-//! version grows past the card held, the card is *wanted*; wanted cards are
-//! asked for (one small packet to the owner, at most [`MAX_ASKING`] at
-//! once, again after [`ASK_AGAIN`] without an answer) and arrive in parts of
-//! at most [`PART_BYTES`] bytes. Pulling from the owner, rather than
-//! spreading every card as a rumor, costs one round trip per member and
-//! change, and a node that joins late still gets every card (rumors are
-//! retransmitted a few times, then forgotten).
+//! version grows past the card held, the card is *wanted*. Wanted cards are
+//! gathered for up to [`GATHER`], then asked for, at most [`MAX_ASKING`]
+//! at once:
+//!
+//! - several at once, of one member chosen by the caller (a *helper*): one
+//!   ask names them all, and the helper answers with every one it holds,
+//!   whole, several to a packet, then names those it lacks;
+//! - one alone, and every card a helper lacked or did not answer for within
+//!   [`ASK_AGAIN`], of its owner, which answers in parts of at most
+//!   [`PART_BYTES`] bytes (asked again after [`ASK_AGAIN`] without an
+//!   answer).
+//!
+//! Pulling, rather than spreading every card as a rumor, costs a round
+//! trip per change, and a node that joins late still gets every card
+//! (rumors are retransmitted a few times, then forgotten). Asking a helper
+//! for many at once matters when a thousand nodes start together: each
+//! learns of nearly a thousand members within seconds, and one round trip
+//! per card (two packets) was most of the cluster's traffic.
 //!
 //! The bytes are opaque here: the cluster encodes and decodes them.
 
@@ -31,11 +42,26 @@ pub(crate) const PART_BYTES: usize = 1200;
 /// (~300 KB, a few thousand functions).
 pub(crate) const MAX_PARTS: usize = 256;
 
-/// Most cards asked for and not yet answered, at once.
+/// Most cards asked for and not yet answered, at once (a batch asked of a
+/// helper may take it past by less than [`ASK_MANY_MAX`]).
 pub(crate) const MAX_ASKING: usize = 64;
 
 /// How long an ask waits for its answer before it is sent again.
 pub(crate) const ASK_AGAIN: Duration = Duration::from_millis(300);
+
+/// How long a newly wanted card waits for others to be asked with it.
+pub(crate) const GATHER: Duration = Duration::from_millis(50);
+
+/// How many helpers may lack a card before its owner is asked: while a
+/// thousand nodes join, the first helper asked often has not fetched a card
+/// yet, and another, a little later, has (an ask of a helper names up to
+/// [`ASK_MANY_MAX`] cards in one packet; an owner's answer is a round trip
+/// per card).
+pub(crate) const HELPER_TRIES: u8 = 8;
+
+/// Most cards named in one ask of a helper (each at most 40 bytes encoded,
+/// an IPv6 address and two numbers: the ask stays within [`PART_BYTES`]).
+pub(crate) const ASK_MANY_MAX: usize = 30;
 
 /// The first byte of a gossip packet: what follows.
 pub(crate) const KIND_SWIM: u8 = 0;
@@ -46,6 +72,20 @@ pub(crate) const KIND_PART: u8 = 2;
 /// Cards the sender holds, whole, several to a packet (see
 /// [`Cards::bulk`]).
 pub(crate) const KIND_CARDS: u8 = 5;
+/// An ask for the cards of several members the receiver may hold.
+pub(crate) const KIND_ASK_MANY: u8 = 6;
+/// The members whose cards a [`KIND_ASK_MANY`] asked for and the sender
+/// does not hold (or holds too large for a packet).
+pub(crate) const KIND_LACKING: u8 = 7;
+
+/// One card named in a [`KIND_ASK_MANY`] packet: the identity wanted (its
+/// version or a later one).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Named {
+    addr: SocketAddr,
+    generation: u64,
+    version: u64,
+}
 
 /// One card in a [`KIND_CARDS`] packet.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -80,6 +120,11 @@ struct Want {
     parts: Vec<Option<Vec<u8>>>,
     /// When the outstanding ask was sent, if one is.
     asked: Option<Instant>,
+    /// Whether the next ask goes to the owner (helpers lacked the card
+    /// [`HELPER_TRIES`] times, or one did not answer).
+    of_owner: bool,
+    /// Helpers asked so far that lacked the card.
+    lacked: u8,
 }
 
 impl Want {
@@ -100,11 +145,17 @@ pub(crate) struct Cards {
     held: HashMap<SocketAddr, (u64, u64, Arc<[u8]>)>,
     /// Cards wanted, by address.
     wants: HashMap<SocketAddr, Want>,
-    /// Wanted cards not asked for yet, oldest first (entries no longer
+    /// Wanted cards not asked for yet, oldest first, with when they became
+    /// wanted (entries no longer wanted, or already asked, are skipped).
+    waiting: VecDeque<(Instant, SocketAddr)>,
+    /// Cards to ask of their owners, without gathering (entries no longer
     /// wanted, or already asked, are skipped).
-    waiting: VecDeque<SocketAddr>,
-    /// Outstanding asks, in the order they were sent.
+    of_owners: VecDeque<SocketAddr>,
+    /// Asks sent, in the order they were sent, to find the overdue ones
+    /// (an entry whose card was answered meanwhile is skipped).
     asking: VecDeque<(Instant, SocketAddr)>,
+    /// Cards asked for and not answered yet (at most [`MAX_ASKING`]).
+    outstanding: usize,
 }
 
 impl Cards {
@@ -115,7 +166,9 @@ impl Cards {
             held: HashMap::new(),
             wants: HashMap::new(),
             waiting: VecDeque::new(),
+            of_owners: VecDeque::new(),
             asking: VecDeque::new(),
+            outstanding: 0,
         }
     }
 
@@ -124,8 +177,9 @@ impl Cards {
         self.own = card;
     }
 
-    /// Wants the card of `id` unless one as recent is held or wanted.
-    pub(crate) fn want(&mut self, id: MemberId) {
+    /// Wants the card of `id` (from `now`) unless one as recent is held or
+    /// wanted.
+    pub(crate) fn want(&mut self, id: MemberId, now: Instant) {
         let key = (id.generation, id.version);
         if self
             .held
@@ -144,9 +198,11 @@ impl Cards {
                         id,
                         parts: Vec::new(),
                         asked: None,
+                        of_owner: false,
+                        lacked: 0,
                     },
                 );
-                self.waiting.push_back(id.addr);
+                self.waiting.push_back((now, id.addr));
             }
         }
     }
@@ -154,7 +210,55 @@ impl Cards {
     /// Forgets the card of the member at `addr` (it is down).
     pub(crate) fn forget(&mut self, addr: SocketAddr) {
         self.held.remove(&addr);
-        self.wants.remove(&addr);
+        self.unwant(addr);
+    }
+
+    /// Stops wanting the card at `addr`; returns what was wanted.
+    fn unwant(&mut self, addr: SocketAddr) -> Option<Want> {
+        let want = self.wants.remove(&addr)?;
+        if want.asked.is_some() {
+            self.outstanding -= 1;
+        }
+        Some(want)
+    }
+
+    /// Marks the card at `addr` as answered, or as no longer waited for;
+    /// returns its want.
+    fn unask(&mut self, addr: SocketAddr) -> Option<&mut Want> {
+        let want = self.wants.get_mut(&addr)?;
+        if want.asked.take().is_some() {
+            self.outstanding -= 1;
+        }
+        Some(want)
+    }
+
+    /// A helper lacked the card at `addr` (not asked any more) at `now`:
+    /// it waits for another helper, or, after [`HELPER_TRIES`], is asked
+    /// of its owner.
+    fn lacked(&mut self, addr: SocketAddr, now: Instant) {
+        let Some(want) = self.wants.get_mut(&addr) else {
+            return;
+        };
+        want.lacked = want.lacked.saturating_add(1);
+        if want.lacked >= HELPER_TRIES {
+            want.of_owner = true;
+            self.of_owners.push_back(addr);
+        } else {
+            self.waiting.push_back((now, addr));
+        }
+    }
+
+    /// Marks the card at `addr` as asked for at `now`; returns its want,
+    /// `None` when it is not wanted or already asked for.
+    fn mark_asked(&mut self, addr: SocketAddr, now: Instant) -> Option<&mut Want> {
+        let want = self.wants.get_mut(&addr)?;
+        if want.asked.is_some() {
+            return None;
+        }
+        want.asked = Some(now);
+        self.outstanding += 1;
+        self.asking.push_back((now, addr));
+        Some(want)
     }
 
     /// Cards wanted and not held yet.
@@ -163,14 +267,29 @@ impl Cards {
     }
 
     /// When [`Cards::poll`] has something to do next: the earliest
-    /// outstanding ask's retry.
+    /// outstanding ask's retry, or (with room for more asks) the end of the
+    /// oldest card's gathering.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.asking.front().map(|(at, _)| *at + ASK_AGAIN)
+        let retry = self.asking.front().map(|(at, _)| *at + ASK_AGAIN);
+        let room = self.outstanding < MAX_ASKING;
+        let gathered = self
+            .waiting
+            .front()
+            .filter(|_| room)
+            .map(|(at, _)| *at + GATHER);
+        retry.into_iter().chain(gathered).min()
     }
 
-    /// The asks to send now: asks whose answer is overdue again, then
-    /// waiting cards, up to [`MAX_ASKING`] outstanding.
-    pub(crate) fn poll(&mut self, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+    /// The asks to send now, up to [`MAX_ASKING`] cards outstanding: asks
+    /// whose answer is overdue again (of the owner), then cards a helper
+    /// lacked (of their owners), then, once gathered, waiting cards: of
+    /// the member `helper` picks when there are several, else of their
+    /// owners.
+    pub(crate) fn poll(
+        &mut self,
+        now: Instant,
+        helper: impl FnOnce() -> Option<SocketAddr>,
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut out = Vec::new();
         let mut overdue = Vec::new();
         while let Some(&(at, addr)) = self.asking.front() {
@@ -178,37 +297,159 @@ impl Cards {
                 break;
             }
             self.asking.pop_front();
-            if let Some(want) = self.wants.get_mut(&addr)
-                && want.asked == Some(at)
-            {
-                want.asked = None;
+            if self.wants.get(&addr).is_some_and(|w| w.asked == Some(at)) {
                 overdue.push(addr);
             }
         }
-        // Overdue asks go first, oldest first.
+        // Overdue asks of owners go first, oldest first; of helpers, as
+        // if the helper lacked the card (a member that does not know us
+        // yet does not answer).
         for addr in overdue.into_iter().rev() {
-            self.waiting.push_front(addr);
+            if let Some(want) = self.unask(addr) {
+                if want.of_owner {
+                    self.of_owners.push_front(addr);
+                } else {
+                    self.lacked(addr, now);
+                }
+            }
         }
-        while self.asking.len() < MAX_ASKING {
-            let Some(addr) = self.waiting.pop_front() else {
+        while self.outstanding < MAX_ASKING {
+            let Some(addr) = self.of_owners.pop_front() else {
                 break;
             };
             if let Some(ask) = self.ask(addr, now) {
                 out.push((addr, ask));
             }
         }
+        let gathered = self.waiting.len() >= ASK_MANY_MAX
+            || self
+                .waiting
+                .front()
+                .is_some_and(|(at, _)| *at + GATHER <= now);
+        if !gathered {
+            return out;
+        }
+        if self.outstanding >= MAX_ASKING {
+            return out;
+        }
+        // A whole batch of a helper, even past the cap (by less than a
+        // batch): asks of one card each would waste the gathering.
+        let mut batch = Vec::new();
+        while batch.len() < ASK_MANY_MAX {
+            let Some((_, addr)) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.wants.get(&addr).is_some_and(|w| w.asked.is_none()) {
+                batch.push(addr);
+            }
+        }
+        let helper = if batch.len() > 1 { helper() } else { None };
+        match helper {
+            Some(helper) => out.push((helper, self.ask_many(&batch, now))),
+            None => {
+                let mut left = Vec::new();
+                for addr in batch {
+                    if self.outstanding >= MAX_ASKING {
+                        left.push(addr);
+                    } else if let Some(ask) = self.ask(addr, now) {
+                        out.push((addr, ask));
+                    }
+                }
+                // Back to the front, gathered already.
+                for addr in left.into_iter().rev() {
+                    self.waiting
+                        .push_front((now.checked_sub(GATHER).unwrap_or(now), addr));
+                }
+            }
+        }
         out
+    }
+
+    /// Asks for the cards at `addrs` (wanted, not asked) in one packet.
+    fn ask_many(&mut self, addrs: &[SocketAddr], now: Instant) -> Vec<u8> {
+        let mut named = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            if let Some(want) = self.mark_asked(*addr, now) {
+                named.push(Named {
+                    addr: *addr,
+                    generation: want.id.generation,
+                    version: want.id.version,
+                });
+            }
+        }
+        let mut packet = vec![KIND_ASK_MANY];
+        // Addresses and numbers: encoding cannot fail.
+        if let Ok(body) = postcard::to_allocvec(&named) {
+            packet.extend_from_slice(&body);
+        }
+        packet
+    }
+
+    /// The answer to a [`KIND_ASK_MANY`] (`body`, its kind byte left out)
+    /// from a member, our identity being `me`: the cards named that are
+    /// held (of the generation named, at least the version), several to a
+    /// packet, then a [`KIND_LACKING`] packet naming the others, if any.
+    /// `None` when malformed or naming more than [`ASK_MANY_MAX`].
+    pub(crate) fn answer_many(&self, me: MemberId, body: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let named: Vec<Named> = postcard::from_bytes(body).ok()?;
+        if named.len() > ASK_MANY_MAX {
+            return None;
+        }
+        let mut found = Vec::new();
+        let mut lacking = Vec::new();
+        for n in named {
+            let held = if n.addr == me.addr {
+                Some((me.generation, me.version, &self.own))
+            } else {
+                self.held.get(&n.addr).map(|(g, v, card)| (*g, *v, card))
+            };
+            match held {
+                Some((generation, version, card))
+                    if generation == n.generation
+                        && version >= n.version
+                        && card.len() + CARRIED_OVERHEAD <= PART_BYTES =>
+                {
+                    found.push((n.addr, (generation, version, card)));
+                }
+                _ => lacking.push(n.addr),
+            }
+        }
+        let mut packets = pack(found.into_iter());
+        if !lacking.is_empty() {
+            let mut packet = vec![KIND_LACKING];
+            if let Ok(body) = postcard::to_allocvec(&lacking) {
+                packet.extend_from_slice(&body);
+            }
+            packets.push(packet);
+        }
+        Some(packets)
+    }
+
+    /// Takes a [`KIND_LACKING`] answer (`body`, its kind byte left out),
+    /// received at `now`: the cards named that are still wanted wait for
+    /// another helper, or, after [`HELPER_TRIES`], are asked of their
+    /// owners. `None` when malformed.
+    pub(crate) fn receive_lacking(&mut self, body: &[u8], now: Instant) -> Option<()> {
+        let lacking: Vec<SocketAddr> = postcard::from_bytes(body).ok()?;
+        for addr in lacking.into_iter().take(ASK_MANY_MAX) {
+            let asked_helper = self
+                .wants
+                .get(&addr)
+                .is_some_and(|w| w.asked.is_some() && !w.of_owner);
+            if asked_helper {
+                self.unask(addr);
+                self.lacked(addr, now);
+            }
+        }
+        Some(())
     }
 
     /// Asks `addr` for the first part of its card still missing, if its
     /// card is wanted and not being asked for.
     fn ask(&mut self, addr: SocketAddr, now: Instant) -> Option<Vec<u8>> {
-        let want = self.wants.get_mut(&addr)?;
-        if want.asked.is_some() {
-            return None;
-        }
-        want.asked = Some(now);
-        self.asking.push_back((now, addr));
+        let want = self.mark_asked(addr, now)?;
+        // Asked again of the owner if unanswered.
+        want.of_owner = true;
         let mut ask = Vec::with_capacity(ASK_LEN);
         ask.push(KIND_ASK);
         ask.extend_from_slice(&want.id.generation.to_le_bytes());
@@ -274,11 +515,12 @@ impl Cards {
         if let Some(slot) = want.parts.get_mut(usize::from(index)) {
             *slot = Some(body.to_vec());
         }
-        want.asked = None;
-        if want.parts.iter().any(Option::is_none) {
+        let incomplete = want.parts.iter().any(Option::is_none);
+        self.unask(from);
+        if incomplete {
             return (None, self.ask(from, now));
         }
-        let Some(want) = self.wants.remove(&from) else {
+        let Some(want) = self.unwant(from) else {
             return (None, None);
         };
         let card: Arc<[u8]> = want
@@ -305,32 +547,7 @@ impl Cards {
             .iter()
             .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
             .chain(std::iter::once(own));
-        let mut packets = Vec::new();
-        let mut batch: Vec<Carried> = Vec::new();
-        let mut size = 0;
-        for (addr, (generation, version, card)) in all {
-            // Address, numbers and length prefix: at most 40 bytes.
-            let len = card.len() + 40;
-            if len > PART_BYTES {
-                continue;
-            }
-            if size + len > PART_BYTES {
-                packets.push(encode_carried(&batch));
-                batch.clear();
-                size = 0;
-            }
-            batch.push(Carried {
-                addr,
-                generation,
-                version,
-                card: card.to_vec(),
-            });
-            size += len;
-        }
-        if !batch.is_empty() {
-            packets.push(encode_carried(&batch));
-        }
-        packets
+        pack(all)
     }
 
     /// Takes the cards of a [`KIND_CARDS`] packet (its kind byte left
@@ -347,7 +564,7 @@ impl Cards {
             if !usable {
                 continue;
             }
-            self.wants.remove(&c.addr);
+            self.unwant(c.addr);
             let card: Arc<[u8]> = c.card.into();
             self.held
                 .insert(c.addr, (c.generation, c.version, card.clone()));
@@ -360,6 +577,41 @@ impl Cards {
         }
         Some(arrived)
     }
+}
+
+/// Bytes of a card in a [`KIND_CARDS`] packet beyond the card itself
+/// (address, numbers and length prefix), at most.
+const CARRIED_OVERHEAD: usize = 40;
+
+/// Cards (address, generation, version, card) packed into [`KIND_CARDS`]
+/// packets of at most [`PART_BYTES`] bytes of cards; a card too large for
+/// a packet is left out.
+fn pack<'a>(cards: impl Iterator<Item = (SocketAddr, (u64, u64, &'a Arc<[u8]>))>) -> Vec<Vec<u8>> {
+    let mut packets = Vec::new();
+    let mut batch: Vec<Carried> = Vec::new();
+    let mut size = 0;
+    for (addr, (generation, version, card)) in cards {
+        let len = card.len() + CARRIED_OVERHEAD;
+        if len > PART_BYTES {
+            continue;
+        }
+        if size + len > PART_BYTES {
+            packets.push(encode_carried(&batch));
+            batch.clear();
+            size = 0;
+        }
+        batch.push(Carried {
+            addr,
+            generation,
+            version,
+            card: card.to_vec(),
+        });
+        size += len;
+    }
+    if !batch.is_empty() {
+        packets.push(encode_carried(&batch));
+    }
+    packets
 }
 
 /// A [`KIND_CARDS`] packet of `cards`.
@@ -407,7 +659,7 @@ mod tests {
     fn fetch(cards: &mut Cards, owner: MemberId, card: &[u8]) -> Arrived {
         let own = Cards::new(card.into());
         let now = Instant::now();
-        let mut asks = cards.poll(now);
+        let mut asks = cards.poll(now + GATHER, || None);
         for _ in 0..MAX_PARTS + 1 {
             let Some((to, ask)) = asks.pop() else { break };
             assert_eq!(to, owner.addr);
@@ -425,16 +677,16 @@ mod tests {
     fn a_wanted_card_is_asked_for_and_arrives() {
         let mut cards = Cards::new(Arc::from(&b"mine"[..]));
         let b = id(2, 1, 1);
-        cards.want(b);
+        cards.want(b, Instant::now());
         assert_eq!(cards.wants.len(), 1);
         let arrived = fetch(&mut cards, b, b"hello");
         assert_eq!(arrived.id, b);
         assert_eq!(&*arrived.card, b"hello");
         assert_eq!(cards.wants.len(), 0);
         // Held: the same identity is not wanted again; a newer one is.
-        cards.want(b);
+        cards.want(b, Instant::now());
         assert_eq!(cards.wants.len(), 0);
-        cards.want(id(2, 1, 2));
+        cards.want(id(2, 1, 2), Instant::now());
         assert_eq!(cards.wants.len(), 1);
     }
 
@@ -442,7 +694,7 @@ mod tests {
     fn held_cards_pass_on_in_bulk_to_who_wants_them() {
         let mut holder = Cards::new(Arc::from(&b"holder's"[..]));
         for port in 2..=40u16 {
-            holder.want(id(port, 1, 1));
+            holder.want(id(port, 1, 1), Instant::now());
             fetch(
                 &mut holder,
                 id(port, 1, 1),
@@ -450,7 +702,7 @@ mod tests {
             );
         }
         // Too large for a packet: left out of the bulk.
-        holder.want(id(50, 1, 1));
+        holder.want(id(50, 1, 1), Instant::now());
         fetch(&mut holder, id(50, 1, 1), &[7u8; PART_BYTES]);
         let me = id(1, 1, 3);
         let packets = holder.bulk(me);
@@ -458,10 +710,10 @@ mod tests {
         assert!(packets.iter().all(|p| p.len() <= PART_BYTES + 1));
 
         let mut joiner = Cards::new(Arc::from(&b""[..]));
-        joiner.want(me);
-        joiner.want(id(7, 1, 1));
-        joiner.want(id(8, 2, 1)); // another generation than held: not taken
-        joiner.want(id(50, 1, 1));
+        joiner.want(me, Instant::now());
+        joiner.want(id(7, 1, 1), Instant::now());
+        joiner.want(id(8, 2, 1), Instant::now()); // another generation than held: not taken
+        joiner.want(id(50, 1, 1), Instant::now());
         let arrived: Vec<Arrived> = packets
             .iter()
             .flat_map(|p| joiner.receive_bulk(&p[1..]).expect("well formed"))
@@ -478,7 +730,7 @@ mod tests {
     fn large_cards_come_in_parts() {
         let big: Vec<u8> = (0..PART_BYTES * 3 + 17).map(|i| i as u8).collect();
         let mut cards = Cards::new(Arc::from(&b""[..]));
-        cards.want(id(3, 1, 1));
+        cards.want(id(3, 1, 1), Instant::now());
         let arrived = fetch(&mut cards, id(3, 1, 1), &big);
         assert_eq!(&*arrived.card, &big[..]);
     }
@@ -486,17 +738,173 @@ mod tests {
     #[test]
     fn unanswered_asks_are_sent_again_and_capped() {
         let mut cards = Cards::new(Arc::from(&b""[..]));
-        for port in 1..=(MAX_ASKING as u16 + 10) {
-            cards.want(id(port, 1, 1));
-        }
         let start = Instant::now();
-        assert_eq!(cards.poll(start).len(), MAX_ASKING);
-        assert!(cards.poll(start).is_empty(), "no more than the cap at once");
-        assert_eq!(cards.next_deadline(), Some(start + ASK_AGAIN));
+        for port in 1..=(MAX_ASKING as u16 + 10) {
+            cards.want(id(port, 1, 1), start);
+        }
+        assert_eq!(cards.next_deadline(), Some(start + GATHER));
+        let gathered = start + GATHER;
+        let mut asked = 0;
+        for _ in 0..MAX_ASKING {
+            let asks = cards.poll(gathered, || None);
+            if asks.is_empty() {
+                break;
+            }
+            assert!(
+                asks.iter()
+                    .all(|(to, ask)| ask[0] == KIND_ASK && to.port() >= 1)
+            );
+            asked += asks.len();
+        }
+        assert_eq!(asked, MAX_ASKING, "no more than the cap at once");
+        assert_eq!(cards.next_deadline(), Some(gathered + ASK_AGAIN));
         // Overdue: the same asks again (the oldest first), still capped.
-        let again = cards.poll(start + ASK_AGAIN);
+        let again = cards.poll(gathered + ASK_AGAIN, || None);
         assert_eq!(again.len(), MAX_ASKING);
         assert_eq!(again[0].0, id(1, 1, 1).addr);
+    }
+
+    #[test]
+    fn an_answer_frees_its_ask_at_once() {
+        let start = Instant::now();
+        let mut cards = Cards::new(Arc::from(&b""[..]));
+        for port in 1..=(MAX_ASKING as u16 + 10) {
+            cards.want(id(port, 1, 1), start);
+        }
+        let now = start + GATHER;
+        let mut asks = Vec::new();
+        for _ in 0..MAX_ASKING {
+            let more = cards.poll(now, || None);
+            if more.is_empty() {
+                break;
+            }
+            asks.extend(more);
+        }
+        assert_eq!(asks.len(), MAX_ASKING);
+        let (owner, ask) = &asks[0];
+        let owner_id = id(owner.port(), 1, 1);
+        let part = Cards::new(Arc::from(&b"c"[..]))
+            .answer(owner_id, ask)
+            .expect("answer");
+        assert!(cards.receive(*owner, &part, now).0.is_some());
+        // Not after the answered ask's retry time: now.
+        assert_eq!(cards.poll(now, || None).len(), 1);
+    }
+
+    #[test]
+    fn a_card_alone_waits_to_be_gathered_then_goes_to_its_owner() {
+        let mut cards = Cards::new(Arc::from(&b""[..]));
+        let start = Instant::now();
+        cards.want(id(2, 1, 1), start);
+        let helper = SocketAddr::from(([10, 0, 0, 9], 9));
+        assert!(cards.poll(start, || Some(helper)).is_empty(), "gathering");
+        let asks = cards.poll(start + GATHER, || Some(helper));
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].0, id(2, 1, 1).addr, "one card: of its owner");
+    }
+
+    #[test]
+    fn many_cards_come_from_a_helper_and_what_it_lacks_from_owners() {
+        // The helper holds the cards of ports 2..=8 and its own (port 20).
+        let helper_id = id(20, 1, 1);
+        let mut helper = Cards::new(Arc::from(&b"helper's"[..]));
+        for port in 2..=8u16 {
+            helper.want(id(port, 1, 1), Instant::now());
+            fetch(
+                &mut helper,
+                id(port, 1, 1),
+                format!("card {port}").as_bytes(),
+            );
+        }
+        let start = Instant::now();
+        let mut joiner = Cards::new(Arc::from(&b""[..]));
+        for port in (2..=11u16).chain([20]) {
+            joiner.want(id(port, 1, 1), start);
+        }
+        let later = start + GATHER;
+        let asks = joiner.poll(later, || Some(helper_id.addr));
+        assert_eq!(asks.len(), 1, "one ask names them all");
+        let (to, ask) = &asks[0];
+        assert_eq!((*to, ask[0]), (helper_id.addr, KIND_ASK_MANY));
+        assert!(ask.len() <= PART_BYTES);
+        let answer = helper.answer_many(helper_id, &ask[1..]).expect("answer");
+        let (lacking, cards): (Vec<_>, Vec<_>) = answer.iter().partition(|p| p[0] == KIND_LACKING);
+        assert_eq!(lacking.len(), 1);
+        let arrived: Vec<Arrived> = cards
+            .iter()
+            .flat_map(|p| joiner.receive_bulk(&p[1..]).expect("well formed"))
+            .collect();
+        assert_eq!(arrived.len(), 8, "ports 2..=8 and the helper's own");
+        assert!(arrived.iter().any(|a| &*a.card == b"helper's"));
+        assert!(
+            joiner.poll(later, || None).is_empty(),
+            "the rest still asked"
+        );
+        // Lacked by every helper asked: then asked of the owners.
+        let mut lacking = lacking[0].clone();
+        for tries in 1..=HELPER_TRIES {
+            joiner
+                .receive_lacking(&lacking[1..], later)
+                .expect("well formed");
+            if tries == HELPER_TRIES {
+                break;
+            }
+            let asks = joiner.poll(later + GATHER, || Some(helper_id.addr));
+            assert_eq!(asks.len(), 1, "another helper, after gathering");
+            let answer = helper
+                .answer_many(helper_id, &asks[0].1[1..])
+                .expect("answer");
+            assert_eq!(answer.len(), 1, "{answer:?}");
+            lacking = answer[0].clone();
+        }
+        let mut owners: Vec<u16> = joiner
+            .poll(later, || Some(helper_id.addr))
+            .iter()
+            .map(|(to, ask)| {
+                assert_eq!(ask[0], KIND_ASK);
+                to.port()
+            })
+            .collect();
+        owners.sort_unstable();
+        assert_eq!(owners, [9, 10, 11], "what the helper lacks, of the owners");
+        // Malformed or too long asks get no answer.
+        assert!(helper.answer_many(helper_id, &[0xff, 0xff]).is_none());
+        let named: Vec<Named> = (0..=ASK_MANY_MAX as u16)
+            .map(|port| Named {
+                addr: id(port, 1, 1).addr,
+                generation: 1,
+                version: 1,
+            })
+            .collect();
+        let body = postcard::to_allocvec(&named).expect("encodes");
+        assert!(helper.answer_many(helper_id, &body).is_none());
+    }
+
+    #[test]
+    fn unanswered_asks_of_helpers_go_to_others_then_to_the_owner() {
+        let mut now = Instant::now();
+        let mut cards = Cards::new(Arc::from(&b""[..]));
+        cards.want(id(2, 1, 1), now);
+        cards.want(id(3, 1, 1), now);
+        let helper = SocketAddr::from(([10, 0, 0, 9], 9));
+        now += GATHER;
+        for tries in 1..=HELPER_TRIES {
+            let asks = cards.poll(now, || Some(helper));
+            assert_eq!(asks.len(), 1, "both of a helper");
+            assert_eq!((asks[0].0, asks[0].1[0]), (helper, KIND_ASK_MANY));
+            now += ASK_AGAIN;
+            let again = cards.poll(now, || Some(helper));
+            if tries < HELPER_TRIES {
+                // Overdue: gathered again for another helper.
+                assert!(again.is_empty(), "{again:?}");
+                now += GATHER;
+                continue;
+            }
+            let mut owners: Vec<(u16, u8)> =
+                again.iter().map(|(to, ask)| (to.port(), ask[0])).collect();
+            owners.sort_unstable();
+            assert_eq!(owners, [(2, KIND_ASK), (3, KIND_ASK)]);
+        }
     }
 
     #[test]
@@ -507,14 +915,14 @@ mod tests {
         let part = Cards::new(Arc::from(&b"x"[..]))
             .answer(id(2, 5, 2), &{
                 let mut c = Cards::new(Arc::from(&b""[..]));
-                c.want(owner);
-                c.poll(now).remove(0).1
+                c.want(owner, now);
+                c.poll(now + GATHER, || None).remove(0).1
             })
             .expect("answer");
         // Nobody asked.
         assert_eq!(cards.receive(owner.addr, &part, now), (None, None));
         // Older than wanted.
-        cards.want(owner);
+        cards.want(owner, Instant::now());
         assert_eq!(cards.receive(owner.addr, &part, now), (None, None));
         for bad in [&[][..], &[KIND_PART][..], &[KIND_ASK; 40][..]] {
             assert_eq!(cards.receive(owner.addr, bad, now), (None, None));
@@ -526,14 +934,14 @@ mod tests {
     #[test]
     fn a_newer_card_than_gossiped_is_taken_and_forget_drops_all() {
         let mut cards = Cards::new(Arc::from(&b""[..]));
-        cards.want(id(2, 1, 1));
+        cards.want(id(2, 1, 1), Instant::now());
         // The owner moved on to version 4 before our ask.
         let arrived = fetch(&mut cards, id(2, 1, 4), b"v4");
         assert_eq!(arrived.id, id(2, 1, 4));
-        cards.want(id(2, 1, 3));
+        cards.want(id(2, 1, 3), Instant::now());
         assert_eq!(cards.wants.len(), 0, "version 4 is held");
         cards.forget(id(2, 1, 1).addr);
-        cards.want(id(2, 1, 3));
+        cards.want(id(2, 1, 3), Instant::now());
         assert_eq!(cards.wants.len(), 1);
     }
 }

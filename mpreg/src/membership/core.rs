@@ -24,7 +24,9 @@ use foca::{
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use tokio::time::Instant;
 
-use super::cards::{Cards, KIND_ASK, KIND_CARDS, KIND_PART, KIND_SWIM, PART_BYTES};
+use super::cards::{
+    Cards, KIND_ASK, KIND_ASK_MANY, KIND_CARDS, KIND_LACKING, KIND_PART, KIND_SWIM, PART_BYTES,
+};
 use super::{MemberEvent, MemberId, MemberView, MembershipConfig, REANNOUNCE_AFTER_CHANGE};
 use crate::auth::Secret;
 
@@ -264,6 +266,22 @@ impl Core {
                     }
                 }
             }
+            KIND_ASK_MANY if self.view.up.contains_key(&from) => {
+                let me = self.id();
+                match self.cards.answer_many(me, body) {
+                    Some(answer) => {
+                        for packet in answer {
+                            self.queue(from, packet);
+                        }
+                    }
+                    None => self.dropped += 1,
+                }
+            }
+            KIND_LACKING => {
+                if self.cards.receive_lacking(body, now).is_none() {
+                    self.dropped += 1;
+                }
+            }
             KIND_CARDS => match self.cards.receive_bulk(body) {
                 Some(arrived) => {
                     self.events
@@ -294,7 +312,7 @@ impl Core {
                 }
                 Err(_) => self.dropped += 1,
             },
-            KIND_ASK | KIND_STATE_ASK => {
+            KIND_ASK | KIND_ASK_MANY | KIND_STATE_ASK => {
                 tracing::debug!(%from, "gossip state asked for by a non-member");
             }
             KIND_PART => {
@@ -525,7 +543,7 @@ impl Core {
                         {
                             self.cards.forget(old.addr);
                         }
-                        self.cards.want(*id);
+                        self.cards.want(*id, now);
                     }
                     MemberEvent::Down(id) => self.cards.forget(id.addr),
                     MemberEvent::Card { .. } => {}
@@ -533,7 +551,24 @@ impl Core {
                 self.events.push_back(event);
             }
         }
-        for (to, ask) in self.cards.poll(now) {
+        // Several cards are asked of one member: the longer running (the
+        // lower generation) of two picked at random, as it is likelier to
+        // hold them.
+        let (view, rng) = (&self.view, &mut self.rng);
+        let helper = || {
+            let count = view.up.len();
+            if count == 0 {
+                return None;
+            }
+            let mut pick = || view.up.values().nth(rng.random_range(0..count)).copied();
+            let (a, b) = (pick()?, pick()?);
+            Some(if b.generation < a.generation {
+                b.addr
+            } else {
+                a.addr
+            })
+        };
+        for (to, ask) in self.cards.poll(now, helper) {
             self.queue(to, ask);
         }
         // Retransmissions follow the cluster's size (by doubling or
