@@ -527,6 +527,26 @@ impl Config {
         }
     }
 
+    /// The failure-detection time of a cluster of `members` nodes: a
+    /// probe period plus the suspicion time, which grows with the cluster
+    /// (`suspect_timeout_ms` times log10 of the size, at least once). A node
+    /// that dies leaves every view about this long after it died (the news
+    /// then takes a few gossip rounds to spread).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = mpreg::Config::default();
+    /// assert_eq!(config.failure_detection_time(8), Duration::from_secs(4));
+    /// assert_eq!(config.failure_detection_time(1000), Duration::from_secs(10));
+    /// ```
+    pub fn failure_detection_time(&self, members: usize) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
+            + crate::membership::suspect_to_down(
+                Duration::from_millis(self.suspect_timeout_ms),
+                members,
+            )
+    }
+
     /// The shutdown grace period as a [`Duration`].
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)

@@ -89,6 +89,9 @@ pub(crate) struct Core {
     sync_every: std::time::Duration,
     /// The latest state of each member given to foca (see [`Known`]).
     known: Known,
+    /// The configured suspicion time, before it is scaled to the cluster's
+    /// size.
+    suspect_base: std::time::Duration,
 }
 
 /// The latest state (in SWIM's order) of each member given to foca, by
@@ -181,6 +184,7 @@ impl Core {
             tuned_for: 0,
             sync_every: SYNC_FIRST,
             known: Known::default(),
+            suspect_base: foca_config.suspect_to_down_after,
         })
     }
 
@@ -571,12 +575,13 @@ impl Core {
         for (to, ask) in self.cards.poll(now, helper) {
             self.queue(to, ask);
         }
-        // Retransmissions follow the cluster's size (by doubling or
-        // halving, not at every member).
+        // Retransmissions and the suspicion time follow the cluster's size
+        // (by doubling or halving, not at every member).
         let members = self.view.up.len();
         if members > self.tuned_for.saturating_mul(2).max(8) || members < self.tuned_for / 2 {
             self.tuned_for = members;
             self.config.max_transmissions = super::max_transmissions(members);
+            self.config.suspect_to_down_after = super::suspect_to_down(self.suspect_base, members);
             if let Err(error) = self.foca.set_config(self.config.clone()) {
                 tracing::debug!(%error, "retuning retransmissions failed");
             }

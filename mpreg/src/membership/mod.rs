@@ -70,6 +70,19 @@ const MAX_PACKET_SIZE: NonZeroUsize = match NonZeroUsize::new(1400) {
     None => unreachable!(),
 };
 
+/// How long a suspected member has to refute before it is declared down,
+/// in a cluster of `members`: `base` (the node's `suspect_timeout_ms`)
+/// times log10 of the size, at least once (3 s stays 3 s up to 10 nodes,
+/// 6 s at 100, 9 s at 1,000). Updated as the cluster grows (`core.rs`).
+/// memberlist (Serf, Consul) scales its suspicion the same way: in a large
+/// cluster a suspicion takes longer to reach the suspected node, and under
+/// load (a thousand nodes starting at once on two cores) a fixed 3 s
+/// declared live nodes down faster than they could refute, and the cluster
+/// never settled.
+pub(crate) fn suspect_to_down(base: Duration, members: usize) -> Duration {
+    base.mul_f64((members as f64).log10().max(1.0))
+}
+
 /// How many times each node sends each membership update on, for a cluster
 /// of `members` (foca's LAN preset says 4·log10(n+1): 4 for 16 nodes, 12
 /// for 1,000; this is 3·log10(n+1), at least 4). Updated as the cluster
@@ -85,6 +98,10 @@ pub(crate) fn max_transmissions(members: usize) -> std::num::NonZeroU8 {
     };
     std::num::NonZeroU8::new(tx).unwrap_or(std::num::NonZeroU8::MIN)
 }
+
+/// Most packets read, when timers are due, before they run (a bound, so
+/// a flood of packets cannot hold the timers back).
+const READ_BEFORE_TIMERS: usize = 256;
 
 /// How long a down identity is remembered. An identity that is forgotten
 /// could be resurrected by stale gossip; restarts use a new generation, so a
@@ -645,7 +662,27 @@ impl Driver {
                     let Advert { id, card } = wanted.borrow_and_update().clone();
                     self.core.change_identity(id, card, now);
                 }
-                Wake::Timer => self.core.tick(now),
+                Wake::Timer => {
+                    // What arrived before the timers run is read first: in
+                    // a busy process timers run late, and an ack waiting
+                    // unread must not make a member that answered in time
+                    // look dead.
+                    for _ in 0..READ_BEFORE_TIMERS {
+                        match socket.try_recv_from(&mut buf) {
+                            Ok((len, from)) => {
+                                let received = buf.get(..len).unwrap_or(&buf);
+                                self.core.receive(from, received, now);
+                            }
+                            Err(error) => {
+                                if error.kind() != io::ErrorKind::WouldBlock {
+                                    tracing::debug!(%error, "receiving a membership packet failed");
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    self.core.tick(now);
+                }
                 Wake::Command(Some(Command::Leave) | None) | Wake::Advert(Err(_)) => {
                     self.core.leave(now);
                     self.flush(socket).await;

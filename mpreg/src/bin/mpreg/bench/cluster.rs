@@ -482,7 +482,8 @@ async fn run_cluster(o: ClusterOptions, show: bool) -> BenchResult<()> {
     }
     let shares = split(o.nodes, o.processes);
     let defaults = mpreg::Config::default();
-    let detection = Duration::from_millis(defaults.probe_interval_ms + defaults.suspect_timeout_ms);
+    // The killed node leaves a cluster of all the others.
+    let detection = defaults.failure_detection_time(o.nodes.saturating_sub(1));
     let mut notes = Vec::new();
     if let Some(warning) = fd_warning(&shares, o.nodes) {
         eprintln!("warning: {warning}");
