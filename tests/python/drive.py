@@ -308,7 +308,7 @@ class Scenario:
         )
 
     async def no_commands(self) -> None:
-        reply = await self.c.send({"role": "rpc", "u": "empty", "cmds": []})
+        reply = await self.c.send({"role": "rpc", "mpreg": 1, "u": "empty", "cmds": []})
         expect("u", reply.get("u"), "empty")
         expect("r", reply.get("r"), None)
         expect("error.code", (reply.get("error") or {}).get("code"), "bad_request")
@@ -324,8 +324,11 @@ class Scenario:
         # No readable id: the reply's `u` is null.
         reply = await self.c.send_raw('{"role": "rpc", "cmds": [', timeout=CHECK_TIMEOUT)
         self._expect_unmatched_bad_request(reply)
-        # The id is readable before the message breaks off: the reply carries it.
-        reply = await self.c.send_raw('{"role": "rpc", "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT)
+        # The id is readable before the message breaks off: the reply carries it
+        # (in mpreg's form: the marker comes before the break).
+        reply = await self.c.send_raw(
+            '{"role": "rpc", "mpreg": 1, "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT
+        )
         self._expect_unmatched_bad_request(reply, u="broken")
         # The connection stays usable.
         got = await self.c.call("echo", "still here")
@@ -350,6 +353,7 @@ class Scenario:
         expect("u", reply["u"], u)
         expect("r", reply.get("r"), None)
         expect("error.code", (reply.get("error") or {}).get("code"), "bad_request")
+        expect("error.kind", (reply.get("error") or {}).get("kind"), "bad_request")
 
     # Many requests in flight.
 
