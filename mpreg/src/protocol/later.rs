@@ -158,6 +158,11 @@ const SUMMARY_ROOM: usize = 400;
 /// Room for a number in a list.
 const NUMBER_ROOM: usize = 26;
 
+/// Room for the reply's fields other than `r`, `intermediate_results`' items
+/// and the summary, less its id: their names, `"rpc-response"`, `null`s,
+/// brackets and braces (about 100 bytes).
+const ENVELOPE_ROOM: usize = 128;
+
 impl Report {
     /// The report of a run of request `u` whose `timing` is given. With
     /// `levels`, `results` holds every command's result in step order, and
@@ -209,8 +214,7 @@ impl Report {
         }
     }
 
-    /// At least the length of the reply's text beyond its envelope (`r`,
-    /// every intermediate entry and the summary), computed without writing
+    /// At least the length of the reply's text, computed without writing
     /// it: with levels, a result is written once per level from its own on
     /// (in `accumulated_results`), so this can be many times the results'
     /// own size.
@@ -221,7 +225,9 @@ impl Report {
                 .saturating_add(value.json_len())
                 .saturating_add(2)
         };
-        let mut total = 2usize;
+        // The reply's `u` is no longer than the id as a string (a number's
+        // text is its JSON text); `r`'s braces.
+        let mut total = ENVELOPE_ROOM + string_len(&self.request_id) + 2;
         for r in self.r(results) {
             total = total.saturating_add(entry(r));
         }
@@ -532,26 +538,28 @@ mod tests {
     #[test]
     fn the_reply_length_covers_what_is_written() {
         let big = |n: &str| (n.to_string(), Payload::Tree(json!("x".repeat(1000))));
-        // A chain of five: each result is written in its level, in every
-        // later accumulated map, and the last in `r` too.
+        // A chain of five.
         let mut r: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(big).collect();
         let t = timing(vec![0, 1, 2, 3, 4], vec![ms_(1); 5], ms_(1));
         let report = Report::new(&json!("u"), &mut r, &t, true, true);
-        let written = serde_json::to_string(&report.intermediate(&r))
-            .expect("json")
-            .len()
-            + serde_json::to_string(&ResultMap(report.r(&r)))
-                .expect("json")
-                .len()
-            + serde_json::to_string(&report.summary())
-                .expect("json")
-                .len();
+        let answer = super::super::Answer::reported(
+            super::super::ReplyTo {
+                u: json!("u"),
+                dialect: super::super::Dialect::Later,
+            },
+            r.clone(),
+            report.clone(),
+            usize::MAX,
+        );
+        let written = answer.encode().len();
         let counted = report.reply_len(&r);
         assert!(counted >= written, "{counted} < {written}");
-        // Five results of 1 KB are written 1 + 5 + 4 + 3 + 2 + 1 + 1 (r)
-        // times... about 21 KB: an estimate, not a multiple of it.
+        // Each result is written in its level, in the accumulated results
+        // of its level and every later one, and the last in `r`: 21 times
+        // 1 KB. The estimate is close.
+        assert!(written > 21 * 1000, "{written}");
         assert!(
-            counted < written + 5 * 2 * ENTRY_ROOM + SUMMARY_ROOM,
+            counted < written + 5 * ENTRY_ROOM + SUMMARY_ROOM + ENVELOPE_ROOM,
             "{counted} vs {written}"
         );
         assert!(report.fits(&r, counted).is_ok());
