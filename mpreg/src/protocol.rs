@@ -476,7 +476,7 @@ pub(crate) fn request_id(bytes: &[u8]) -> Value {
     reply_to(bytes).u
 }
 
-/// The byte scan of [`request_id`].
+/// The byte scan of [`reply_to`].
 struct IdScan<'a> {
     bytes: &'a [u8],
     pos: usize,
