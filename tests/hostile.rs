@@ -1146,7 +1146,9 @@ fn random_frames_each_get_one_reply_and_the_connection_stays_usable() {
             let cmds = build(mode, &raws, vocab);
             let expected = model_request(&cmds, intermediate);
             let u = json!(format!("sentinel-{tag}"));
+            // mpreg's meaning of `return_intermediate_results` (the marker).
             let mut request = json!({
+                "mpreg": 1,
                 "u": u,
                 "cmds": cmds_json(&cmds),
                 "return_intermediate_results": intermediate,
@@ -1271,7 +1273,10 @@ fn mixed(t: u64, i: u64) -> Mixed {
             )),
             check_panic,
         ),
-        4 => (text(json!({"u": u, "cmds": "nope"})), check_bad_request),
+        4 => (
+            text(json!({"mpreg": 1, "u": u, "cmds": "nope"})),
+            check_bad_request,
+        ),
         5 => (
             text(common::flat(
                 u.clone(),
@@ -1511,7 +1516,7 @@ async fn extreme_timeouts_on_the_wire_get_a_reply() {
     }
     for t in [json!(-1), json!(1.5), json!(1e30), json!("5000")] {
         let reply = ws
-            .request(&json!({"u": "t", "timeout_ms": t, "cmds": cmds}))
+            .request(&json!({"mpreg": 1, "u": "t", "timeout_ms": t, "cmds": cmds}))
             .await;
         common::err_of(&reply, &json!("t"), "bad_request");
     }

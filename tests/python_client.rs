@@ -2,7 +2,11 @@
 //! a node: `tests/python/drive.py` (with `tests/python/mpreg_client.py`, on
 //! the `websockets` package) runs the page's reference examples, kwargs,
 //! datasets, every client-visible error, 50 requests in flight on one
-//! connection and token authentication against nodes started here.
+//! connection and token authentication against nodes started here; and,
+//! sending flat requests without mpreg's marker as the original project's
+//! later client does, checks every reply against that client's reply model
+//! as the page describes it (integer error codes, level-by-level
+//! intermediate results, the execution summary).
 //!
 //! The test makes a Python virtual environment with `websockets` under the
 //! cargo target directory the first time (from PyPI) and reuses it after.
@@ -75,6 +79,10 @@ async fn python_client_written_from_the_protocol_page_drives_a_node() {
     assert!(shown.contains("checks ok"), "{shown}");
     assert!(
         shown.contains("ok    auth: token in first auth message"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("ok    later client: every error has an integer code"),
         "{shown}"
     );
     println!("{shown}");

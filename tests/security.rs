@@ -87,15 +87,24 @@ async fn client_tokens_are_required_when_configured() {
     assert_eq!(reply["error"]["code"], "unauthorized");
     assert_eq!(ws.expect_closed().await, Some(1008));
 
-    // A request without any token: refused with its own id.
-    let mut ws = RawWs::connect(&url(&a)).await;
-    ws.send_json(
-        &json!({"role": "rpc", "u": "r1", "cmds": [{"name": "e", "fun": "echo", "args": [6]}]}),
-    )
-    .await;
-    let reply = ws.recv_json().await;
-    assert_eq!(reply["u"], "r1");
-    assert_eq!(reply["error"]["code"], "unauthorized");
+    // A request without any token: refused with its own id, in its form
+    // (mpreg's with the marker, the original's later client's without).
+    let cmds = json!([{"name": "e", "fun": "echo", "args": [6]}]);
+    for (request, code) in [
+        (
+            json!({"role": "rpc", "mpreg": 1, "u": "r1", "cmds": cmds}),
+            json!("unauthorized"),
+        ),
+        (json!({"role": "rpc", "u": "r1", "cmds": cmds}), json!(403)),
+    ] {
+        let mut ws = RawWs::connect(&url(&a)).await;
+        ws.send_json(&request).await;
+        let reply = ws.recv_json().await;
+        assert_eq!(reply["u"], "r1");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+        assert_eq!(reply["error"]["kind"], "unauthorized", "{reply}");
+        assert_eq!(ws.expect_closed().await, Some(1008));
+    }
     a.shutdown().await;
 }
 

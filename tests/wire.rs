@@ -119,12 +119,12 @@ async fn wrong_field_types_get_bad_request_with_the_request_id() {
     let cases = [
         (
             "cmds-not-array",
-            json!({"role": "rpc", "u": "cmds-not-array", "cmds": {"name": "e"}}),
+            json!({"role": "rpc", "mpreg": 1, "u": "cmds-not-array", "cmds": {"name": "e"}}),
             "cmds",
         ),
         (
             "cmds-missing",
-            json!({"role": "rpc", "u": "cmds-missing"}),
+            json!({"role": "rpc", "mpreg": 1, "u": "cmds-missing"}),
             "cmds",
         ),
         (
@@ -142,7 +142,7 @@ async fn wrong_field_types_get_bad_request_with_the_request_id() {
         ),
         (
             "timeout-string",
-            json!({"role": "rpc", "u": "timeout-string", "cmds": good(), "timeout_ms": "soon"}),
+            json!({"role": "rpc", "mpreg": 1, "u": "timeout-string", "cmds": good(), "timeout_ms": "soon"}),
             "timeout_ms",
         ),
         (
@@ -152,12 +152,12 @@ async fn wrong_field_types_get_bad_request_with_the_request_id() {
         ),
         (
             "intermediate-not-bool",
-            json!({"role": "rpc", "u": "intermediate-not-bool", "cmds": good(), "return_intermediate_results": "yes"}),
+            json!({"role": "rpc", "mpreg": 1, "u": "intermediate-not-bool", "cmds": good(), "return_intermediate_results": "yes"}),
             "return_intermediate_results",
         ),
         (
             "wrong-role",
-            json!({"role": "peer", "u": "wrong-role", "cmds": good()}),
+            json!({"role": "peer", "mpreg": 1, "u": "wrong-role", "cmds": good()}),
             "role",
         ),
     ];
@@ -361,15 +361,14 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
     ]);
     // Spaces and escapes as a client might write them.
     let frame = format!(
-        r#"{{ "role" : "rpc", "u" : "hop", "cmds" : [ {{ "name" : "e", "fun" : "echo", "args" : [ {} ], "locs" : [ "b" ] }} ] }}"#,
+        r#"{{ "role" : "rpc", "mpreg" : 1, "u" : "hop", "cmds" : [ {{ "name" : "e", "fun" : "echo", "args" : [ {} ], "locs" : [ "b" ] }} ] }}"#,
         serde_json::to_string_pretty(&values).expect("json")
     );
     ws.send_text(&frame).await;
     let reply = guard("hop reply", ws.recv_json()).await;
     assert_eq!(ok_r(&reply, &json!("hop")), json!({ "e": values }));
     // A `\u` escape of a surrogate pair goes the plain way and still works.
-    let pair =
-        r#"{"u":"pair","cmds":[{"name":"e","fun":"echo","args":["\ud83d\ude00"],"locs":["b"]}]}"#;
+    let pair = r#"{"mpreg":1,"u":"pair","cmds":[{"name":"e","fun":"echo","args":["\ud83d\ude00"],"locs":["b"]}]}"#;
     ws.send_text(pair).await;
     let reply = guard("pair reply", ws.recv_json()).await;
     assert_eq!(ok_r(&reply, &json!("pair")), json!({ "e": "\u{1F600}" }));
@@ -380,7 +379,7 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
         ("deep", &format!("{}1{}", "[".repeat(200), "]".repeat(200))),
     ] {
         let frame = format!(
-            r#"{{"u":"{u}","cmds":[{{"name":"e","fun":"echo","args":[{arg}],"locs":["b"]}}]}}"#
+            r#"{{"mpreg":1,"u":"{u}","cmds":[{{"name":"e","fun":"echo","args":[{arg}],"locs":["b"]}}]}}"#
         );
         ws.send_text(&frame).await;
         let reply = guard("bad reply", ws.recv_json()).await;
@@ -394,8 +393,10 @@ async fn values_cross_a_hop_as_sent_and_bad_ones_are_bad_requests() {
         );
     }
     // The link and the connection still work.
-    ws.send_text(r#"{"u":"after","cmds":[{"name":"e","fun":"echo","args":[[1,2]],"locs":["b"]}]}"#)
-        .await;
+    ws.send_text(
+        r#"{"mpreg":1,"u":"after","cmds":[{"name":"e","fun":"echo","args":[[1,2]],"locs":["b"]}]}"#,
+    )
+    .await;
     let reply = guard("after reply", ws.recv_json()).await;
     assert_eq!(ok_r(&reply, &json!("after")), json!({ "e": [1, 2] }));
 }
@@ -423,7 +424,7 @@ async fn every_refusal_carries_a_readable_id() {
         // Nesting too deep: flat, nested, and with `u` after the value.
         (
             json!("deep-flat"),
-            format!(r#"{{"role":"rpc","u":"deep-flat","cmds":[{echo_deep}]}}"#),
+            format!(r#"{{"role":"rpc","mpreg":1,"u":"deep-flat","cmds":[{echo_deep}]}}"#),
             "not valid JSON",
         ),
         (
@@ -433,7 +434,7 @@ async fn every_refusal_carries_a_readable_id() {
         ),
         (
             json!(77),
-            format!(r#"{{"role":"rpc","cmds":[{echo_deep}],"u":77}}"#),
+            format!(r#"{{"role":"rpc","mpreg":1,"cmds":[{echo_deep}],"u":77}}"#),
             "not valid JSON",
         ),
         // Wrong field types, cut-off JSON.
@@ -444,7 +445,7 @@ async fn every_refusal_carries_a_readable_id() {
         ),
         (
             json!("cut"),
-            r#"{"role":"rpc","u":"cut","cmds":[{"name":"e","fun""#.into(),
+            r#"{"role":"rpc","mpreg":1,"u":"cut","cmds":[{"name":"e","fun""#.into(),
             "not valid JSON",
         ),
         // Too many commands (the node's limit here is 4).

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::{ConfigError, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT};
 use crate::error::Error;
-use crate::protocol::{Command, OutgoingRequest, Reply, Request};
+use crate::protocol::{Command, MARKER_VERSION, OutgoingRequest, Reply, Request};
 use conn::{Conn, Dial, Entry, Orphans, StreamItem, Waiter};
 pub use stream::{Event, Progress, ResultStream};
 
@@ -605,6 +605,7 @@ impl Client {
         let timeout = request.timeout.or(inner.timeout);
         let text = serde_json::to_string(&OutgoingRequest {
             role: "rpc",
+            mpreg: MARKER_VERSION,
             u: &id,
             cmds: &request.cmds,
             timeout_ms: timeout.map(|t| t.as_millis().try_into().unwrap_or(u64::MAX)),

@@ -79,6 +79,15 @@ impl ErrorCode {
         ErrorCode::Unknown,
     ];
 
+    /// The code written as `name` (`Unknown` for a name this version does
+    /// not know).
+    fn from_name(name: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .unwrap_or(Self::Unknown)
+    }
+
     /// The code as it is written on the wire.
     ///
     /// ```
@@ -125,7 +134,26 @@ impl fmt::Display for ErrorCode {
 /// assert_eq!(wire["code"], "unknown_function");
 /// assert_eq!(wire["command"], "x");
 /// ```
+///
+/// Reading one is lenient, so that any node's reply can be read: the code
+/// is taken from `kind` (mpreg's string code, in every reply of this
+/// version), else from `code` as a string, else from `code` as the number
+/// the original Python server's later release sends (the broadest code of
+/// that number: 1001 reads as `unknown_function`, 1003 as
+/// `handler_failed`, 1004 as `bad_request`); a missing `message` is empty.
+///
+/// ```
+/// use mpreg::{ErrorCode, RpcError};
+///
+/// let e: RpcError = serde_json::from_str(
+///     r#"{"code": 1001, "kind": "no_node_for_datasets", "message": "m"}"#,
+/// ).unwrap();
+/// assert_eq!(e.code, ErrorCode::NoNodeForDatasets);
+/// let e: RpcError = serde_json::from_str(r#"{"code": 1001, "message": "m"}"#).unwrap();
+/// assert_eq!(e.code, ErrorCode::UnknownFunction);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(from = "ErrorWire")]
 #[error("{code}: {message}{}", command_suffix(.command))]
 pub struct RpcError {
     /// What kind of failure this is.
@@ -138,6 +166,39 @@ pub struct RpcError {
     /// Extra structured information (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+}
+
+/// An error object as read from the wire, before its code is settled.
+#[derive(Deserialize)]
+struct ErrorWire {
+    #[serde(default)]
+    code: Value,
+    #[serde(default)]
+    kind: Value,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    details: Option<Value>,
+}
+
+impl From<ErrorWire> for RpcError {
+    fn from(wire: ErrorWire) -> Self {
+        let code = match (&wire.kind, &wire.code) {
+            (Value::String(name), _) | (_, Value::String(name)) => ErrorCode::from_name(name),
+            (_, Value::Number(n)) => n
+                .as_i64()
+                .map_or(ErrorCode::Unknown, crate::protocol::later::code_of_number),
+            _ => ErrorCode::Unknown,
+        };
+        Self {
+            code,
+            message: wire.message,
+            command: wire.command,
+            details: wire.details,
+        }
+    }
 }
 
 fn command_suffix(command: &Option<String>) -> String {
@@ -301,6 +362,32 @@ mod tests {
         let e: RpcError =
             serde_json::from_str(r#"{"code":"brand_new","message":"m"}"#).expect("deserialize");
         assert_eq!(e.code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn any_error_object_reads() {
+        let read = |text: &str| serde_json::from_str::<RpcError>(text).expect(text);
+        // Both of this version's forms: `kind` first.
+        let e = read(r#"{"code":"cycle","kind":"cycle","message":"m","details":{"cycle":["a"]}}"#);
+        assert_eq!(e.code, ErrorCode::Cycle);
+        assert_eq!(e.details, Some(serde_json::json!({"cycle": ["a"]})));
+        let e = read(r#"{"code":1003,"kind":"bad_arguments","message":"m","command":"c"}"#);
+        assert_eq!(e.code, ErrorCode::BadArguments);
+        assert_eq!(e.command.as_deref(), Some("c"));
+        // The original's: a number, `details` a string.
+        let e = read(r#"{"code":1004,"message":"m","details":"t"}"#);
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        // A code of any other shape, or none.
+        assert_eq!(
+            read(r#"{"code":null,"message":"m"}"#).code,
+            ErrorCode::Unknown
+        );
+        assert_eq!(read(r#"{"code":1.5}"#).code, ErrorCode::Unknown);
+        assert_eq!(
+            read(r#"{"code":[1],"message":""}"#).code,
+            ErrorCode::Unknown
+        );
+        assert_eq!(read("{}").message, "");
     }
 
     #[test]

@@ -16,16 +16,22 @@
 //! [`Progress`] the moment it is recorded (a streaming request). It never
 //! ships chains: every step is a unit of its own, so each result is known
 //! (and reported) when its step finishes, not when a whole chain does.
+//!
+//! [`execute_timed`] also says when each step's result was known here (a
+//! step of a shipped chain: when the chain's job answered), for the level
+//! report of the original project's later client.
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use futures_util::future::Either;
 use serde_json::Value;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::error::{ErrorCode, RpcError};
 use crate::payload::Payload;
@@ -126,6 +132,15 @@ fn group<T: PartialEq>(
 /// What a run yields: the wanted results with their command names.
 pub(crate) type RunResults = Result<Vec<(String, Payload)>, RpcError>;
 
+/// What a timed run yields: the wanted results with their command names,
+/// and for every step (by index) when its result was known here, from the
+/// start of the run.
+pub(crate) type Timed = (Vec<(String, Payload)>, Vec<Duration>);
+
+/// What [`execute_many`] yields: the wanted results, and in a timed run
+/// when each step's result was known.
+type ManyResults = (Vec<(String, Payload)>, Option<Vec<Duration>>);
+
 /// What a unit's task yields: the unit's index and its outputs' values.
 type Finished = (usize, Result<Vec<Payload>, RpcError>);
 
@@ -171,7 +186,26 @@ pub(crate) fn execute_with_progress<'a, D: Dispatch>(
     }
     // Boxed: the state of a whole dataflow run would otherwise make the
     // future of every request that large, single commands included.
-    Either::Right(Box::pin(execute_many(plan, dispatcher, wanted, progress)))
+    let run = Box::pin(execute_many(plan, dispatcher, wanted, progress, false));
+    Either::Right(run.map(|outcome| outcome.map(|(results, _)| results)))
+}
+
+/// [`execute_with_progress`], also saying when each step's result was known
+/// (see [`Timed`]). The wanted results come in the order of `wanted` (step
+/// order for [`Wanted::All`]).
+pub(crate) async fn execute_timed<D: Dispatch>(
+    plan: Plan,
+    dispatcher: &D,
+    wanted: Wanted,
+    progress: Option<&dyn Progress>,
+) -> Result<Timed, RpcError> {
+    let started = Instant::now();
+    if plan.steps.len() == 1 && progress.is_none() {
+        let results = execute_one(plan, dispatcher).await?;
+        return Ok((results, vec![started.elapsed()]));
+    }
+    let (results, done) = Box::pin(execute_many(plan, dispatcher, wanted, progress, true)).await?;
+    Ok((results, done.unwrap_or_default()))
 }
 
 /// A plan of one step whose result is wanted once: the step is placed and
@@ -223,13 +257,15 @@ pub(crate) fn execute_one<D: Dispatch>(
     }))
 }
 
-/// [`execute_with_progress`] for any plan.
+/// [`execute_with_progress`] for any plan; when `timed`, also when each
+/// step's result was known (see [`Timed`]).
 async fn execute_many<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
     progress: Option<&dyn Progress>,
-) -> Result<Vec<(String, Payload)>, RpcError> {
+    timed: bool,
+) -> Result<ManyResults, RpcError> {
     let Plan {
         steps,
         dependents: _,
@@ -297,6 +333,8 @@ async fn execute_many<D: Dispatch>(
         targets,
         running: JoinSet::new(),
         dispatcher,
+        started: Instant::now(),
+        done_at: timed.then(|| vec![Duration::ZERO; n]),
     };
     // Units start when their inputs are ready. When exactly one unit is
     // ready and nothing else runs (a single command, each link of a chain),
@@ -346,6 +384,10 @@ struct Dataflow<'d, D: Dispatch> {
     /// The units running now; dropping the set aborts them.
     running: JoinSet<Finished>,
     dispatcher: &'d D,
+    /// When the run started.
+    started: Instant,
+    /// In a timed run, per step, when its unit finished (from `started`).
+    done_at: Option<Vec<Duration>>,
 }
 
 impl<D: Dispatch> Dataflow<'_, D> {
@@ -378,6 +420,12 @@ impl<D: Dispatch> Dataflow<'_, D> {
     ) -> Result<(), RpcError> {
         let first = unit.steps[0];
         let values = outcome.map_err(|e| e.with_command(self.name(first)))?;
+        if let Some(done_at) = &mut self.done_at {
+            let now = self.started.elapsed();
+            for &s in &unit.steps {
+                done_at[s] = now;
+            }
+        }
         if values.len() != outputs.len() {
             return Err(RpcError::new(
                 ErrorCode::Internal,
@@ -407,9 +455,10 @@ impl<D: Dispatch> Dataflow<'_, D> {
         }
     }
 
-    /// The wanted results, with their command names.
-    fn finish(mut self, wanted: Vec<usize>) -> Result<Vec<(String, Payload)>, RpcError> {
-        wanted
+    /// The wanted results, with their command names (and, in a timed run,
+    /// when each step finished).
+    fn finish(mut self, wanted: Vec<usize>) -> Result<ManyResults, RpcError> {
+        let results = wanted
             .into_iter()
             .map(|w| {
                 let value = self.take(w);
@@ -418,7 +467,8 @@ impl<D: Dispatch> Dataflow<'_, D> {
                     .map(|v| (name, v))
                     .ok_or_else(|| RpcError::new(ErrorCode::Internal, "a command never ran"))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((results, self.done_at.take()))
     }
 
     /// Sends unit `u`, whose inputs are all ready, to its target, on a task

@@ -146,7 +146,7 @@ pub mod __bench {
     pub fn parse_frame(frame: &[u8]) -> Result<usize, RpcError> {
         crate::protocol::parse_request(frame)
             .map(|r| r.cmds.len())
-            .map_err(|r| r.error)
+            .map_err(|r| *r.error)
     }
 
     /// Encodes a successful reply.

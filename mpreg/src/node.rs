@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, Either};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::time::error::Elapsed;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,13 +25,17 @@ use crate::cluster::{Cluster, Placer, Scope};
 use crate::config::Config;
 use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::exec::{Job, Progress, Wanted, execute, execute_one, execute_with_progress};
+use crate::exec::{
+    Job, Progress, RunResults, Wanted, execute, execute_one, execute_timed, execute_with_progress,
+};
 use crate::membership::{MemberId, Membership, MembershipConfig};
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::payload::{Payload, encoded_len};
 use crate::plan::{Arg, Plan};
+use crate::protocol::later::{Report, Timing};
 use crate::protocol::{
-    Answer, IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, Request, parse_request,
+    Answer, IncomingRequest, MAX_RESULT_DEPTH, ProgressMessage, Rejected, ReplyShape, ReplyTo,
+    Request, parse_request,
 };
 use crate::registry::{Args, Function, Registry, linked_functions};
 
@@ -880,29 +885,28 @@ pub(crate) async fn handle_frame(
         counted.end(Some(ErrorCode::Overloaded));
         let limit = state.inflight_bytes.limit();
         let error = crate::budget::Over::Node { limit }.error(size);
-        return Answer::err(crate::protocol::request_id(&frame), error).encode();
+        return Answer::err(crate::protocol::reply_to(&frame), error).encode();
     };
     let parsed = crate::ws::cpu_bound(size, move || parse_request(&frame)).await;
+    let stopping = || {
+        Answer::err(
+            ReplyTo::mpreg(Value::Null),
+            RpcError::new(ErrorCode::Internal, "the node is stopping"),
+        )
+    };
     let reply = match parsed {
         Some(Ok(mut incoming)) => {
             incoming.reply_budget = reply_limit;
             handle(state, incoming, Some(outgoing)).await
         }
-        Some(Err(Rejected { u, error })) => Answer::err(u, error),
-        None => Answer::err(
-            Value::Null,
-            RpcError::new(ErrorCode::Internal, "the node is stopping"),
-        ),
+        Some(Err(Rejected { to, error })) => Answer::err(to, *error),
+        None => stopping(),
     };
     counted.end(reply.error.as_ref().map(|e| e.code));
     // A large request usually has a large reply.
     match crate::ws::cpu_bound(size, move || reply.encode()).await {
         Some(text) => text,
-        None => Answer::err(
-            Value::Null,
-            RpcError::new(ErrorCode::Internal, "the node is stopping"),
-        )
-        .encode(),
+        None => stopping().encode(),
     }
 }
 
@@ -952,7 +956,8 @@ pub(crate) fn handle<'a>(
     progress_to: Option<&'a crate::ws::Outgoing>,
 ) -> impl Future<Output = Answer> + Send + 'a {
     let request = incoming;
-    let u = request.u;
+    let shape = request.shape();
+    let to = request.reply_to();
     // The bytes of results the request may hold: its reply's budget
     // (the node's, or less when the client asked for less).
     let reply_budget = request.reply_budget.min(state.config.reply_budget());
@@ -961,19 +966,14 @@ pub(crate) fn handle<'a>(
         .unwrap_or_else(|| state.config.request_timeout());
     let plan = match Plan::new(request.cmds, state.config.max_commands_per_request) {
         Ok(plan) => plan,
-        Err(e) => return Either::Left(std::future::ready(Answer::err(u, e))),
+        Err(e) => return Either::Left(std::future::ready(Answer::err(to, e))),
     };
     let progress_to = progress_to.filter(|_| request.stream);
-    let wanted = if request.return_intermediate_results {
-        Wanted::All
-    } else {
-        Wanted::Sinks
-    };
-    if plan.steps.len() != 1 || progress_to.is_some() {
-        let run = run_request(state, u, plan, wanted, deadline, reply_budget, progress_to);
+    if plan.steps.len() != 1 || progress_to.is_some() || shape.timed() {
+        let run = run_request(state, to, plan, shape, deadline, reply_budget, progress_to);
         return Either::Right(Either::Right(Box::pin(run)));
     }
-    let (placer, span) = placer_for(state, &u, deadline, reply_budget);
+    let (placer, span) = placer_for(state, &to.u, deadline, reply_budget);
     let call = {
         let _in_span = span.enter();
         execute_one(plan, &placer)
@@ -981,8 +981,22 @@ pub(crate) fn handle<'a>(
     let run = tracing::Instrument::instrument(tokio::time::timeout_at(placer.deadline, call), span);
     // A combinator, not an async block: awaiting a captured future would
     // keep room for it twice.
-    let reply = move |outcome| reply_of(state, u, deadline, outcome);
+    let reply = move |outcome: Result<RunResults, Elapsed>| {
+        reply_of(
+            state,
+            to,
+            deadline,
+            outcome.map(|ran| ran.map(Ran::Results)),
+        )
+    };
     Either::Right(Either::Left(futures_util::FutureExt::map(run, reply)))
+}
+
+/// How a run that did not fail ended: its wanted results, or with a
+/// report for the later client (see [`crate::protocol::later`]).
+enum Ran {
+    Results(Vec<(String, Payload)>),
+    Reported(Vec<(String, Payload)>, Report),
 }
 
 /// The placer of a client request with id `u`, and its span.
@@ -1008,47 +1022,78 @@ fn placer_for(
 }
 
 /// [`handle`] for any plan: through the executor, with progress messages
-/// to `progress_to` when given.
+/// to `progress_to` when given, and timed when `shape` asks for the later
+/// client's levels or summary.
 async fn run_request(
     state: &Arc<NodeState>,
-    u: Value,
+    to: ReplyTo,
     plan: Plan,
-    wanted: Wanted,
+    shape: ReplyShape,
     deadline: Duration,
     reply_budget: usize,
     progress_to: Option<&crate::ws::Outgoing>,
 ) -> Answer {
-    let (placer, span) = placer_for(state, &u, deadline, reply_budget);
-    let progress = progress_to.map(|outgoing| ToConnection { u: &u, outgoing });
-    // The same instant as the placer's deadline (one clock read).
-    let run = tokio::time::timeout_at(
-        placer.deadline,
-        execute_with_progress(
-            plan,
-            &placer,
-            wanted,
-            progress.as_ref().map(|p| p as &dyn Progress),
-        ),
-    );
-    let outcome = tracing::Instrument::instrument(run, span).await;
-    reply_of(state, u, deadline, outcome)
+    let (placer, span) = placer_for(state, &to.u, deadline, reply_budget);
+    let progress = progress_to.map(|outgoing| ToConnection { u: &to.u, outgoing });
+    let progress = progress.as_ref().map(|p| p as &dyn Progress);
+    let wanted = if shape.all {
+        Wanted::All
+    } else {
+        Wanted::Sinks
+    };
+    // Either way, the deadline is the placer's (one clock read).
+    let outcome = if shape.timed() {
+        let depths = plan.depths();
+        let started = std::time::SystemTime::now();
+        let clock = tokio::time::Instant::now();
+        let run = tokio::time::timeout_at(
+            placer.deadline,
+            execute_timed(plan, &placer, wanted, progress),
+        );
+        let outcome = tracing::Instrument::instrument(run, span).await;
+        outcome.map(|ran| {
+            ran.map(|(mut results, done)| {
+                let timing = Timing {
+                    depths,
+                    done,
+                    total: clock.elapsed(),
+                    started,
+                };
+                let report = Report::new(&to.u, &mut results, &timing, shape.levels, shape.summary);
+                Ran::Reported(results, report)
+            })
+        })
+    } else {
+        let run = tokio::time::timeout_at(
+            placer.deadline,
+            execute_with_progress(plan, &placer, wanted, progress),
+        );
+        let outcome = tracing::Instrument::instrument(run, span).await;
+        outcome.map(|ran| ran.map(Ran::Results))
+    };
+    reply_of(state, to, deadline, outcome)
 }
 
-/// The answer to request `u` from how its run ended.
+/// The answer to request `to` from how its run ended.
 fn reply_of(
     state: &NodeState,
-    u: Value,
+    to: ReplyTo,
     deadline: Duration,
-    outcome: Result<Result<Vec<(String, Payload)>, RpcError>, tokio::time::error::Elapsed>,
+    outcome: Result<Result<Ran, RpcError>, Elapsed>,
 ) -> Answer {
     match outcome {
-        Ok(Ok(results)) => Answer::ok(u, results),
+        Ok(Ok(Ran::Results(results))) => Answer::ok(to, results),
+        // A level report repeats results: the whole reply must still fit
+        // in one message.
+        Ok(Ok(Ran::Reported(results, report))) => {
+            Answer::reported(to, results, report, state.config.max_message_size)
+        }
         Ok(Err(e)) => {
-            tracing::debug!(node = %state.name, %u, error = %e, "request failed");
-            Answer::err(u, e)
+            tracing::debug!(node = %state.name, u = %to.u, error = %e, "request failed");
+            Answer::err(to, e)
         }
         Err(_) => Answer::err(
-            u,
+            to,
             RpcError::new(
                 ErrorCode::Timeout,
                 format!("request did not finish within {} ms", deadline.as_millis()),

@@ -248,7 +248,7 @@ fn digits(n: u64) -> usize {
 }
 
 /// A JSON string's length with its quotes and escapes.
-fn string_len(s: &str) -> usize {
+pub(crate) fn string_len(s: &str) -> usize {
     let escapes: usize = s
         .bytes()
         .map(|b| match b {

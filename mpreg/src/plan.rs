@@ -181,6 +181,25 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Each step's depth (by index): 0 for a step that references none,
+    /// else one more than the deepest step it references. Steps of one
+    /// depth form a topological *level*, as the original Python server ran
+    /// them: a level's steps depend only on earlier levels.
+    pub(crate) fn depths(&self) -> Vec<usize> {
+        let mut depths = vec![0; self.steps.len()];
+        for &i in &self.order {
+            depths[i] = self.steps[i]
+                .deps
+                .iter()
+                .map(|&d| depths[d] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        depths
+    }
+}
+
 /// Up to this many commands, names are looked up by scanning them (no
 /// hash map to build).
 const FEW_COMMANDS: usize = 8;
@@ -334,6 +353,36 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(names(&p, &p.sinks), ["b", "c"]);
+    }
+
+    #[test]
+    fn depths_are_the_original_levels() {
+        // The five reference examples' last one: a chain with a shortcut.
+        let p = plan(vec![
+            cmd("|4th", "echo", json!(["|third"])),
+            cmd("|first", "echo", json!(["hi there!"])),
+            cmd("|second", "echo", json!(["|first"])),
+            cmd(
+                "|third",
+                "echos",
+                json!(["|first", "|second", "AND ME TOO"]),
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(p.depths(), [3, 0, 1, 2]);
+        // Independent commands share level 0; a command is one level below
+        // its deepest input, however shallow its others are.
+        let p = plan(vec![
+            cmd("a", "echo", json!([1])),
+            cmd("b", "echo", json!([2])),
+            cmd("c", "echo", json!(["a"])),
+            cmd("d", "echos", json!(["c", "b"])),
+            Command::new("e", "f").kwarg("x", "a"),
+        ])
+        .expect("valid");
+        assert_eq!(p.depths(), [0, 0, 1, 2, 1]);
+        let one = plan(vec![cmd("a", "echo", json!([1]))]).expect("valid");
+        assert_eq!(one.depths(), [0]);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! (`{"role":"rpc","rpc":{"cmds":[..],"u":".."}}`), the later one is flat
 //! (`{"role":"rpc","u":"..","cmds":[..]}`). Replies carry the request's `u`.
 //! The full description is in `docs/PROTOCOL.md`.
+//!
+//! Replies take one of two forms, the request's [`Dialect`]: mpreg's own,
+//! or the one the original project's later client reads (see [`later`]).
+//! The dialect is decided when a frame is read and travels with the request
+//! to its reply.
 
 use std::time::Duration;
 
@@ -15,6 +20,76 @@ use crate::error::RpcError;
 use crate::payload::Payload;
 
 mod fast;
+pub(crate) mod later;
+
+/// The field by which mpreg's own clients mark a flat-envelope request
+/// (`"mpreg": 1`): its replies then take mpreg's form ([`Dialect::Mpreg`]).
+/// A flat request without it is taken to come from the original project's
+/// later client ([`Dialect::Later`]).
+pub(crate) const MARKER_FIELD: &str = "mpreg";
+
+/// The value mpreg's clients send in [`MARKER_FIELD`]: the version of
+/// mpreg's reply form they read. Any positive integer is accepted (a node
+/// answers in the form it knows).
+pub(crate) const MARKER_VERSION: u64 = 1;
+
+/// The form of a request's replies.
+///
+/// Chosen when the frame is read (see [`Dialect::of_envelope`]), and
+/// carried with the request to every reply it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Dialect {
+    /// mpreg's form: `error.code` is mpreg's string code; `r` holds the
+    /// sinks, or every command with `return_intermediate_results`. For
+    /// requests that carry the marker, for the first-release envelope, and
+    /// for frames with no readable id.
+    #[default]
+    Mpreg,
+    /// The form the original project's later client reads (a flat request
+    /// without the marker): `error.code` is that project's number
+    /// ([`later::code_number`]), `intermediate_results` and
+    /// `execution_summary` are always present, and
+    /// `return_intermediate_results` reports level by level.
+    Later,
+}
+
+impl Dialect {
+    /// The dialect of a request read in the first-release envelope
+    /// (`nested`) or the flat one with `marker` (the value of
+    /// [`MARKER_FIELD`], if any): mpreg's when nested or marked, the later
+    /// client's otherwise. A marker that is neither `null` nor a positive
+    /// integer is an error (worded for a `bad_request`).
+    pub(crate) fn of_envelope(nested: bool, marker: Option<&Value>) -> Result<Self, String> {
+        if nested {
+            return Ok(Self::Mpreg);
+        }
+        match marker {
+            None | Some(Value::Null) => Ok(Self::Later),
+            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => Ok(Self::Mpreg),
+            Some(_) => Err(format!(
+                "field `{MARKER_FIELD}` must be a positive integer (the reply form, {MARKER_VERSION})"
+            )),
+        }
+    }
+}
+
+/// Whom a reply answers: the request's id (`null` when it could not be
+/// read) and the form the reply takes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReplyTo {
+    pub(crate) u: Value,
+    pub(crate) dialect: Dialect,
+}
+
+impl ReplyTo {
+    /// A reply in mpreg's form to request `u`.
+    pub(crate) fn mpreg(u: Value) -> Self {
+        Self {
+            u,
+            dialect: Dialect::Mpreg,
+        }
+    }
+}
 
 /// One command of a request: run `fun` with `args` and `kwargs` on a node
 /// that has every dataset in `locs`, and call the result `name`.
@@ -170,10 +245,14 @@ impl FromIterator<Command> for Request {
     }
 }
 
-/// The flat ("later") envelope, as the Rust client writes it.
+/// The flat ("later") envelope, as the Rust client writes it: with the
+/// marker (first after `role`, so that even a frame the node cannot read
+/// to its end is answered in mpreg's form).
 #[derive(Serialize)]
 pub(crate) struct OutgoingRequest<'a> {
     pub(crate) role: &'static str,
+    /// Always [`MARKER_VERSION`].
+    pub(crate) mpreg: u64,
     pub(crate) u: &'a str,
     pub(crate) cmds: &'a [Command],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,6 +299,11 @@ pub(crate) struct IncomingRequest {
     pub(crate) timeout: Option<Duration>,
     pub(crate) return_intermediate_results: bool,
     pub(crate) stream: bool,
+    /// The later client's `include_execution_summary` (read in any
+    /// envelope; only the later client's replies carry a summary).
+    pub(crate) include_execution_summary: bool,
+    /// The form of the request's reply.
+    pub(crate) dialect: Dialect,
     /// Most bytes of results the request's reply may carry: the smaller of
     /// the node's [`reply_budget`](crate::Config::reply_budget) and what the
     /// client asked for at its upgrade ([`REPLY_LIMIT_HEADER`]). Parsing
@@ -230,7 +314,8 @@ pub(crate) struct IncomingRequest {
 
 impl IncomingRequest {
     /// A request made in process (its arguments are trees already), with
-    /// no reply budget of its own (`usize::MAX`) until the caller sets one.
+    /// no reply budget of its own (`usize::MAX`) until the caller sets one;
+    /// its reply takes mpreg's form.
     pub(crate) fn new(u: Value, request: Request) -> Self {
         Self {
             u,
@@ -238,8 +323,53 @@ impl IncomingRequest {
             timeout: request.timeout,
             return_intermediate_results: request.return_intermediate_results,
             stream: request.stream,
+            include_execution_summary: false,
+            dialect: Dialect::Mpreg,
             reply_budget: usize::MAX,
         }
+    }
+
+    /// Whom the request's replies answer.
+    pub(crate) fn reply_to(&self) -> ReplyTo {
+        ReplyTo {
+            u: self.u.clone(),
+            dialect: self.dialect,
+        }
+    }
+
+    /// What the request's reply holds (from its dialect and options).
+    pub(crate) fn shape(&self) -> ReplyShape {
+        match self.dialect {
+            Dialect::Mpreg => ReplyShape {
+                all: self.return_intermediate_results,
+                levels: false,
+                summary: false,
+            },
+            Dialect::Later => ReplyShape {
+                all: self.return_intermediate_results,
+                levels: self.return_intermediate_results,
+                summary: self.include_execution_summary,
+            },
+        }
+    }
+}
+
+/// What a request's reply holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplyShape {
+    /// Every command's result is needed, not only the sinks'.
+    pub(crate) all: bool,
+    /// The later client's level-by-level report: `r` holds the last level
+    /// and `intermediate_results` one entry per level.
+    pub(crate) levels: bool,
+    /// The later client's `execution_summary`.
+    pub(crate) summary: bool,
+}
+
+impl ReplyShape {
+    /// Whether the run must be timed (for levels or a summary).
+    pub(crate) fn timed(self) -> bool {
+        self.levels || self.summary
     }
 }
 
@@ -306,28 +436,47 @@ fn id_len(u: &Value) -> usize {
     }
 }
 
-/// The request id of a frame that could not be read as a request, when its
-/// `u` (at the top level, or inside `rpc` when `rpc` is an object) is a
-/// string or a number whose text can be read; else `null`.
+/// Whom the reply to a frame that could not be read as a request answers:
+/// its request id, when its `u` (at the top level, or inside `rpc` when
+/// `rpc` is an object) is a string or a number whose text can be read
+/// (else `null`), and the form of the reply.
+///
+/// The form is the later client's ([`Dialect::Later`]) when the id was read
+/// and the top level, as far as it could be read, has no `rpc` member and
+/// no [`MARKER_FIELD`] other than `null`; otherwise mpreg's. A reply with
+/// no id matches no request, so it takes mpreg's form.
 ///
 /// A scan of the bytes, not a parse: it builds no tree, does not recurse
 /// (nesting only moves a counter) and reads no more than the frame, so it
 /// is safe on any input. It reads as the plain parse would: of two `u`s the
 /// last counts, and escaped keys are decoded.
-pub(crate) fn request_id(bytes: &[u8]) -> Value {
+pub(crate) fn reply_to(bytes: &[u8]) -> ReplyTo {
     let top = IdScan { bytes, pos: 0 }.object(false);
     let u = match top.rpc {
         Some(inner) => inner,
         None => top.u,
     };
-    u.and_then(|text| match serde_json::from_slice::<Value>(text) {
-        Ok(u @ (Value::String(_) | Value::Number(_))) => Some(u),
-        _ => None,
-    })
-    .unwrap_or(Value::Null)
+    let u = u
+        .and_then(|text| match serde_json::from_slice::<Value>(text) {
+            Ok(u @ (Value::String(_) | Value::Number(_))) => Some(u),
+            _ => None,
+        })
+        .unwrap_or(Value::Null);
+    let dialect = if u.is_null() || top.has_rpc || top.marked {
+        Dialect::Mpreg
+    } else {
+        Dialect::Later
+    };
+    ReplyTo { u, dialect }
 }
 
-/// The byte scan of [`request_id`].
+/// The request id of a frame (see [`reply_to`]).
+#[cfg(test)]
+pub(crate) fn request_id(bytes: &[u8]) -> Value {
+    reply_to(bytes).u
+}
+
+/// The byte scan of [`reply_to`].
 struct IdScan<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -442,6 +591,7 @@ impl<'a> IdScan<'a> {
             }
             self.skip_ws();
             if !nested && Self::is_key(key, "rpc") {
+                m.has_rpc = true;
                 if self.peek() == Some(b'{') {
                     let inner = self.object(true);
                     // Last wins, as in a map; an `rpc` cut short is still
@@ -462,6 +612,9 @@ impl<'a> IdScan<'a> {
                 };
                 if Self::is_key(key, "u") {
                     m.u = Some(value);
+                } else if !nested && Self::is_key(key, MARKER_FIELD) {
+                    // Last wins; `null` is no marker.
+                    m.marked = value != b"null";
                 }
             }
             self.skip_ws();
@@ -487,14 +640,20 @@ struct Members<'a> {
     rpc: Option<Option<&'a [u8]>>,
     /// Whether the object was read to its closing brace.
     complete: bool,
+    /// Whether it has an `rpc` member (of any type; top level only).
+    has_rpc: bool,
+    /// Whether its last [`MARKER_FIELD`] is other than `null` (top level
+    /// only).
+    marked: bool,
 }
 
-/// A request that could not be read: the error, and the request id when it
-/// could be read (the reply then carries it).
+/// A request that could not be read: the error, and whom the reply
+/// answers (with the request id when it could be read).
 #[derive(Debug)]
 pub(crate) struct Rejected {
-    pub(crate) u: Value,
-    pub(crate) error: RpcError,
+    pub(crate) to: ReplyTo,
+    /// Boxed: a parse's result stays small.
+    pub(crate) error: Box<RpcError>,
 }
 
 /// Reads the id of a message, if it has a usable one.
@@ -513,9 +672,9 @@ fn read_id(obj: &Map<String, Value>) -> Option<Value> {
 /// (an error, a duplicate field, deep nesting) is read again the plain
 /// way, which words the error.
 ///
-/// Every rejection carries the request's id whenever one can be read (see
-/// [`request_id`]), whatever else is wrong with the frame; an id longer
-/// than [`MAX_ID_BYTES`] is itself a rejection.
+/// Every rejection carries the request's id whenever one can be read, and
+/// the form of its reply (see [`reply_to`]), whatever else is wrong with the
+/// frame; an id longer than [`MAX_ID_BYTES`] is itself a rejection.
 pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
     let read = match fast::parse(bytes) {
         Some(request) => Ok(request),
@@ -526,29 +685,41 @@ pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
             let len = id_len(&request.u);
             if len > MAX_ID_BYTES {
                 return Err(Rejected {
-                    error: RpcError::bad_request(format!(
-                        "request id `u` is {len} bytes of JSON; the limit is {MAX_ID_BYTES}"
-                    ))
-                    .with_details(serde_json::json!({ "limit": MAX_ID_BYTES })),
-                    u: request.u,
+                    error: Box::new(
+                        RpcError::bad_request(format!(
+                            "request id `u` is {len} bytes of JSON; the limit is {MAX_ID_BYTES}"
+                        ))
+                        .with_details(serde_json::json!({ "limit": MAX_ID_BYTES })),
+                    ),
+                    to: request.reply_to(),
                 });
             }
             Ok(request)
         }
         Err(mut rejected) => {
-            if rejected.u.is_null() {
-                rejected.u = request_id(bytes);
+            // The scan reads the id as the plain reading does, and decides
+            // the form even when the frame is not JSON.
+            let scanned = reply_to(bytes);
+            if rejected.to.u.is_null() {
+                rejected.to.u = scanned.u;
             }
+            rejected.to.dialect = if rejected.to.u.is_null() {
+                Dialect::Mpreg
+            } else {
+                scanned.dialect
+            };
             Err(rejected)
         }
     }
 }
 
 /// Parses one client frame through a [`Value`] tree.
+///
+/// A rejection's form is left to [`parse_request`] (mpreg's here).
 fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
     let reject = |u: Value, message: String| Rejected {
-        u,
-        error: RpcError::bad_request(message),
+        to: ReplyTo::mpreg(u),
+        error: Box::new(RpcError::bad_request(message)),
     };
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| reject(Value::Null, format!("message is not valid JSON: {e}")))?;
@@ -565,13 +736,19 @@ fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
         ));
     }
     // First-release envelope: the request sits under `rpc`.
-    let mut body = match outer.remove("rpc") {
-        Some(Value::Object(inner)) => inner,
+    let (mut body, dialect) = match outer.remove("rpc") {
+        Some(Value::Object(inner)) => (inner, Dialect::Mpreg),
         Some(_) => {
             let u = read_id(&outer).unwrap_or(Value::Null);
             return Err(reject(u, "field `rpc` must be an object".into()));
         }
-        None => outer,
+        None => match Dialect::of_envelope(false, outer.get(MARKER_FIELD)) {
+            Ok(dialect) => (outer, dialect),
+            Err(message) => {
+                let u = read_id(&outer).unwrap_or(Value::Null);
+                return Err(reject(u, message));
+            }
+        },
     };
     let Some(u) = read_id(&body) else {
         let msg = match body.get("u") {
@@ -580,11 +757,16 @@ fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
         };
         return Err(reject(Value::Null, msg.into()));
     };
-    let request = read_body(&mut body).map_err(|message| reject(u.clone(), message))?;
-    Ok(IncomingRequest::new(u, request))
+    let (request, include_execution_summary) =
+        read_body(&mut body).map_err(|message| reject(u.clone(), message))?;
+    let mut incoming = IncomingRequest::new(u, request);
+    incoming.dialect = dialect;
+    incoming.include_execution_summary = include_execution_summary;
+    Ok(incoming)
 }
 
-fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
+/// Reads a request's fields; also returns its `include_execution_summary`.
+fn read_body(body: &mut Map<String, Value>) -> Result<(Request, bool), String> {
     let cmds = match body.remove("cmds") {
         Some(Value::Array(cmds)) => cmds,
         Some(_) => return Err("field `cmds` must be an array of commands".into()),
@@ -618,12 +800,18 @@ fn read_body(body: &mut Map<String, Value>) -> Result<Request, String> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("field `stream` must be a boolean".into()),
     };
-    Ok(Request {
+    let summary = match body.get("include_execution_summary") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("field `include_execution_summary` must be a boolean".into()),
+    };
+    let request = Request {
         cmds,
         timeout,
         return_intermediate_results,
         stream,
-    })
+    };
+    Ok((request, summary))
 }
 
 /// The deepest nesting a result may have: what every JSON parser of the
@@ -668,7 +856,8 @@ impl<'a> ProgressMessage<'a> {
     }
 }
 
-/// A reply to one request.
+/// A reply to one request, as a client reads it (and as a request made in
+/// process gets it).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Reply {
     #[serde(default, skip_deserializing)]
@@ -678,7 +867,7 @@ pub(crate) struct Reply {
     /// Results by command name, on success.
     pub(crate) r: Option<Map<String, Value>>,
     /// The error, on failure.
-    #[serde(default)]
+    #[serde(default, serialize_with = "mpreg_error")]
     pub(crate) error: Option<RpcError>,
 }
 
@@ -711,19 +900,65 @@ impl Reply {
         }
     }
 
-    /// Encodes the reply. Results are `serde_json::Value`s, whose encoding
-    /// cannot fail; should it ever, the client still gets an error reply.
+    /// Encodes the reply, in mpreg's form. Results are
+    /// `serde_json::Value`s, whose encoding cannot fail; should it ever,
+    /// the client still gets an error reply.
     pub(crate) fn encode(&self) -> String {
-        encode_or_error(self, &self.u)
+        encode_or_error(self, &ReplyTo::mpreg(self.u.clone()))
+    }
+}
+
+/// Writes a reply's error in mpreg's form (see [`ErrorOut`]).
+fn mpreg_error<S: serde::Serializer>(error: &Option<RpcError>, s: S) -> Result<S::Ok, S::Error> {
+    error
+        .as_ref()
+        .map(|error| ErrorOut {
+            error,
+            dialect: Dialect::Mpreg,
+        })
+        .serialize(s)
+}
+
+/// A reply's `error` object, as a client of `dialect` reads it: `kind` is
+/// always mpreg's string code; `code` is the same string in mpreg's form
+/// and the original's number ([`later::code_number`]) in the later
+/// client's, where `details` is always present (`null` when there are
+/// none).
+pub(crate) struct ErrorOut<'a> {
+    pub(crate) error: &'a RpcError,
+    pub(crate) dialect: Dialect,
+}
+
+impl Serialize for ErrorOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        let e = self.error;
+        let mut map = s.serialize_map(None)?;
+        match self.dialect {
+            Dialect::Mpreg => map.serialize_entry("code", e.code.as_str())?,
+            Dialect::Later => map.serialize_entry("code", &later::code_number(e.code))?,
+        }
+        map.serialize_entry("kind", e.code.as_str())?;
+        map.serialize_entry("message", &e.message)?;
+        if let Some(command) = &e.command {
+            map.serialize_entry("command", command)?;
+        }
+        match (&e.details, self.dialect) {
+            (Some(details), _) => map.serialize_entry("details", details)?,
+            (None, Dialect::Later) => map.serialize_entry("details", &Value::Null)?,
+            (None, Dialect::Mpreg) => {}
+        }
+        map.end()
     }
 }
 
 /// `reply` as JSON text; should encoding fail, an `internal` error reply
-/// for request `u` instead.
-fn encode_or_error(reply: &impl Serialize, u: &Value) -> String {
+/// to `to` instead.
+fn encode_or_error(reply: &impl Serialize, to: &ReplyTo) -> String {
     serde_json::to_string(reply).unwrap_or_else(|e| {
-        let fallback = Reply::err(
-            u.clone(),
+        let fallback = Answer::err(
+            to.clone(),
             RpcError::new(
                 crate::ErrorCode::Internal,
                 format!("reply could not be encoded: {e}"),
@@ -734,20 +969,26 @@ fn encode_or_error(reply: &impl Serialize, u: &Value) -> String {
     })
 }
 
-/// A reply as a node sends it: [`Reply`]'s wire form, with results that
-/// may still be the raw JSON text a peer sent (copied, never parsed).
+/// A reply as a node sends it, in the request's form: [`Reply`]'s wire
+/// form, with results that may still be the raw JSON text a peer sent
+/// (copied, never parsed).
 #[derive(Debug)]
 pub(crate) struct Answer {
-    /// The request's id (`null` when it could not be read).
-    pub(crate) u: Value,
-    /// Results by command name (sorted by name), on success.
+    /// Whom it answers: the request's id (`null` when it could not be read)
+    /// and the form of the reply.
+    pub(crate) to: ReplyTo,
+    /// Results by command name (sorted by name, or by level then name with
+    /// a level report), on success.
     pub(crate) r: Option<Vec<(String, Payload)>>,
     /// The error, on failure.
     pub(crate) error: Option<RpcError>,
+    /// The later client's level report and summary, when it asked for
+    /// them (see [`later`]).
+    pub(crate) report: Option<Box<later::Report>>,
 }
 
 impl Answer {
-    pub(crate) fn ok(u: Value, mut results: Vec<(String, Payload)>) -> Self {
+    pub(crate) fn ok(to: ReplyTo, mut results: Vec<(String, Payload)>) -> Self {
         // A map sorted by name, as `Reply` has it.
         results.sort_by(|a, b| a.0.cmp(&b.0));
         // Of two results with one name, the last stays (as in a map).
@@ -759,29 +1000,58 @@ impl Answer {
             same
         });
         Self {
-            u,
+            to,
             r: Some(results),
             error: None,
+            report: None,
         }
     }
 
-    pub(crate) fn err(u: Value, error: RpcError) -> Self {
+    pub(crate) fn err(to: ReplyTo, error: RpcError) -> Self {
         Self {
-            u,
+            to,
             r: None,
             error: Some(error),
+            report: None,
+        }
+    }
+
+    /// The answer to the later client's request for levels or a summary
+    /// (`to` is in its form): `results` as [`later::Report::new`] leaves
+    /// them, with `report`; `too_large` instead when the reply's text would
+    /// be longer than `limit` (a result is written once per level from its
+    /// own on, so the reply may be many times the results' size).
+    pub(crate) fn reported(
+        to: ReplyTo,
+        results: Vec<(String, Payload)>,
+        report: later::Report,
+        limit: usize,
+    ) -> Self {
+        if let Err(e) = report.fits(&results, limit) {
+            return Self::err(to, e);
+        }
+        Self {
+            to,
+            r: Some(results),
+            error: None,
+            report: Some(Box::new(report)),
         }
     }
 
     /// The reply with every result parsed (for a request made in process).
     pub(crate) fn into_reply(self) -> Reply {
+        let u = self.to.u;
         let Some(results) = self.r else {
             return Reply {
                 role: ReplyRole,
-                u: self.u,
+                u,
                 r: None,
                 error: self.error,
             };
+        };
+        let results = match &self.report {
+            Some(report) => report.r(&results).to_vec(),
+            None => results,
         };
         let mut r = Map::new();
         for (name, payload) in results {
@@ -795,39 +1065,67 @@ impl Answer {
                         format!("result could not be read: {e}"),
                     )
                     .with_command(name);
-                    return Reply::err(self.u, error);
+                    return Reply::err(u, error);
                 }
             }
         }
-        Reply::ok(self.u, r)
+        Reply::ok(u, r)
     }
 
-    /// Encodes the reply (as [`Reply::encode`] does).
+    /// Encodes the reply (as [`Reply::encode`] does, in the request's form).
     pub(crate) fn encode(&self) -> String {
-        encode_or_error(self, &self.u)
+        encode_or_error(self, &self.to)
+    }
+}
+
+/// Results as a JSON object, in their order, without copying them.
+pub(crate) struct ResultMap<'a>(pub(crate) &'a [(String, Payload)]);
+
+impl Serialize for ResultMap<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
     }
 }
 
 impl Serialize for Answer {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeStruct};
+        use serde::ser::SerializeStruct;
 
-        struct Results<'a>(&'a [(String, Payload)]);
-        impl Serialize for Results<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut map = s.serialize_map(Some(self.0.len()))?;
-                for (name, value) in self.0 {
-                    map.serialize_entry(name, value)?;
+        let results = self.r.as_deref();
+        let report = self.report.as_deref();
+        let r = match (results, report) {
+            (Some(results), Some(report)) => Some(ResultMap(report.r(results))),
+            (results, _) => results.map(ResultMap),
+        };
+        let error = self.error.as_ref().map(|error| ErrorOut {
+            error,
+            dialect: self.to.dialect,
+        });
+        let later = self.to.dialect == Dialect::Later;
+        let mut reply = s.serialize_struct("Reply", if later { 6 } else { 4 })?;
+        reply.serialize_field("role", &ReplyRole)?;
+        reply.serialize_field("u", &self.to.u)?;
+        reply.serialize_field("r", &r)?;
+        reply.serialize_field("error", &error)?;
+        if later {
+            // The later client's model has these fields: always written.
+            match (results, report) {
+                (Some(results), Some(report)) => {
+                    reply.serialize_field("intermediate_results", &report.intermediate(results))?;
+                    reply.serialize_field("execution_summary", &report.summary())?;
                 }
-                map.end()
+                _ => {
+                    reply.serialize_field("intermediate_results", &[(); 0])?;
+                    reply.serialize_field("execution_summary", &())?;
+                }
             }
         }
-
-        let mut reply = s.serialize_struct("Reply", 4)?;
-        reply.serialize_field("role", &ReplyRole)?;
-        reply.serialize_field("u", &self.u)?;
-        reply.serialize_field("r", &self.r.as_deref().map(Results))?;
-        reply.serialize_field("error", &self.error)?;
         reply.end()
     }
 }
@@ -835,6 +1133,7 @@ impl Serialize for Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorCode;
     use serde_json::json;
 
     fn parse(v: Value) -> Result<IncomingRequest, Rejected> {
@@ -883,7 +1182,7 @@ mod tests {
         let null = parse(json!({"u":"x","cmds":[cmd],"stream":null})).expect("null");
         assert!(!null.stream);
         let e = parse(json!({"u":"x","cmds":[cmd],"stream":"yes"})).expect_err("not a bool");
-        assert_eq!(e.u, json!("x"));
+        assert_eq!(e.to.u, json!("x"));
         assert!(e.error.message.contains("`stream`"), "{}", e.error.message);
     }
 
@@ -892,6 +1191,7 @@ mod tests {
         let cmds = [Command::new("a", "echo")];
         let mut out = OutgoingRequest {
             role: "rpc",
+            mpreg: MARKER_VERSION,
             u: "1",
             cmds: &cmds,
             timeout_ms: None,
@@ -919,11 +1219,11 @@ mod tests {
     #[test]
     fn malformed_input_is_rejected_with_id_when_readable() {
         let e = parse_request(b"{not json").expect_err("bad json");
-        assert_eq!(e.u, Value::Null);
+        assert_eq!(e.to.u, Value::Null);
         assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
 
         let e = parse(json!({"u":"k","cmds":"nope"})).expect_err("cmds not array");
-        assert_eq!(e.u, json!("k"));
+        assert_eq!(e.to.u, json!("k"));
 
         let e = parse(json!({"u":"k","cmds":[{"name":"a","fun":"f","args":"x"}]}))
             .expect_err("args not array");
@@ -934,7 +1234,7 @@ mod tests {
         );
 
         let e = parse(json!({"cmds":[]})).expect_err("no id");
-        assert_eq!(e.u, Value::Null);
+        assert_eq!(e.to.u, Value::Null);
 
         let e = parse(json!({"u":"k","cmds":[],"timeout_ms":"soon"})).expect_err("bad timeout");
         assert!(e.error.message.contains("timeout_ms"));
@@ -976,7 +1276,7 @@ mod tests {
                 .map(|(k, v)| (k, Payload::Tree(v)))
                 .collect();
             assert_eq!(
-                Answer::ok(json!(7), payloads).encode(),
+                Answer::ok(ReplyTo::mpreg(json!(7)), payloads).encode(),
                 Reply::ok(json!(7), map).encode()
             );
         }
@@ -1035,7 +1335,7 @@ mod tests {
         for (frame, u) in cases {
             let e = parse_request(frame.as_bytes()).expect_err(&frame);
             assert_eq!(e.error.code, crate::ErrorCode::BadRequest, "{frame}");
-            assert_eq!(e.u, u, "{frame}: {}", e.error.message);
+            assert_eq!(e.to.u, u, "{frame}: {}", e.error.message);
         }
         // Too many commands are refused later, by the plan, with the id
         // the request carries.
@@ -1078,21 +1378,21 @@ mod tests {
         ] {
             let e = parse(frame).expect_err("over the limit");
             assert_eq!(e.error.code, crate::ErrorCode::BadRequest);
-            assert_eq!(e.u, json!(over), "the reply carries the id");
+            assert_eq!(e.to.u, json!(over), "the reply carries the id");
             assert!(e.error.message.contains("256"), "{}", e.error.message);
             assert_eq!(e.error.details, Some(json!({"limit": MAX_ID_BYTES})));
         }
         // Escapes count as written back: 200 quotes are 400 bytes.
         let quotes = "\"".repeat(200);
         let e = parse(json!({"u": quotes, "cmds":[cmd]})).expect_err("escaped");
-        assert_eq!(e.u, json!(quotes));
+        assert_eq!(e.to.u, json!(quotes));
         assert!(id_len(&json!(quotes)) > MAX_ID_BYTES);
         // Numbers are short.
         assert!(parse(json!({"u": u64::MAX, "cmds":[cmd]})).is_ok());
         assert_eq!(id_len(&json!("abc")), 5);
         // A long id on a frame refused for another reason is carried too.
         let e = parse(json!({"u": over, "cmds": 7})).expect_err("cmds");
-        assert_eq!(e.u, json!(over));
+        assert_eq!(e.to.u, json!(over));
     }
 
     #[test]
@@ -1130,5 +1430,215 @@ mod tests {
                 .expect("json");
         assert_eq!(err["r"], Value::Null);
         assert_eq!(err["error"]["code"], "bad_request");
+    }
+
+    /// Whom the reply to `frame` answers, whether it parses or not.
+    fn to_of(frame: &str) -> ReplyTo {
+        match parse_request(frame.as_bytes()) {
+            Ok(request) => request.reply_to(),
+            Err(rejected) => rejected.to,
+        }
+    }
+
+    #[test]
+    fn the_envelope_and_the_marker_decide_the_form() {
+        let later = |u: Value| ReplyTo {
+            u,
+            dialect: Dialect::Later,
+        };
+        let cases: Vec<(&str, ReplyTo)> = vec![
+            // Requests that parse.
+            (r#"{"role":"rpc","u":"a","cmds":[]}"#, later(json!("a"))),
+            (
+                r#"{"role":"rpc","mpreg":1,"u":"a","cmds":[]}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            (
+                r#"{"u":"a","cmds":[],"mpreg":7}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            (r#"{"u":"a","cmds":[],"mpreg":null}"#, later(json!("a"))),
+            (
+                r#"{"role":"rpc","rpc":{"u":"a","cmds":[]}}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            // In the first-release envelope a marker anywhere is ignored.
+            (
+                r#"{"mpreg":"x","rpc":{"u":"a","cmds":[],"mpreg":0}}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            // Frames refused for something else keep their form.
+            (r#"{"u":"a","cmds":7}"#, later(json!("a"))),
+            (r#"{"u":"a","cmds":[garbage"#, later(json!("a"))),
+            (r#"{"role":"peer","u":"a","cmds":[]}"#, later(json!("a"))),
+            (
+                r#"{"mpreg":1,"u":"a","cmds":[garbage"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            (
+                r#"{"u":"a","mpreg":1,"mpreg":null,"cmds":7}"#,
+                later(json!("a")),
+            ),
+            (r#"{"u":"a","rpc":[1]}"#, ReplyTo::mpreg(json!("a"))),
+            (r#"{"rpc":{"u":"a","cmds":7}}"#, ReplyTo::mpreg(json!("a"))),
+            // A marker that is not a positive integer is refused, in
+            // mpreg's form.
+            (
+                r#"{"u":"a","cmds":[],"mpreg":0}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            (
+                r#"{"u":"a","cmds":[],"mpreg":"1"}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            (
+                r#"{"u":"a","cmds":[],"mpreg":1.5}"#,
+                ReplyTo::mpreg(json!("a")),
+            ),
+            // No id: no request to match, mpreg's form.
+            (r#"{"u":null,"cmds":[]}"#, ReplyTo::mpreg(Value::Null)),
+            (r#"{"cmds":[garbage"#, ReplyTo::mpreg(Value::Null)),
+            ("[1]", ReplyTo::mpreg(Value::Null)),
+            ("not json", ReplyTo::mpreg(Value::Null)),
+        ];
+        for (frame, want) in cases {
+            assert_eq!(to_of(frame), want, "{frame}");
+        }
+        for marker in ["0", "-1", "1.5", "\"1\"", "true", "[1]"] {
+            let frame = format!(r#"{{"u":"a","cmds":[],"mpreg":{marker}}}"#);
+            let e = parse_request(frame.as_bytes()).expect_err(&frame);
+            assert!(e.error.message.contains("`mpreg`"), "{}", e.error.message);
+        }
+    }
+
+    #[test]
+    fn what_a_reply_holds_follows_its_form() {
+        let read = |frame: Value| parse(frame).expect("valid").shape();
+        let shape = |all, levels, summary| ReplyShape {
+            all,
+            levels,
+            summary,
+        };
+        let cmds = json!([{"name":"a","fun":"f"}]);
+        let both = |mut v: Value| {
+            v["return_intermediate_results"] = json!(true);
+            v["include_execution_summary"] = json!(true);
+            v
+        };
+        // mpreg's clients: every result, never levels nor a summary.
+        let marked = json!({"mpreg":1,"u":"a","cmds":cmds});
+        assert_eq!(read(marked.clone()), shape(false, false, false));
+        assert_eq!(read(both(marked)), shape(true, false, false));
+        let nested = json!({"rpc":{"u":"a","cmds":cmds,"return_intermediate_results":true}});
+        assert_eq!(read(nested), shape(true, false, false));
+        // The later client's: levels and the summary, each when asked.
+        let plain = json!({"u":"a","cmds":cmds});
+        assert_eq!(read(plain.clone()), shape(false, false, false));
+        assert_eq!(read(both(plain.clone())), shape(true, true, true));
+        let mut summary = plain.clone();
+        summary["include_execution_summary"] = json!(true);
+        assert_eq!(read(summary), shape(false, false, true));
+        assert!(shape(false, false, true).timed());
+        assert!(!shape(true, false, false).timed());
+        let mut bad = plain;
+        bad["include_execution_summary"] = json!("yes");
+        let e = parse(bad).expect_err("not a bool");
+        assert!(e.error.message.contains("include_execution_summary"));
+    }
+
+    #[test]
+    fn errors_in_both_forms() {
+        let error = RpcError::new(ErrorCode::UnknownFunction, "no function 'f' on any node")
+            .with_command("x");
+        let mpreg: Value =
+            serde_json::from_str(&Answer::err(ReplyTo::mpreg(json!("u1")), error.clone()).encode())
+                .expect("json");
+        assert_eq!(
+            mpreg,
+            json!({"role":"rpc-response","u":"u1","r":null,"error":{
+                "code":"unknown_function","kind":"unknown_function",
+                "message":"no function 'f' on any node","command":"x"}})
+        );
+        let to = ReplyTo {
+            u: json!("u1"),
+            dialect: Dialect::Later,
+        };
+        let later: Value =
+            serde_json::from_str(&Answer::err(to.clone(), error).encode()).expect("json");
+        assert_eq!(
+            later,
+            json!({"role":"rpc-response","u":"u1","r":null,"error":{
+                "code":1001,"kind":"unknown_function",
+                "message":"no function 'f' on any node","command":"x","details":null},
+                "intermediate_results":[],"execution_summary":null})
+        );
+        // Details are kept as they are.
+        let cycle = RpcError::new(ErrorCode::Cycle, "a cycle").with_details(json!({"cycle":["a"]}));
+        let later: Value =
+            serde_json::from_str(&Answer::err(to.clone(), cycle).encode()).expect("json");
+        assert_eq!(later["error"]["code"], 1003);
+        assert_eq!(later["error"]["details"], json!({"cycle":["a"]}));
+        // Successes too carry the later client's fields.
+        let ok = Answer::ok(to, vec![("a".into(), Payload::Tree(json!(1)))]);
+        let ok: Value = serde_json::from_str(&ok.encode()).expect("json");
+        assert_eq!(
+            ok,
+            json!({"role":"rpc-response","u":"u1","r":{"a":1},"error":null,
+                "intermediate_results":[],"execution_summary":null})
+        );
+        // Every error reads back, whatever its form.
+        for code in ErrorCode::ALL {
+            for dialect in [Dialect::Mpreg, Dialect::Later] {
+                let error = RpcError::new(code, "m");
+                let out = serde_json::to_string(&ErrorOut {
+                    error: &error,
+                    dialect,
+                })
+                .expect("json");
+                let back: RpcError = serde_json::from_str(&out).expect("reads");
+                assert_eq!(back.code, code, "{out}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_level_report_answers_with_the_last_level() {
+        use std::time::{Duration, UNIX_EPOCH};
+
+        let to = ReplyTo {
+            u: json!("lv"),
+            dialect: Dialect::Later,
+        };
+        let mut results = vec![
+            ("first".to_owned(), Payload::Tree(json!("hi"))),
+            ("second".to_owned(), Payload::Tree(json!("hi"))),
+        ];
+        let timing = later::Timing {
+            depths: vec![0, 1],
+            done: vec![Duration::from_millis(1), Duration::from_millis(2)],
+            total: Duration::from_millis(2),
+            started: UNIX_EPOCH,
+        };
+        let report = later::Report::new(&to.u, &mut results, &timing, true, false);
+        let answer = Answer::reported(to.clone(), results.clone(), report.clone(), usize::MAX);
+        let reply: Value = serde_json::from_str(&answer.encode()).expect("json");
+        assert_eq!(reply["r"], json!({"second": "hi"}));
+        assert_eq!(reply["error"], Value::Null);
+        assert_eq!(
+            reply["intermediate_results"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(reply["execution_summary"], Value::Null);
+        // In process, the same `r`.
+        let in_process = Answer::reported(to.clone(), results.clone(), report.clone(), usize::MAX);
+        let r = in_process.into_reply().r.expect("results");
+        assert_eq!(Value::Object(r), json!({"second": "hi"}));
+        // Over the limit: `too_large`, in the later form.
+        let small = Answer::reported(to, results, report, 100);
+        let reply: Value = serde_json::from_str(&small.encode()).expect("json");
+        assert_eq!(reply["error"]["code"], 1003);
+        assert_eq!(reply["error"]["kind"], "too_large");
+        assert_eq!(reply["error"]["details"]["limit"], 100);
+        assert_eq!(reply["intermediate_results"], json!([]));
     }
 }

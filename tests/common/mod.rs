@@ -122,8 +122,16 @@ pub(crate) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     .await;
 }
 
-/// A request in the later (flat) envelope.
+/// A request in the flat envelope as mpreg's clients send it: with the
+/// marker `"mpreg": 1`, so the reply takes mpreg's form.
 pub(crate) fn flat(u: impl Into<Value>, cmds: Value) -> Value {
+    json!({"role": "rpc", "mpreg": 1, "u": u.into(), "cmds": cmds})
+}
+
+/// A request in the flat envelope as the original project's later client
+/// sends it: no marker, so the reply takes that client's form (integer
+/// `error.code`, `intermediate_results`, `execution_summary`).
+pub(crate) fn later(u: impl Into<Value>, cmds: Value) -> Value {
     json!({"role": "rpc", "u": u.into(), "cmds": cmds})
 }
 
@@ -271,12 +279,16 @@ pub(crate) fn ok_r(reply: &Value, u: &Value) -> Value {
     reply["r"].clone()
 }
 
-/// Asserts `reply` is an error for request `u` with `code`, and returns the
-/// error object.
+/// Asserts `reply` is an error in mpreg's form for request `u` with `code`
+/// (and `kind` the same, when present: a reply built in process from an
+/// `RpcError` has none), and returns the error object.
 pub(crate) fn err_of(reply: &Value, u: &Value, code: &str) -> Value {
     assert_eq!(&reply["u"], u, "reply id in {reply}");
     assert_eq!(reply["r"], Value::Null, "no results in {reply}");
     assert_eq!(reply["error"]["code"], code, "error code in {reply}");
+    if let Some(kind) = reply["error"].get("kind") {
+        assert_eq!(kind, code, "error kind in {reply}");
+    }
     assert!(
         reply["error"]["message"]
             .as_str()

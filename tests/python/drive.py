@@ -13,6 +13,10 @@ The node must serve the built-ins (`echo`, `echos`, `mpreg.whoami`,
 
 `--dataset` names a dataset the node has; `--auth-url` is a second node that
 requires `--token`. Prints one line per check; exits 1 if any check failed.
+
+Requests carry mpreg's marker (`"mpreg": 1`) except in the "later client"
+checks, which send flat requests as the original project's later client does
+and check each reply against that client's reply model (`check_later_reply`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,100 @@ async def expect_error(
         expect_true(f"{what}: error message is empty", bool(e.message))
         return e
     raise Mismatch(f"{what}: expected a {code} error, got the result {got!r}")
+
+
+# docs/PROTOCOL.md, "The later client's form": the original project's
+# number for each of mpreg's codes.
+LATER_CODES = {
+    "bad_request": 1004,
+    "duplicate_name": 1004,
+    "cycle": 1003,
+    "unknown_function": 1001,
+    "no_node_for_datasets": 1001,
+    "bad_arguments": 1003,
+    "handler_failed": 1003,
+    "timeout": 1004,
+    "node_lost": 1003,
+    "overloaded": 429,
+    "too_large": 1003,
+    "unauthorized": 403,
+    "internal": 1002,
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fields(what: str, obj: Any, fields: dict[str, Callable[[Any], bool]]) -> None:
+    expect_true(f"{what} is an object", isinstance(obj, dict), obj)
+    for name, ok in fields.items():
+        expect_true(f"{what} has `{name}`", name in obj, obj)
+        expect_true(f"{what}.{name} has the documented type", ok(obj[name]), obj[name])
+
+
+def check_later_reply(reply: Any) -> None:
+    """The reply model of the original project's later client, as
+    docs/PROTOCOL.md describes it: every field present, with its type."""
+    is_str = lambda v: isinstance(v, str)  # noqa: E731
+    is_dict = lambda v: isinstance(v, dict)  # noqa: E731
+    _fields(
+        "reply",
+        reply,
+        {
+            "u": is_str,
+            "r": lambda v: v is None or is_dict(v),
+            "error": lambda v: v is None or is_dict(v),
+            "intermediate_results": lambda v: isinstance(v, list),
+            "execution_summary": lambda v: v is None or is_dict(v),
+        },
+    )
+    expect_true("`r` or `error`", (reply["r"] is None) != (reply["error"] is None), reply)
+    if reply["error"] is not None:
+        _fields(
+            "error",
+            reply["error"],
+            {"code": _is_int, "message": is_str, "kind": is_str, "details": lambda v: True},
+        )
+        expect(
+            "error.code is the number of error.kind",
+            reply["error"]["code"],
+            LATER_CODES.get(reply["error"]["kind"]),
+        )
+    for entry in reply["intermediate_results"]:
+        _fields(
+            "intermediate result",
+            entry,
+            {
+                "request_id": is_str,
+                "level_index": _is_int,
+                "level_results": is_dict,
+                "accumulated_results": is_dict,
+                "total_levels": _is_int,
+                "completed_levels": _is_int,
+                "timestamp": _is_number,
+                "execution_time_ms": _is_number,
+            },
+        )
+    if reply["execution_summary"] is not None:
+        _fields(
+            "execution summary",
+            reply["execution_summary"],
+            {
+                "request_id": is_str,
+                "total_execution_time_ms": _is_number,
+                "total_levels": _is_int,
+                "level_execution_times": lambda v: isinstance(v, list) and all(map(_is_number, v)),
+                "bottleneck_level_index": _is_int,
+                "average_level_time_ms": _is_number,
+                "parallel_commands_executed": _is_int,
+                "cross_cluster_hops": _is_int,
+            },
+        )
 
 
 # The five reference examples of docs/PROTOCOL.md: commands and reply `r`.
@@ -137,6 +235,13 @@ class Scenario:
             ("an auth message a node does not need gets bad_request", self.needless_auth),
             ("50 concurrent requests matched by u", self.concurrent),
             ("mpreg.functions lists the functions", self.functions),
+            ("later client: successes carry its fields", self.later_success),
+            ("later client: every error has an integer code", self.later_errors),
+            ("later client: malformed request with an id", self.later_malformed),
+            ("later client: intermediate results level by level", self.later_levels),
+            ("later client: levels with an independent command", self.later_levels_independent),
+            ("later client: execution summary", self.later_summary),
+            ("mpreg's marker keeps every result, no levels", self.marked_intermediate),
         ]
         if self.args.auth_url:
             out += [
@@ -146,6 +251,7 @@ class Scenario:
                 ("auth: token in query parameter", self.auth_query),
                 ("auth: token in first auth message", self.auth_message),
                 ("auth: wrong token in auth message is refused", self.auth_wrong_message),
+                ("later client: no token is refused with 403", self.later_auth_missing),
             ]
         return out
 
@@ -308,7 +414,7 @@ class Scenario:
         )
 
     async def no_commands(self) -> None:
-        reply = await self.c.send({"role": "rpc", "u": "empty", "cmds": []})
+        reply = await self.c.send({"role": "rpc", "mpreg": 1, "u": "empty", "cmds": []})
         expect("u", reply.get("u"), "empty")
         expect("r", reply.get("r"), None)
         expect("error.code", (reply.get("error") or {}).get("code"), "bad_request")
@@ -324,8 +430,11 @@ class Scenario:
         # No readable id: the reply's `u` is null.
         reply = await self.c.send_raw('{"role": "rpc", "cmds": [', timeout=CHECK_TIMEOUT)
         self._expect_unmatched_bad_request(reply)
-        # The id is readable before the message breaks off: the reply carries it.
-        reply = await self.c.send_raw('{"role": "rpc", "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT)
+        # The id is readable before the message breaks off: the reply carries it
+        # (in mpreg's form: the marker comes before the break).
+        reply = await self.c.send_raw(
+            '{"role": "rpc", "mpreg": 1, "u": "broken", "cmds": [', timeout=CHECK_TIMEOUT
+        )
         self._expect_unmatched_bad_request(reply, u="broken")
         # The connection stays usable.
         got = await self.c.call("echo", "still here")
@@ -350,6 +459,7 @@ class Scenario:
         expect("u", reply["u"], u)
         expect("r", reply.get("r"), None)
         expect("error.code", (reply.get("error") or {}).get("code"), "bad_request")
+        expect("error.kind", (reply.get("error") or {}).get("kind"), "bad_request")
 
     # Many requests in flight.
 
@@ -395,6 +505,142 @@ class Scenario:
                     self.args.dataset in greet["nodes"][0]["datasets"],
                     greet["nodes"],
                 )
+
+    # The original project's later client: flat requests without the marker.
+    # Its reply model (docs/PROTOCOL.md, "The later client's form") must
+    # accept every reply, or that client never resolves its call.
+
+    async def _later(self, cmds: list[Command], **options: Any) -> dict[str, Any]:
+        u = self.c.next_id()
+        reply = await self.c.send(Client.build(cmds, u, marker=False, **options))
+        check_later_reply(reply)
+        expect("u", reply["u"], u)
+        return reply
+
+    async def later_success(self) -> None:
+        cmds, want = REFERENCE_EXAMPLES[2]
+        reply = await self._later(cmds)
+        expect("r", reply["r"], want)
+        expect("error", reply["error"], None)
+        expect("intermediate_results", reply["intermediate_results"], [])
+        expect("execution_summary", reply["execution_summary"], None)
+
+    async def later_errors(self) -> None:
+        cases: list[tuple[str, list[Command], dict[str, Any], str]] = [
+            ("unknown function", [Command("x", "no_such_fun", [1])], {}, "unknown_function"),
+            (
+                "no node for datasets",
+                [Command("w", "mpreg.whoami", [], {}, ["no-such-dataset"])],
+                {},
+                "no_node_for_datasets",
+            ),
+            ("duplicate name", [Command("a", "echo", [1]), Command("a", "echo", [2])], {}, "duplicate_name"),
+            ("cycle", [Command("a", "echo", ["b"]), Command("b", "echo", ["a"])], {}, "cycle"),
+            ("unknown kwarg", [Command("g", "greet", [], {"nmae": "ada"})], {}, "bad_arguments"),
+            ("no commands", [], {}, "bad_request"),
+            ("timeout", [Command("slow", "delay_echo", ["late", 10_000])], {"timeout_ms": 100}, "timeout"),
+        ]
+        for what, cmds, options, kind in cases:
+            reply = await self._later(cmds, **options)
+            error = reply["error"]
+            expect_true(f"{what}: an error", error is not None, reply)
+            expect(f"{what}: error.kind", error["kind"], kind)
+            expect(f"{what}: error.code", error["code"], LATER_CODES[kind])
+            expect_true(f"{what}: a message", bool(error["message"]), error)
+            expect(f"{what}: r", reply["r"], None)
+        # The marker's presence is the only difference: the same failure in
+        # mpreg's form.
+        e = await expect_error(
+            "unknown function, marked",
+            self.c.request([Command("x", "no_such_fun", [1])]),
+            "unknown_function",
+            "x",
+        )
+        expect("number in mpreg's form", e.number, None)
+
+    async def later_malformed(self) -> None:
+        # Not JSON past the id: the reply carries the id, in the later form.
+        reply = await self.c.send_raw('{"role": "rpc", "u": "later-broken", "cmds": [', timeout=CHECK_TIMEOUT)
+        check_later_reply(reply)
+        expect("u", reply["u"], "later-broken")
+        expect("error.code", reply["error"]["code"], LATER_CODES["bad_request"])
+        expect("error.kind", reply["error"]["kind"], "bad_request")
+        # No readable id: no request to match; mpreg's form.
+        reply = await self.c.send_raw('{"role": "rpc", "cmds": [', timeout=CHECK_TIMEOUT)
+        self._expect_unmatched_bad_request(reply)
+
+    async def later_levels(self) -> None:
+        cmds, last = REFERENCE_EXAMPLES[4]
+        reply = await self._later(cmds, return_intermediate_results=True)
+        # `r` holds the last level only; one entry per level.
+        expect("r", reply["r"], last)
+        levels = reply["intermediate_results"]
+        expect("levels", len(levels), 4)
+        names = [["|first"], ["|second"], ["|third"], ["|4th"]]
+        accumulated: dict[str, Any] = {}
+        for k, entry in enumerate(levels):
+            expect(f"level {k}: request_id", entry["request_id"], reply["u"])
+            expect(f"level {k}: level_index", entry["level_index"], k)
+            expect(f"level {k}: total_levels", entry["total_levels"], 4)
+            expect(f"level {k}: completed_levels", entry["completed_levels"], k + 1)
+            expect(f"level {k}: level_results names", sorted(entry["level_results"]), names[k])
+            accumulated.update(entry["level_results"])
+            expect(f"level {k}: accumulated_results", entry["accumulated_results"], accumulated)
+        expect("last level is r", levels[-1]["level_results"], last)
+        expect("no summary unless asked", reply["execution_summary"], None)
+
+    async def later_levels_independent(self) -> None:
+        # `b` is a sink on level 0: the later client's `r` is the last level
+        # (`c`); `b` is in the first entry.
+        cmds = [Command("a", "echo", [1]), Command("b", "echo", [2]), Command("c", "echo", ["a"])]
+        reply = await self._later(cmds, return_intermediate_results=True)
+        expect("r", reply["r"], {"c": 1})
+        levels = reply["intermediate_results"]
+        expect("level 0", levels[0]["level_results"], {"a": 1, "b": 2})
+        expect("level 1", levels[1]["level_results"], {"c": 1})
+        # Without intermediate results, every sink (mpreg's rule).
+        reply = await self._later(cmds)
+        expect("r without levels", reply["r"], {"b": 2, "c": 1})
+
+    async def later_summary(self) -> None:
+        cmds, want = REFERENCE_EXAMPLES[3]
+        reply = await self._later(cmds, include_execution_summary=True)
+        expect("r", reply["r"], want)
+        expect("no levels unless asked", reply["intermediate_results"], [])
+        summary = reply["execution_summary"]
+        expect_true("a summary", summary is not None, reply)
+        expect("request_id", summary["request_id"], reply["u"])
+        expect("total_levels", summary["total_levels"], 3)
+        expect("level times", len(summary["level_execution_times"]), 3)
+        expect("commands", summary["parallel_commands_executed"], 3)
+        expect_true(
+            "bottleneck is a level",
+            0 <= summary["bottleneck_level_index"] < 3,
+            summary["bottleneck_level_index"],
+        )
+        reply = await self._later(cmds, include_execution_summary=True, return_intermediate_results=True)
+        expect("levels", len(reply["intermediate_results"]), 3)
+        expect("summary levels", reply["execution_summary"]["total_levels"], 3)
+
+    async def marked_intermediate(self) -> None:
+        cmds, _ = REFERENCE_EXAMPLES[2]
+        msg = Client.build(cmds, "marked-1", return_intermediate_results=True, include_execution_summary=True)
+        reply = await self.c.send(msg)
+        expect("r", Client.result(reply), {"|first": HI, "|second": HI, "|third": [HI, "AND ME TOO"]})
+        expect_true("no intermediate_results", "intermediate_results" not in reply, reply)
+        expect_true("no execution_summary", "execution_summary" not in reply, reply)
+
+    async def later_auth_missing(self) -> None:
+        client = await Client.connect(self.args.auth_url)
+        try:
+            reply = await client.send(Client.build([Command("e", "echo", [1])], "later-auth", marker=False))
+            check_later_reply(reply)
+            expect("error.code", reply["error"]["code"], LATER_CODES["unauthorized"])
+            expect("error.kind", reply["error"]["kind"], "unauthorized")
+            closed = await client.wait_closed(CHECK_TIMEOUT)
+            expect("close code", closed.code, 1008)
+        finally:
+            await client.close()
 
     # Authentication (a second node that requires a token).
 

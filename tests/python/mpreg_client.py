@@ -37,9 +37,21 @@ __all__ = [
 # accept replies as large on this side.
 MAX_MESSAGE_SIZE = 64 << 20
 
+# mpreg's clients mark flat-envelope requests with this field, so that
+# replies take mpreg's form (string `error.code`, `r` with every sink). A
+# flat request without it gets the form of the original project's later
+# client instead (docs/PROTOCOL.md, "Two reply forms").
+MARKER = "mpreg"
+MARKER_VERSION = 1
+
 
 class MpregError(Exception):
-    """An error reply from the node: `{"code", "message", "command", "details"}`."""
+    """An error reply from the node: `{"code", "kind", "message", "command", "details"}`.
+
+    `code` here is mpreg's string code, read from `kind` (present in both
+    reply forms); `number` is the original's numeric code when the reply
+    was in the later client's form, else None.
+    """
 
     def __init__(
         self,
@@ -48,12 +60,14 @@ class MpregError(Exception):
         command: str | None = None,
         details: Any = None,
         u: Any = None,
+        number: int | None = None,
     ) -> None:
         self.code = code
         self.message = message
         self.command = command
         self.details = details
         self.u = u
+        self.number = number
         where = f" (command {command!r})" if command is not None else ""
         super().__init__(f"{code}: {message}{where}")
 
@@ -62,12 +76,15 @@ class MpregError(Exception):
         """Builds the exception from a reply's `error` object."""
         if not isinstance(error, dict):
             raise ProtocolViolation(f"reply {u!r}: `error` is not an object: {error!r}")
+        raw = error.get("code")
+        kind = error.get("kind")
         return cls(
-            code=str(error.get("code")),
+            code=str(kind if isinstance(kind, str) else raw),
             message=str(error.get("message", "")),
             command=error.get("command"),
             details=error.get("details"),
             u=u,
+            number=raw if isinstance(raw, int) and not isinstance(raw, bool) else None,
         )
 
 
@@ -206,16 +223,26 @@ class Client:
         *,
         timeout_ms: int | None = None,
         return_intermediate_results: bool = False,
+        include_execution_summary: bool = False,
         nested: bool = False,
+        marker: bool = True,
     ) -> dict[str, Any]:
-        """A request message, in the flat envelope or nested under `rpc`."""
+        """A request message, in the flat envelope or nested under `rpc`.
+
+        A flat request carries mpreg's marker unless `marker` is False (as
+        the original project's later client sends it).
+        """
         body: dict[str, Any] = {"u": u, "cmds": [c.to_json() for c in cmds]}
         if timeout_ms is not None:
             body["timeout_ms"] = timeout_ms
         if return_intermediate_results:
             body["return_intermediate_results"] = True
+        if include_execution_summary:
+            body["include_execution_summary"] = True
         if nested:
             return {"role": "rpc", "rpc": body}
+        if marker:
+            return {"role": "rpc", MARKER: MARKER_VERSION, **body}
         return {"role": "rpc", **body}
 
     async def send(
@@ -245,6 +272,7 @@ class Client:
         timeout_ms: int | None = None,
         return_intermediate_results: bool = False,
         nested: bool = False,
+        marker: bool = True,
         u: Any = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
@@ -256,6 +284,7 @@ class Client:
             timeout_ms=timeout_ms,
             return_intermediate_results=return_intermediate_results,
             nested=nested,
+            marker=marker,
         )
         reply = await self.send(msg, timeout=timeout)
         return self.result(reply)

@@ -59,6 +59,12 @@ impl TestFns {
                 "echos" => Ok(Value::Array(pos)),
                 "upper" => Ok(json!(pos[0].as_str().unwrap_or_default().to_uppercase())),
                 "fail" => Err(RpcError::handler_failed("failed on purpose")),
+                // Sleeps its first argument's milliseconds, returns it.
+                "sleep" => {
+                    let ms = pos.first().and_then(Value::as_u64).unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(json!(ms))
+                }
                 "panic" => panic!("panicked on purpose"),
                 // Waits until released; counts how many wait at once.
                 "wait" => {
@@ -459,4 +465,45 @@ async fn progress_comes_before_later_steps_finish_and_stops_at_a_failure() {
     let e = run.await.expect("joins").expect_err("fails at `bad`");
     assert_eq!(e.command.as_deref(), Some("bad"));
     assert_eq!(seen.names(), ["a", "w"]);
+}
+
+/// With time paused, sleeps end exactly when due: each step's time is
+/// when its result was known.
+#[tokio::test(start_paused = true)]
+async fn timed_runs_say_when_each_result_was_known() {
+    let d = TestFns::default();
+    let ms = Duration::from_millis;
+    // a (10 ms) and b (30 ms) side by side; c after a (5 ms more); then a
+    // chain shipped to node `n` as one job: its steps finish together.
+    let cmds = vec![
+        c("a", "sleep", json!([10])),
+        c("b", "sleep", json!([30])),
+        Command::new("c", "sleep").arg(5).arg("a"),
+        Command::new("n1", "sleep@n").arg(1).arg("c"),
+        Command::new("n2", "sleep@n").arg(2).arg("n1"),
+    ];
+    let (results, done) = execute_timed(plan(cmds), &d, Wanted::All, None)
+        .await
+        .expect("runs");
+    let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "n1", "n2"], "step order");
+    assert_eq!(done, [ms(10), ms(30), ms(15), ms(18), ms(18)]);
+
+    // One step, and the sinks only: still a time for every step.
+    let (results, done) = execute_timed(
+        plan(vec![c("s", "sleep", json!([7]))]),
+        &d,
+        Wanted::Sinks,
+        None,
+    )
+    .await
+    .expect("runs");
+    assert_eq!(results.len(), 1);
+    assert_eq!(done, [ms(7)]);
+    let cmds = vec![c("a", "sleep", json!([4])), c("b", "echo", json!(["a"]))];
+    let (results, done) = execute_timed(plan(cmds), &d, Wanted::Sinks, None)
+        .await
+        .expect("runs");
+    assert_eq!(results.len(), 1);
+    assert_eq!(done, [ms(4), ms(4)]);
 }

@@ -13,7 +13,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{IncomingRequest, WireCommand};
+use super::{Dialect, IncomingRequest, MARKER_FIELD, WireCommand};
 use crate::payload::{Payload, checked_raw};
 
 /// The deepest nesting of an argument (or an unknown field) read here.
@@ -31,6 +31,8 @@ pub(super) fn parse(bytes: &[u8]) -> Option<IncomingRequest> {
     {
         return None;
     }
+    // A marker the plain reading refuses: it words the error.
+    let dialect = Dialect::of_envelope(outer.rpc.is_some(), outer.mpreg.as_ref()).ok()?;
     let body = match outer.rpc {
         Some(inner) => *inner,
         None => outer,
@@ -49,6 +51,8 @@ pub(super) fn parse(bytes: &[u8]) -> Option<IncomingRequest> {
         timeout,
         return_intermediate_results: flag(body.return_intermediate_results)?,
         stream: flag(body.stream)?,
+        include_execution_summary: flag(body.include_execution_summary)?,
+        dialect,
         reply_budget: usize::MAX,
     })
 }
@@ -72,6 +76,9 @@ struct Envelope {
     timeout_ms: Option<Value>,
     return_intermediate_results: Option<Value>,
     stream: Option<Value>,
+    include_execution_summary: Option<Value>,
+    /// The marker ([`MARKER_FIELD`]); read at the top level only.
+    mpreg: Option<Value>,
 }
 
 /// A field name of an envelope or a command (without allocating it).
@@ -83,6 +90,8 @@ enum Field {
     TimeoutMs,
     ReturnIntermediateResults,
     Stream,
+    IncludeExecutionSummary,
+    Marker,
     Name,
     Fun,
     Args,
@@ -115,6 +124,8 @@ impl Visitor<'_> for FieldVisitor {
             "timeout_ms" => Field::TimeoutMs,
             "return_intermediate_results" => Field::ReturnIntermediateResults,
             "stream" => Field::Stream,
+            "include_execution_summary" => Field::IncludeExecutionSummary,
+            MARKER_FIELD => Field::Marker,
             "name" => Field::Name,
             "fun" => Field::Fun,
             "args" => Field::Args,
@@ -180,6 +191,10 @@ impl<'de> Visitor<'de> for EnvelopeSeed {
                     once(&mut e.return_intermediate_results, map.next_value()?)?
                 }
                 Field::Stream => once(&mut e.stream, map.next_value()?)?,
+                Field::IncludeExecutionSummary => {
+                    once(&mut e.include_execution_summary, map.next_value()?)?
+                }
+                Field::Marker => once(&mut e.mpreg, map.next_value()?)?,
                 _ => skip(&mut map)?,
             }
         }
@@ -295,6 +310,9 @@ mod tests {
             r#"{"u":"x","cmds":[],"timeout_ms":250,"return_intermediate_results":true,"stream":null}"#,
             r#"{"u":"x","cmds":[{"name":"a","fun":"f","extra":{"deep":[1]}}],"other":2}"#,
             r#"{"u":"x","cmds":[{"name":"a","fun":"f","args":["\u00e9"]}]}"#,
+            r#"{"role":"rpc","mpreg":1,"u":"x","cmds":[],"include_execution_summary":true}"#,
+            r#"{"u":"x","cmds":[{"name":"a","fun":"f","mpreg":1}],"mpreg":null}"#,
+            r#"{"mpreg":"ignored","rpc":{"u":"x","cmds":[],"mpreg":0,"include_execution_summary":false}}"#,
         ];
         for frame in frames {
             let fast = parse(frame.as_bytes()).expect(frame);
@@ -319,6 +337,9 @@ mod tests {
             r#"{"u":"1","cmds":[{"name":"a","fun":"f","name":"b"}]}"#.to_owned(),
             r#"{"u":"1","cmds":[],"timeout_ms":-1}"#.to_owned(),
             r#"{"u":"1","cmds":[],"stream":"yes"}"#.to_owned(),
+            r#"{"u":"1","cmds":[],"include_execution_summary":1}"#.to_owned(),
+            r#"{"u":"1","cmds":[],"mpreg":0}"#.to_owned(),
+            r#"{"u":"1","cmds":[],"mpreg":1,"mpreg":1}"#.to_owned(),
             format!(r#"{{"u":"1","cmds":[{{"name":"a","fun":"f","args":[{deep}]}}]}}"#),
             format!(r#"{{"u":"1","cmds":[],"x":{deep}}}"#),
         ];

@@ -55,20 +55,20 @@ pub(super) struct AuthMessage<'a> {
     pub(super) token: Option<Cow<'a, str>>,
 }
 
-/// The token of an auth message; else the message's request id (for the
-/// `unauthorized` reply), or `null`.
-pub(super) fn auth_token(message: &Message) -> Result<String, Value> {
+/// The token of an auth message; else whom the `unauthorized` reply
+/// answers (the message's request id, or `null`, and the reply's form).
+pub(super) fn auth_token(message: &Message) -> Result<String, ReplyTo> {
     let bytes: &[u8] = match message {
         Message::Text(text) => text.as_bytes(),
         Message::Binary(bytes) => bytes,
-        _ => return Err(Value::Null),
+        _ => return Err(ReplyTo::mpreg(Value::Null)),
     };
     match serde_json::from_slice::<AuthMessage<'_>>(bytes) {
         Ok(AuthMessage {
             role: Some(role),
             token: Some(token),
         }) if role == "auth" => Ok(token.into_owned()),
-        _ => Err(crate::protocol::request_id(bytes)),
+        _ => Err(crate::protocol::reply_to(bytes)),
     }
 }
 
@@ -174,6 +174,7 @@ pub(super) fn unavailable(refusal: Refusal) -> ErrorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Dialect;
     use tokio_tungstenite::tungstenite::Bytes;
 
     fn request(uri: &str, authorization: Option<&str>) -> Request {
@@ -206,17 +207,24 @@ mod tests {
             token(r#"{"role":"auth","token":"a\"b"}"#),
             Ok("a\"b".into())
         );
+        let to = |u: Value, dialect| Err(ReplyTo { u, dialect });
+        // A request instead: the refusal answers it, in its form.
         assert_eq!(
             token(r#"{"role":"rpc","u":"r1","cmds":[{"x":[1,2,{"y":3}]}]}"#),
-            Err(json!("r1"))
+            to(json!("r1"), Dialect::Later)
+        );
+        assert_eq!(
+            token(r#"{"role":"rpc","mpreg":1,"u":"r1","cmds":[]}"#),
+            to(json!("r1"), Dialect::Mpreg)
         );
         assert_eq!(
             token(r#"{"role":"rpc","rpc":{"u":7,"cmds":[]}}"#),
-            Err(json!(7))
+            to(json!(7), Dialect::Mpreg)
         );
-        assert_eq!(token("not json"), Err(Value::Null));
-        assert_eq!(token(r#"{"role":"auth","token":5}"#), Err(Value::Null));
-        assert_eq!(auth_token(&Message::Ping(Bytes::new())), Err(Value::Null));
+        let none = to(Value::Null, Dialect::Mpreg);
+        assert_eq!(token("not json"), none);
+        assert_eq!(token(r#"{"role":"auth","token":5}"#), none);
+        assert_eq!(auth_token(&Message::Ping(Bytes::new())), none);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::error::{ErrorCode, RpcError};
 use crate::http::Rewind;
 use crate::metrics::Refused;
 use crate::node::NodeState;
-use crate::protocol::Reply;
+use crate::protocol::{Answer, ReplyTo};
 use crate::ws::{self, Outgoing};
 
 mod admission;
@@ -304,7 +304,8 @@ async fn websocket(
             let why = format!(
                 "more than {PRE_AUTH_BYTES} bytes before authenticating: send the token first, as `Authorization: Bearer TOKEN` or in a first message {{\"role\":\"auth\",\"token\":\"TOKEN\"}}"
             );
-            return refuse(&state, outgoing, writer, Value::Null, why, &shutdown).await;
+            let to = ReplyTo::mpreg(Value::Null);
+            return refuse(&state, outgoing, writer, to, why, &shutdown).await;
         }
     };
     // A peer's first message opens a link (`peer-open`): then this is a
@@ -336,9 +337,11 @@ async fn websocket(
             }
             Ok(_) | Err(_) => {
                 state.metrics.refused(Refused::Unauthorized);
-                let u = auth_token(&first).err().unwrap_or(Value::Null);
+                let to = auth_token(&first)
+                    .err()
+                    .unwrap_or_else(|| ReplyTo::mpreg(Value::Null));
                 let why = "a client token is required: send it as `Authorization: Bearer TOKEN` or in a first message {\"role\":\"auth\",\"token\":\"TOKEN\"}";
-                return refuse(&state, outgoing, writer, u, why.into(), &shutdown).await;
+                return refuse(&state, outgoing, writer, to, why.into(), &shutdown).await;
             }
         }
     } else {
@@ -361,19 +364,19 @@ async fn websocket(
     finish(&state, stop, requests, outgoing, writer, &shutdown).await;
 }
 
-/// Answers request `u` with `unauthorized` (`why`) and closes the
+/// Answers request `to` with `unauthorized` (`why`) and closes the
 /// connection.
 async fn refuse(
     state: &NodeState,
     outgoing: Outgoing,
     writer: Writer,
-    u: Value,
+    to: ReplyTo,
     why: String,
     shutdown: &CancellationToken,
 ) {
     let error = RpcError::new(ErrorCode::Unauthorized, why);
     // The queue is empty: there is room.
-    let _ = outgoing.try_send(Message::text(Reply::err(u, error).encode()));
+    let _ = outgoing.try_send(Message::text(Answer::err(to, error).encode()));
     outgoing.close(CloseFrame {
         code: CloseCode::Policy,
         reason: "unauthorized".into(),

@@ -4,7 +4,7 @@
 use crate::error::{ErrorCode, RpcError};
 use crate::metrics::Refused;
 use crate::node::NodeState;
-use crate::protocol::Reply;
+use crate::protocol::Answer;
 use crate::ws::{Ending, Outgoing};
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
@@ -114,14 +114,14 @@ impl Session<'_> {
             .metrics
             .request()
             .end(Some(ErrorCode::Overloaded));
-        let u = crate::protocol::request_id(bytes);
+        let to = crate::protocol::reply_to(bytes);
         let limit = self.state.config.max_inflight_per_connection;
         let error = RpcError::new(
             ErrorCode::Overloaded,
             format!("more than {limit} requests in flight on this connection"),
         )
         .with_details(json!({ "limit": limit }));
-        Message::text(Reply::err(u, error).encode())
+        Message::text(Answer::err(to, error).encode())
     }
 }
 

@@ -24,7 +24,9 @@ use super::*;
 /// Highest latency the histograms hold (larger values are clamped): 10 min.
 const MAX_LATENCY_US: u64 = 600_000_000;
 
-/// The request sent over and over, with a fresh numeric `u` each time.
+/// The request sent over and over, with a fresh numeric `u` each time, as
+/// mpreg's clients send it (with the marker `"mpreg":1`: replies in mpreg's
+/// form).
 #[derive(Debug, Clone)]
 pub(crate) struct Template {
     /// The request object serialized without `u` and without its opening
@@ -38,7 +40,7 @@ impl Template {
     pub(crate) fn from_object_text(object: &str) -> Self {
         let body = object.strip_prefix('{').unwrap_or(object);
         Self {
-            rest: format!("\"role\":\"rpc\",{body}").into(),
+            rest: format!("\"role\":\"rpc\",\"mpreg\":1,{body}").into(),
         }
     }
 
@@ -72,6 +74,7 @@ impl Template {
     pub(crate) fn object(mut object: Map<String, Value>) -> Self {
         object.remove("u");
         object.insert("role".into(), json!("rpc"));
+        object.entry("mpreg").or_insert(json!(1));
         let text = Value::Object(object).to_string();
         Self {
             rest: text[1..].into(),

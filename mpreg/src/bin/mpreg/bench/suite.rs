@@ -783,8 +783,8 @@ struct Memory {
 /// authenticated, and is closed at the node's handshake deadline).
 async fn connect_and_echo(url: &str) -> BenchResult<Ws> {
     let mut ws = connect(url).await?;
-    let request =
-        json!({"role": "rpc", "u": 1, "cmds": [{"name": "a", "fun": "echo", "args": [1]}]});
+    let request = json!({"role": "rpc", "mpreg": 1, "u": 1,
+        "cmds": [{"name": "a", "fun": "echo", "args": [1]}]});
     ws.send(Message::text(request.to_string())).await?;
     match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
         Ok(Some(Ok(Message::Text(_)))) => Ok(ws),
@@ -1004,6 +1004,7 @@ mod tests {
         let frame: Value = serde_json::from_str(&t.frame(42)).expect("JSON");
         assert_eq!(frame["u"], 42);
         assert_eq!(frame["role"], "rpc");
+        assert_eq!(frame["mpreg"], 1, "mpreg's reply form");
         assert_eq!(frame["cmds"][0]["fun"], "echo");
         let t =
             Template::parse(r#"{"u": "x", "cmds": [{"name": "a", "fun": "f"}], "timeout_ms": 5}"#)
@@ -1017,6 +1018,7 @@ mod tests {
         let frame: Value = serde_json::from_str(&big.frame(3)).expect("JSON");
         assert_eq!(frame["cmds"][0]["args"][0], json!([1, 2, 3]));
         assert_eq!(frame["cmds"][0]["locs"], json!(["b"]));
+        assert_eq!(frame["mpreg"], 1);
         let array = number_array(1000);
         assert!(array.len() >= 1000);
         assert!(serde_json::from_str::<Vec<u64>>(&array).is_ok());

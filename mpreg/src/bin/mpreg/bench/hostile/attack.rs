@@ -111,10 +111,14 @@ pub(super) fn message_label(bytes: &[u8]) -> String {
         return "a message that is not JSON".into();
     };
     if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
-        return format!(
-            "error {}",
-            e.get("code").and_then(Value::as_str).unwrap_or("?")
-        );
+        // mpreg's code is `kind` in either reply form (`code` is a number
+        // in the form of the original project's later client).
+        let code = [e.get("kind"), e.get("code")]
+            .into_iter()
+            .flatten()
+            .find_map(Value::as_str)
+            .unwrap_or("?");
+        return format!("error {code}");
     }
     match v.get("role").and_then(Value::as_str) {
         Some("rpc-progress") => "progress".into(),

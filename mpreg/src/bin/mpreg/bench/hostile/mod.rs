@@ -437,6 +437,8 @@ mod tests {
             reply_label(lost, "h-9").as_deref(),
             Some("error bad_request, u null")
         );
+        let later = br#"{"u":"h-1","r":null,"error":{"code":429,"kind":"overloaded"}}"#;
+        assert_eq!(message_label(later), "error overloaded");
         let progress = br#"{"role":"rpc-progress","u":"h-1","name":"a","value":1}"#;
         assert_eq!(message_label(progress), "progress");
         assert_eq!(reply_label(progress, "h-1"), None);
