@@ -109,7 +109,7 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
                 let node = node.ok_or_else(|| {
                     RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
                 })?;
-                serde_json::to_value(node.cluster.view(&node))
+                serde_json::to_value(node.cluster_view())
                     .map_err(|e| RpcError::new(crate::ErrorCode::Internal, e.to_string()))
             }
         })

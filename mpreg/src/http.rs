@@ -288,7 +288,7 @@ impl Site for NodeState {
             counts: self.metrics.snapshot(),
             peers: self
                 .cluster
-                .view(self)
+                .view(&self.own(&registry))
                 .nodes
                 .iter()
                 .filter(|n| n.linked)
@@ -313,14 +313,14 @@ impl Site for NodeState {
             .iter()
             .map(|f| (f.name.clone(), function_status(&f.metrics.snapshot())))
             .collect();
-        let view = self.cluster.view(self);
+        let view = self.cluster_view();
         json!({
             "node": self.name,
             "version": env!("CARGO_PKG_VERSION"),
             "stopping": self.is_stopping(),
             "peers": view.nodes.len().saturating_sub(1),
             "cluster": view,
-            "functions": self.cluster.functions(self),
+            "functions": self.cluster_functions(),
             "metrics": {
                 "requests_received": counts.received,
                 "requests_answered": counts.answered(),

@@ -647,7 +647,7 @@ impl NodeHandle {
     /// The cluster as this node sees it (what `mpreg.cluster` answers
     /// with, as JSON).
     pub fn cluster_view(&self) -> crate::ClusterView {
-        self.state.cluster.view(&self.state)
+        self.state.cluster_view()
     }
 
     /// A few counts of the cluster as this node sees it (nodes, links,
@@ -811,6 +811,38 @@ impl NodeState {
 
     pub(crate) fn local_load(&self) -> usize {
         self.local_load.load(Ordering::Relaxed)
+    }
+
+    /// This node as its cluster state's view needs it, with `registry`
+    /// (a snapshot of [`registry`](Self::registry)).
+    pub(crate) fn own<'a>(&'a self, registry: &'a Registry) -> crate::cluster::Own<'a> {
+        crate::cluster::Own {
+            name: &self.name,
+            registry,
+            addr: self.advertise,
+            generation: self.generation,
+            load: self.local_load(),
+            gossip: self
+                .membership
+                .as_ref()
+                .map(|m| crate::cluster::GossipStats {
+                    identity_version: m.id().version,
+                    dropped_packets: m.dropped_packets(),
+                }),
+        }
+    }
+
+    /// The cluster as this node sees it (what `mpreg.cluster` returns).
+    pub(crate) fn cluster_view(&self) -> crate::cluster::ClusterView {
+        let registry = self.registry();
+        self.cluster.view(&self.own(&registry))
+    }
+
+    /// Every function in the cluster as this node knows it without asking
+    /// anyone (what the status page shows).
+    pub(crate) fn cluster_functions(&self) -> Value {
+        let registry = self.registry();
+        self.cluster.functions(&self.own(&registry))
     }
 
     /// Rebuilds routing after a change of peers or catalogs. When what this

@@ -5,6 +5,7 @@
 //! `card.rs`, `view.rs`) do no IO.
 
 use super::*;
+use crate::node::NodeState;
 
 /// Why the opening of a link failed.
 #[derive(Debug)]

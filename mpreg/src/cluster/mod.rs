@@ -51,7 +51,6 @@ use crate::link::{
     PRE_PROOF_MAX, PeerMessage,
 };
 use crate::membership::{MemberEvent, MemberId};
-use crate::node::{NodeState, run_local};
 use crate::payload::Payload;
 use crate::plan::{Plan, Step};
 use crate::registry::{Registry, Unavailable};
@@ -68,6 +67,22 @@ const ANNOUNCE_MAX: Duration = Duration::from_secs(1);
 
 /// A peer, as a key local to this node.
 pub(crate) type PeerKey = u64;
+
+/// The node a cluster state belongs to, as the view and the function table
+/// need it (the rest of the node stays out of the cluster's state).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Own<'a> {
+    pub(crate) name: &'a str,
+    /// The functions served here.
+    pub(crate) registry: &'a Registry,
+    /// Where peers reach it, if they can.
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) generation: u64,
+    /// Jobs running here now.
+    pub(crate) load: usize,
+    /// Its gossip's counters, when it is a member.
+    pub(crate) gossip: Option<GossipStats>,
+}
 
 /// Where a command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -426,7 +441,7 @@ impl Cluster {
     /// `scope`, leaving out `exclude`.
     fn candidates(
         &self,
-        state: &NodeState,
+        local_load: usize,
         fun: &str,
         locs: &[String],
         scope: Scope,
@@ -443,7 +458,7 @@ impl Cluster {
             .filter(|r| locs.iter().all(|d| r.datasets.contains(d)))
             .map(|r| Candidate {
                 target: r.target,
-                load: self.load(state, r.target),
+                load: self.load(local_load, r.target),
                 local: r.target == Target::Local,
             })
             .collect();
@@ -453,9 +468,9 @@ impl Cluster {
         Ok(candidates)
     }
 
-    fn load(&self, state: &NodeState, target: Target) -> usize {
+    fn load(&self, local_load: usize, target: Target) -> usize {
         match target {
-            Target::Local => state.local_load(),
+            Target::Local => local_load,
             // A member without a link has nothing in flight from here.
             Target::Peer(key) => self.link(key).map_or(0, |l| l.load()),
         }
@@ -600,8 +615,8 @@ impl Cluster {
 
     /// Every function in the cluster as this node knows it without asking
     /// anyone (descriptions where at hand): what the status page shows.
-    pub(crate) fn functions(&self, state: &NodeState) -> Value {
-        let (by_fun, _) = function_table(&self.places(state));
+    pub(crate) fn functions(&self, own: &Own<'_>) -> Value {
+        let (by_fun, _) = function_table(&self.places(own));
         Value::Array(by_fun.into_values().collect())
     }
 
@@ -609,11 +624,11 @@ impl Cluster {
     /// functions (described), the members' (from their cards: names,
     /// datasets, idempotent) and its leaves' (described), each with the
     /// node's name and, for a peer, its key.
-    fn places(&self, state: &NodeState) -> Vec<(String, Option<PeerKey>, Ability)> {
-        let registry = state.registry();
-        let mut places: Vec<(String, Option<PeerKey>, Ability)> = registry
+    fn places(&self, own: &Own<'_>) -> Vec<(String, Option<PeerKey>, Ability)> {
+        let mut places: Vec<(String, Option<PeerKey>, Ability)> = own
+            .registry
             .iter()
-            .map(|f| (state.name.clone(), None, Ability::of(f)))
+            .map(|f| (own.name.to_owned(), None, Ability::of(f)))
             .collect();
         let members = self.read_members();
         for m in members.by_addr.values() {
@@ -638,26 +653,23 @@ impl Cluster {
     }
 
     /// The cluster as this node sees it (what `mpreg.cluster` returns).
-    pub(crate) fn view(&self, state: &NodeState) -> ClusterView {
-        let registry = state.registry();
+    pub(crate) fn view(&self, this: &Own<'_>) -> ClusterView {
+        let registry = this.registry;
         // Everything served here, local-only functions included.
-        let mut own = self.catalog(&registry).functions;
+        let mut own = self.catalog(registry).functions;
         own.extend(registry.iter().filter(|f| !f.advertised).map(Ability::of));
         own.sort();
         let info = |functions: &[Ability]| functions.iter().map(FunctionInfo::from).collect();
         let mut nodes = vec![NodeView {
-            name: state.name.clone(),
-            addr: state.advertise,
+            name: this.name.to_owned(),
+            addr: this.addr,
             status: NodeStatus::This,
-            generation: state.generation,
-            load: state.local_load(),
+            generation: this.generation,
+            load: this.load,
             jobs_sent: None,
             linked: false,
             functions: info(&own),
-            gossip: state.membership.as_ref().map(|m| GossipStats {
-                identity_version: m.id().version,
-                dropped_packets: m.dropped_packets(),
-            }),
+            gossip: this.gossip,
             security: Some(SecurityStats {
                 refused_peer_links: self.refused.load(Ordering::Relaxed),
             }),
@@ -713,7 +725,7 @@ impl Cluster {
         others.sort_by(|a, b| a.name.cmp(&b.name));
         nodes.extend(others);
         ClusterView {
-            self_name: state.name.clone(),
+            self_name: this.name.to_owned(),
             nodes,
         }
     }
@@ -735,6 +747,50 @@ mod tests {
 
     fn link() -> Link {
         Link::new("x".into(), mpsc::channel(1).0)
+    }
+
+    #[test]
+    fn the_state_alone_views_and_places_its_own_functions() {
+        let datasets: std::collections::BTreeSet<String> = ["model-a".to_owned()].into();
+        let registry = Registry::new(
+            [crate::registry::Function::new("f", |_args| async {
+                Ok(serde_json::Value::Null)
+            })],
+            &datasets,
+        );
+        let cluster = Cluster::default();
+        cluster.rebuild(&registry);
+        let own = Own {
+            name: "solo",
+            registry: &registry,
+            addr: None,
+            generation: 7,
+            load: 3,
+            gossip: None,
+        };
+        let view = cluster.view(&own);
+        assert_eq!(view.nodes.len(), 1);
+        let this = &view.nodes[0];
+        assert_eq!(
+            (this.name.as_str(), this.status, this.load),
+            ("solo", NodeStatus::This, 3)
+        );
+        assert!(this.functions.iter().any(|f| f.fun == "f"));
+        let here = cluster
+            .candidates(3, "f", &["model-a".to_owned()], Scope::Cluster, None)
+            .expect("runs here");
+        assert_eq!(here.len(), 1);
+        assert!(here[0].local && here[0].load == 3);
+        let missing = cluster.candidates(0, "f", &["model-b".to_owned()], Scope::Cluster, None);
+        assert_eq!(
+            missing.err().map(|e| e.code),
+            Some(ErrorCode::NoNodeForDatasets)
+        );
+        let unknown = cluster.candidates(0, "g", &[], Scope::Cluster, None);
+        assert_eq!(
+            unknown.err().map(|e| e.code),
+            Some(ErrorCode::UnknownFunction)
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use super::driver::dial;
 use super::*;
+use crate::node::{NodeState, run_local};
 
 /// Which places a placement may choose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +23,8 @@ pub(crate) enum Scope {
 /// [`DESCRIBE_AT_ONCE`] nodes asked at once; a node that cannot answer
 /// leaves its functions undescribed.
 pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
-    let places = state.cluster.places(state);
+    let registry = state.registry();
+    let places = state.cluster.places(&state.own(&registry));
     let (mut by_fun, mut described) = function_table(&places);
     // One node to ask per function still undescribed, each node once.
     let mut ask: HashMap<PeerKey, Vec<String>> = HashMap::new();
@@ -145,10 +147,13 @@ impl Dispatch for Placer {
     type Target = Target;
 
     fn place(&self, step: &Step) -> Result<Target, RpcError> {
-        let candidates =
-            self.state
-                .cluster
-                .candidates(&self.state, &step.fun, &step.locs, self.scope, None)?;
+        let candidates = self.state.cluster.candidates(
+            self.state.local_load(),
+            &step.fun,
+            &step.locs,
+            self.scope,
+            None,
+        )?;
         let pick = choose(&candidates, random_below).unwrap_or(0);
         Ok(candidates[pick].target)
     }
@@ -183,7 +188,7 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payloa
     for step in &job.steps {
         let here = cluster
             .candidates(
-                &placer.state,
+                placer.state.local_load(),
                 &step.fun,
                 &step.locs,
                 placer.scope,
