@@ -68,7 +68,7 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
                 let node = node.ok_or_else(|| {
                     RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
                 })?;
-                Ok(crate::cluster::describe_functions(&node).await)
+                Ok(crate::node::describe_functions(&node).await)
             }
         })
         .returns("array")
@@ -78,7 +78,7 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
     );
     let slot = node.clone();
     fns.push(
-        Function::new(crate::cluster::DESCRIBE, move |mut args: Args| {
+        Function::new(crate::node::DESCRIBE, move |mut args: Args| {
             let node = slot.get().and_then(Weak::upgrade);
             async move {
                 args.__check(DESCRIBE_PARAMS)?;

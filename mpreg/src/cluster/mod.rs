@@ -9,16 +9,11 @@
 //! when a command must go there, and closes once idle.
 
 mod card;
-mod driver;
-mod handshake;
-mod placer;
-mod routes;
+pub(crate) mod handshake;
+pub(crate) mod routes;
 mod view;
 
 pub(crate) use self::card::Card;
-pub(crate) use self::driver::{accept, follow_membership, keep_linked};
-pub(crate) use self::placer::{DESCRIBE, Placer, Scope, describe_functions};
-use self::placer::{Served, function_table};
 
 pub use self::view::{
     ClusterSummary, ClusterView, FunctionInfo, GossipStats, NodeStatus, NodeView, ParamInfo,
@@ -29,44 +24,29 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio::sync::watch;
 
-use self::handshake::{Acceptor, Dialer, Handshake, Outcome, Refusal};
-use self::routes::{Candidate, Interner, Offer, Routes, choose, random_below};
+use self::routes::{Candidate, Interner, Offer, Routes};
 use crate::auth;
-use crate::budget::{Allowance, ResultBudget};
-use crate::error::{ErrorCode, RpcError};
-use crate::exec::{Dispatch, Job, Wanted, execute};
-use crate::link::{
-    self, Ability, Catalog, Hello, JobLimits, Link, LinkHandler, Opening, PEER_PROTOCOL,
-    PRE_PROOF_MAX, PeerMessage,
-};
-use crate::membership::{MemberEvent, MemberId};
-use crate::payload::Payload;
-use crate::plan::{Plan, Step};
+use crate::error::RpcError;
+use crate::exec::Job;
+use crate::link::{Ability, Catalog, Hello, Link};
+use crate::membership::MemberId;
 use crate::registry::{Registry, Unavailable};
-use crate::ws;
-
-/// How long the other side of a new link may take to open it (proofs and
-/// hellos).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnection backoff: first delay, and the cap.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The cap of the backoff between announces to a seed.
-const ANNOUNCE_MAX: Duration = Duration::from_secs(1);
 
 /// A peer, as a key local to this node.
 pub(crate) type PeerKey = u64;
+
+/// Which places a placement may choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Anywhere in the cluster (a client's request).
+    Cluster,
+    /// This node and its leaves only (a job a peer routed here).
+    Here,
+}
 
 /// The node a cluster state belongs to, as the view and the function table
 /// need it (the rest of the node stays out of the cluster's state).
@@ -191,9 +171,6 @@ pub(crate) struct Cluster {
     /// this node, or served by a peer it dialed), none from a peer that
     /// dialed, or this node's own when the peer it dialed refused it.
     pub(crate) refused: AtomicU64,
-    /// Links being opened, by address: everyone who needs a link to that
-    /// node waits for the same dial.
-    dialing: std::sync::Mutex<HashMap<SocketAddr, Dialing>>,
     /// Peer tickets seen lately (replays are refused).
     pub(crate) tickets: auth::Tickets,
 }
@@ -208,19 +185,15 @@ impl Default for Cluster {
             next_key: AtomicU64::new(1),
             version: AtomicU64::new(1),
             changes: watch::Sender::new(0),
-            dialing: std::sync::Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             tickets: auth::Tickets::default(),
         }
     }
 }
 
-/// A dial in progress, shared by everyone waiting for it.
-type Dialing = futures_util::future::Shared<BoxFuture<'static, Result<Link, Arc<str>>>>;
-
 /// Why a peer whose link opened was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NotRegistered {
+pub(crate) enum NotRegistered {
     /// Another link to the same node (same address and generation) is
     /// kept instead.
     Duplicate,
@@ -232,7 +205,7 @@ enum NotRegistered {
 
 impl NotRegistered {
     /// The reason in the close frame (no more than 123 bytes).
-    fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             NotRegistered::Duplicate => "duplicate link",
             NotRegistered::AddressInUse(_) => {
@@ -283,7 +256,7 @@ impl Cluster {
     }
 
     /// The address and name of the member `key`, if it is one.
-    fn member_addr(&self, key: PeerKey) -> Option<(SocketAddr, String)> {
+    pub(crate) fn member_addr(&self, key: PeerKey) -> Option<(SocketAddr, String)> {
         let members = self.read_members();
         let addr = *members.by_key.get(&key)?;
         let name = members.by_addr.get(&addr)?.name.clone();
@@ -439,7 +412,7 @@ impl Cluster {
 
     /// The places that can run `fun` with every dataset in `locs`, within
     /// `scope`, leaving out `exclude`.
-    fn candidates(
+    pub(crate) fn candidates(
         &self,
         local_load: usize,
         fun: &str,
@@ -476,8 +449,22 @@ impl Cluster {
         }
     }
 
+    /// Takes the catalog a peer's link sent (when newer than the one
+    /// held); returns whether the peer is a leaf, `None` when nothing
+    /// changed.
+    pub(crate) fn take_catalog(&self, key: PeerKey, catalog: Catalog) -> Option<bool> {
+        let mut peers = self.write_peers();
+        match peers.get_mut(&key) {
+            Some(p) if catalog.version >= p.catalog.version => {
+                p.catalog = catalog;
+                Some(p.is_leaf())
+            }
+            _ => None,
+        }
+    }
+
     /// Whether every function of `job` is safe to run again.
-    fn idempotent(&self, job: &Job) -> bool {
+    pub(crate) fn idempotent(&self, job: &Job) -> bool {
         let routes = self.routes();
         job.steps.iter().all(|s| {
             routes
@@ -490,7 +477,7 @@ impl Cluster {
     /// link to the same node, or (`proven` false: no cluster secret vouches
     /// for it) claims the address of a peer whose link is still up. Returns
     /// its key, or why the new link must close.
-    fn register(
+    pub(crate) fn register(
         &self,
         me: Option<SocketAddr>,
         hello: Hello,
@@ -553,7 +540,7 @@ impl Cluster {
     }
 
     /// Forgets a peer (its link closed).
-    fn remove(&self, key: PeerKey) -> Option<Peer> {
+    pub(crate) fn remove(&self, key: PeerKey) -> Option<Peer> {
         self.write_peers().remove(&key)
     }
 
@@ -624,7 +611,7 @@ impl Cluster {
     /// functions (described), the members' (from their cards: names,
     /// datasets, idempotent) and its leaves' (described), each with the
     /// node's name and, for a peer, its key.
-    fn places(&self, own: &Own<'_>) -> Vec<(String, Option<PeerKey>, Ability)> {
+    pub(crate) fn places(&self, own: &Own<'_>) -> Vec<(String, Option<PeerKey>, Ability)> {
         let mut places: Vec<(String, Option<PeerKey>, Ability)> = own
             .registry
             .iter()
@@ -731,9 +718,48 @@ impl Cluster {
     }
 }
 
+/// Every function at hand (see [`Cluster::places`]), by name, as
+/// `mpreg.functions` lists it, described where a place describes it; and
+/// the names of those described.
+pub(crate) fn function_table(
+    places: &[(String, Option<PeerKey>, Ability)],
+) -> (std::collections::BTreeMap<String, Value>, BTreeSet<String>) {
+    let mut by_fun: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    let mut described: BTreeSet<String> = BTreeSet::new();
+    for (node, _, a) in places {
+        let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
+            json!({
+                "name": a.fun,
+                "params": a.params,
+                "returns": a.returns,
+                "doc": a.doc,
+                "idempotent": a.idempotent,
+                "nodes": [],
+            })
+        });
+        // The first place that describes the function gives its
+        // description (a runtime function may have none).
+        if !a.doc.is_empty() || !a.params.is_empty() || !a.returns.is_empty() {
+            if !described.contains(&a.fun) {
+                entry["params"] = json!(a.params);
+                entry["returns"] = json!(a.returns);
+                entry["doc"] = json!(a.doc);
+            }
+            described.insert(a.fun.clone());
+        }
+        if let Some(nodes) = entry["nodes"].as_array_mut() {
+            nodes.push(json!({ "node": node, "datasets": a.datasets }));
+        }
+    }
+    (by_fun, described)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
+    use crate::link::PEER_PROTOCOL;
+    use tokio::sync::mpsc;
 
     fn hello(addr: &str, generation: u64) -> Hello {
         Hello {

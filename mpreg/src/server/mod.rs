@@ -322,7 +322,7 @@ async fn websocket(
         pending.authenticated();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = crate::cluster::accept(state, sink, source, opening, allowance) => {}
+            _ = crate::node::accept(state, sink, source, opening, allowance) => {}
         }
         return;
     }

@@ -4,8 +4,37 @@
 //! parent module; the cores it drives (`handshake.rs`, `routes.rs`,
 //! `card.rs`, `view.rs`) do no IO.
 
-use super::*;
-use crate::node::NodeState;
+use super::NodeState;
+use super::placer::Served;
+use crate::cluster::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::auth;
+use crate::budget::Allowance;
+use crate::cluster::handshake::{Acceptor, Dialer, Handshake, Outcome, Refusal};
+use crate::cluster::routes::random_below;
+use crate::link::{self, Hello, Link, Opening, PEER_PROTOCOL, PRE_PROOF_MAX, PeerMessage};
+use crate::membership::MemberEvent;
+use crate::ws;
+
+/// How long the other side of a new link may take to open it (proofs and
+/// hellos).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnection backoff: first delay, and the cap.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The cap of the backoff between announces to a seed.
+const ANNOUNCE_MAX: Duration = Duration::from_secs(1);
 
 /// Why the opening of a link failed.
 #[derive(Debug)]

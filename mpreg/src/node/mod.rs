@@ -1,4 +1,14 @@
-//! [`Node`], its builder, its running handle, and how it answers a request.
+//! [`Node`], its builder, its running handle, and how it answers a request;
+//! and the node's side of the cluster: placing jobs and running the links'
+//! and membership's IO (`placer`, `peering`) over the cluster's state
+//! ([`crate::cluster`], which knows nothing of the node).
+
+mod peering;
+mod placer;
+
+pub(crate) use self::peering::accept;
+pub(crate) use self::placer::{DESCRIBE, Placer, describe_functions};
+use crate::cluster::Scope;
 
 use std::any::Any;
 use std::collections::BTreeSet;
@@ -21,7 +31,7 @@ use crate::auth::{Secret, Tokens};
 use crate::budget::{ByteBudget, ResultBudget, Unauthenticated};
 use crate::builtins;
 use crate::client::Results;
-use crate::cluster::{Cluster, Placer, Scope};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::context::{Context, DatasetStates};
 use crate::error::{Error, ErrorCode, RpcError};
@@ -391,6 +401,7 @@ impl NodeBuilder {
             config.max_unauthenticated_per_address,
         );
         let state = Arc::new(NodeState {
+            dialing: placer::Dials::default(),
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
             tls,
@@ -423,10 +434,10 @@ impl NodeBuilder {
             ))
         });
         if let Some(events) = events {
-            state.spawn(crate::cluster::follow_membership(state.clone(), events));
+            state.spawn(peering::follow_membership(state.clone(), events));
         }
         for url in peers {
-            state.spawn(crate::cluster::keep_linked(state.clone(), url));
+            state.spawn(peering::keep_linked(state.clone(), url));
         }
         if let Some(addr) = local_addr
             && unguarded(addr, state.secret.is_some())
@@ -732,6 +743,8 @@ pub(crate) struct NodeState {
     local_load: AtomicUsize,
     /// Cancelled when the node is killed: nothing drains, nothing waits.
     pub(crate) killed: CancellationToken,
+    /// Links to members being opened (see [`placer::Dials`]).
+    pub(crate) dialing: placer::Dials,
     /// Peers must prove they know it (when set).
     pub(crate) secret: Option<Secret>,
     /// Clients must present one (when any are set).

@@ -3,18 +3,33 @@
 //! jobs sent to peers (over a link opened on demand, retried once elsewhere
 //! when idempotent), jobs peers send here, and `mpreg.functions`.
 
-use super::driver::dial;
-use super::*;
-use crate::node::{NodeState, run_local};
+use super::peering::dial;
+use super::{NodeState, run_local};
+use crate::cluster::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
-/// Which places a placement may choose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// Anywhere in the cluster (a client's request).
-    Cluster,
-    /// This node and its leaves only (a job a peer routed here).
-    Here,
-}
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::budget::ResultBudget;
+use crate::cluster::routes::{Candidate, choose, random_below};
+use crate::error::{ErrorCode, RpcError};
+use crate::exec::{Dispatch, Job, Wanted, execute};
+use crate::link::{Ability, Catalog, JobLimits, Link, LinkHandler};
+use crate::payload::Payload;
+use crate::plan::{Plan, Step};
+
+/// A dial in progress, shared by everyone waiting for it.
+type Dialing = futures_util::future::Shared<BoxFuture<'static, Result<Link, Arc<str>>>>;
+
+/// Links being opened, by address: everyone who needs a link to that node
+/// waits for the same dial.
+pub(crate) type Dials = std::sync::Mutex<HashMap<SocketAddr, Dialing>>;
 
 /// Every function in the cluster as this node sees it, described, with the
 /// nodes that run it (what `mpreg.functions` returns). Members' cards carry
@@ -83,42 +98,6 @@ pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
         }
     }
     Value::Array(by_fun.into_values().collect())
-}
-
-/// Every function at hand (see [`Cluster::places`]), by name, as
-/// `mpreg.functions` lists it, described where a place describes it; and
-/// the names of those described.
-pub(super) fn function_table(
-    places: &[(String, Option<PeerKey>, Ability)],
-) -> (std::collections::BTreeMap<String, Value>, BTreeSet<String>) {
-    let mut by_fun: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
-    let mut described: BTreeSet<String> = BTreeSet::new();
-    for (node, _, a) in places {
-        let entry = by_fun.entry(a.fun.clone()).or_insert_with(|| {
-            json!({
-                "name": a.fun,
-                "params": a.params,
-                "returns": a.returns,
-                "doc": a.doc,
-                "idempotent": a.idempotent,
-                "nodes": [],
-            })
-        });
-        // The first place that describes the function gives its
-        // description (a runtime function may have none).
-        if !a.doc.is_empty() || !a.params.is_empty() || !a.returns.is_empty() {
-            if !described.contains(&a.fun) {
-                entry["params"] = json!(a.params);
-                entry["returns"] = json!(a.returns);
-                entry["doc"] = json!(a.doc);
-            }
-            described.insert(a.fun.clone());
-        }
-        if let Some(nodes) = entry["nodes"].as_array_mut() {
-            nodes.push(json!({ "node": node, "datasets": a.datasets }));
-        }
-    }
-    (by_fun, described)
 }
 
 /// The built-in that describes functions of the node it runs on (local
@@ -265,11 +244,7 @@ async fn connect(
         ));
     };
     let dialing = {
-        let mut dialing = state
-            .cluster
-            .dialing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut dialing = state.dialing.lock().unwrap_or_else(PoisonError::into_inner);
         dialing
             .entry(addr)
             .or_insert_with(|| {
@@ -278,7 +253,6 @@ async fn connect(
                     let url = format!("{}://{addr}", state.tls.scheme());
                     let linked = dial(&state, &url).await.map(|(_, link)| link);
                     state
-                        .cluster
                         .dialing
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -358,17 +332,8 @@ impl LinkHandler for Served {
     }
 
     fn catalog(&self, catalog: Catalog) {
-        let cluster = &self.state.cluster;
-        let is_leaf = {
-            let mut peers = cluster.write_peers();
-            match peers.get_mut(&self.key) {
-                Some(p) if catalog.version >= p.catalog.version => {
-                    p.catalog = catalog;
-                    p.is_leaf()
-                }
-                _ => return,
-            }
-        };
-        self.state.routing_changed(is_leaf);
+        if let Some(is_leaf) = self.state.cluster.take_catalog(self.key, catalog) {
+            self.state.routing_changed(is_leaf);
+        }
     }
 }
