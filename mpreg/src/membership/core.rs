@@ -611,6 +611,98 @@ mod tests {
         }
     }
 
+    /// A foca packet from `src` to `dst` carrying `updates`, as foca lays
+    /// it out (header, big-endian count, updates).
+    fn packet(src: MemberId, dst: MemberId, updates: &[Member<MemberId>]) -> Vec<u8> {
+        let header = foca::Header {
+            src,
+            src_incarnation: 0,
+            dst,
+            message: Message::Gossip,
+        };
+        let mut out = Vec::new();
+        Codec::<MemberId>::encode_header(&mut PostcardCodec, &header, &mut out).expect("header");
+        out.extend_from_slice(&u16::try_from(updates.len()).expect("few").to_be_bytes());
+        for update in updates {
+            Codec::<MemberId>::encode_member(&mut PostcardCodec, update, &mut out).expect("member");
+        }
+        out
+    }
+
+    /// The updates of a foca packet (as [`packet`] lays them out).
+    fn updates_of(mut body: &[u8]) -> Vec<Member<MemberId>> {
+        Codec::<MemberId>::decode_header(&mut PostcardCodec, &mut body).expect("header");
+        let count = u16::from_be_bytes([body[0], body[1]]);
+        body = &body[2..];
+        let updates = (0..count)
+            .map(|_| {
+                Codec::<MemberId>::decode_member(&mut PostcardCodec, &mut body).expect("member")
+            })
+            .collect();
+        assert!(body.is_empty(), "nothing after the updates");
+        updates
+    }
+
+    #[test]
+    fn repeated_updates_are_cut_from_packets_before_foca_sees_them() {
+        let (me, sender, c, d) = (id(1, 1), id(2, 1), id(3, 1), id(4, 1));
+        let config = MembershipConfig::default();
+        let mut core =
+            Core::new(me, &config, SmallRng::seed_from_u64(1), Arc::from(&b""[..])).expect("core");
+        core.view.up.insert(sender.addr, sender);
+        let fresh = [
+            Member::new(c, 0, State::Alive),
+            Member::new(d, 0, State::Alive),
+        ];
+        let first = packet(sender, me, &fresh);
+        assert_eq!(
+            core.without_repeats(&first),
+            None,
+            "all news: passed as it is"
+        );
+        let cut = core
+            .without_repeats(&first)
+            .expect("the same updates again");
+        assert!(updates_of(&cut).is_empty(), "every repeat dropped");
+        // A suspicion is news; the alive repeat is not; updates about
+        // ourselves always pass.
+        let mixed = packet(
+            sender,
+            me,
+            &[
+                Member::new(c, 0, State::Suspect),
+                Member::new(d, 0, State::Alive),
+                Member::new(me, 0, State::Suspect),
+            ],
+        );
+        let kept = updates_of(&core.without_repeats(&mixed).expect("one repeat"));
+        assert_eq!(
+            kept,
+            [
+                Member::new(c, 0, State::Suspect),
+                Member::new(me, 0, State::Suspect)
+            ]
+        );
+        // Not for us, or from a sender not up here: left to foca, untouched
+        // and unrecorded.
+        assert_eq!(
+            core.without_repeats(&packet(sender, id(9, 1), &fresh)),
+            None
+        );
+        let stranger = id(5, 1);
+        let from_stranger = [Member::new(id(6, 1), 0, State::Alive)];
+        assert_eq!(
+            core.without_repeats(&packet(stranger, me, &from_stranger)),
+            None
+        );
+        assert_eq!(
+            core.without_repeats(&packet(stranger, me, &from_stranger)),
+            None
+        );
+        // Malformed: left to foca (which drops it).
+        assert_eq!(core.without_repeats(&[0xff, 0x01]), None);
+    }
+
     #[test]
     fn only_updates_above_the_state_given_are_news() {
         let mut known = Known::default();
