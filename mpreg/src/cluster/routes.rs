@@ -100,6 +100,21 @@ pub(crate) struct Routes<T> {
     names: HashMap<Arc<str>, u32>,
     /// Places, by function number.
     places: Vec<Vec<Route<T>>>,
+    /// Distinct datasets any place has, counted once when built: polling
+    /// a cluster's convergence (`cluster_summary`) asks for it often.
+    datasets: usize,
+}
+
+/// Distinct datasets in `places` (each interned set looked into once).
+fn count_datasets<T>(places: &[Vec<Route<T>>]) -> usize {
+    let mut sets: HashSet<*const BTreeSet<String>> = HashSet::new();
+    let mut names: HashSet<&str> = HashSet::new();
+    for route in places.iter().flatten() {
+        if sets.insert(Arc::as_ptr(&route.datasets)) {
+            names.extend(route.datasets.iter().map(String::as_str));
+        }
+    }
+    names.len()
 }
 
 impl<T> Default for Routes<T> {
@@ -107,6 +122,7 @@ impl<T> Default for Routes<T> {
         Self {
             names: HashMap::new(),
             places: Vec::new(),
+            datasets: 0,
         }
     }
 }
@@ -133,23 +149,17 @@ impl<T: Copy> Routes<T> {
                 }
             }
         }
+        let datasets = count_datasets(&by_id);
         Self {
             names,
             places: by_id,
+            datasets,
         }
     }
 
-    /// Distinct datasets any place has (each interned set looked into
-    /// once).
+    /// Distinct datasets any place has.
     pub(crate) fn datasets(&self) -> usize {
-        let mut sets: HashSet<*const BTreeSet<String>> = HashSet::new();
-        let mut names: HashSet<&str> = HashSet::new();
-        for route in self.places.iter().flatten() {
-            if sets.insert(Arc::as_ptr(&route.datasets)) {
-                names.extend(route.datasets.iter().map(String::as_str));
-            }
-        }
-        names.len()
+        self.datasets
     }
 
     /// Every place `fun` runs, if any.
