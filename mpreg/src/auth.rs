@@ -235,7 +235,7 @@ impl Tickets {
 /// valid ticket only exempts the connection from the caps on
 /// unauthenticated connections: the link's challenge and response still
 /// run. Always false without a cluster secret.
-pub(crate) fn peer_ticket_ok(state: &crate::node::NodeState, request: &Request) -> bool {
+pub(crate) fn peer_ticket_ok(state: &crate::node::RunningNode, request: &Request) -> bool {
     let Some(secret) = &state.secret else {
         return false;
     };

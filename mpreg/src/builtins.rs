@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::RpcError;
-use crate::node::NodeState;
+use crate::node::RunningNode;
 use crate::registry::{Args, Function, Param};
 
 const ECHO_PARAMS: &[Param] = &[Param::new("arg", "any JSON value")];
@@ -16,7 +16,7 @@ const FAIL_PARAMS: &[Param] = &[Param::new("message", "String")];
 const DESCRIBE_PARAMS: &[Param] = &[Param::new("names", "Vec<String>")];
 
 /// Where `mpreg.cluster` finds its node, once the node exists.
-pub(crate) type NodeSlot = Arc<OnceLock<Weak<NodeState>>>;
+pub(crate) type NodeSlot = Arc<OnceLock<Weak<RunningNode>>>;
 
 /// The built-in functions of a node named `name`.
 pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Function> {

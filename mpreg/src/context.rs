@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::client::Results;
 use crate::error::{Error, ErrorCode, RpcError};
-use crate::node::NodeState;
+use crate::node::RunningNode;
 use crate::protocol::{Command, Request};
 
 /// The context of one call, for handlers that take a `ctx: mpreg::Context`
@@ -73,7 +73,7 @@ use crate::protocol::{Command, Request};
 /// ```
 #[derive(Clone)]
 pub struct Context {
-    pub(crate) state: Arc<NodeState>,
+    pub(crate) state: Arc<RunningNode>,
     pub(crate) datasets: Vec<String>,
     pub(crate) deadline: Instant,
     pub(crate) request_id: Arc<str>,

@@ -13,7 +13,7 @@
 //! client disconnects cancel work.
 //!
 //! [`execute_with_progress`] also reports each step's result to a
-//! [`Progress`] the moment it is recorded (a streaming request). It never
+//! [`ResultSink`] the moment it is recorded (a streaming request). It never
 //! ships chains: every step is a unit of its own, so each result is known
 //! (and reported) when its step finishes, not when a whole chain does.
 //!
@@ -146,7 +146,7 @@ type Finished = (usize, Result<Vec<Payload>, RpcError>);
 
 /// Receives each step's result as soon as the executor records it: how a
 /// streaming request sends per-command results ahead of its reply.
-pub(crate) trait Progress: Sync {
+pub(crate) trait ResultSink: Sync {
     /// Step `name` produced `value`. The executor waits for the returned
     /// future before it goes on (units already running keep running), so a
     /// slow receiver slows the request down instead of piling results up.
@@ -173,7 +173,7 @@ pub(crate) fn execute_with_progress<'a, D: Dispatch>(
     plan: Plan,
     dispatcher: &'a D,
     wanted: Wanted,
-    progress: Option<&'a dyn Progress>,
+    progress: Option<&'a dyn ResultSink>,
 ) -> impl Future<Output = Result<Vec<(String, Payload)>, RpcError>> + 'a {
     let single = plan.steps.len() == 1
         && progress.is_none()
@@ -197,7 +197,7 @@ pub(crate) async fn execute_timed<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
-    progress: Option<&dyn Progress>,
+    progress: Option<&dyn ResultSink>,
 ) -> Result<Timed, RpcError> {
     let started = Instant::now();
     if plan.steps.len() == 1 && progress.is_none() {
@@ -263,7 +263,7 @@ async fn execute_many<D: Dispatch>(
     plan: Plan,
     dispatcher: &D,
     wanted: Wanted,
-    progress: Option<&dyn Progress>,
+    progress: Option<&dyn ResultSink>,
     timed: bool,
 ) -> Result<ManyResults, RpcError> {
     let Plan {
@@ -447,7 +447,7 @@ impl<D: Dispatch> Dataflow<'_, D> {
 
     /// Reports the just recorded results of `outputs` (before any reader
     /// can take them).
-    async fn report(&self, progress: &dyn Progress, outputs: &[usize]) {
+    async fn report(&self, progress: &dyn ResultSink, outputs: &[usize]) {
         for &o in outputs {
             if let (Some(step), Some(value)) = (&self.steps[o], &self.results[o]) {
                 progress.report(&step.name, value).await;

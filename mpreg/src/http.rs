@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::metrics::{BUCKETS, Exposition, FunctionSnapshot, bucket_bound};
-use crate::node::NodeState;
+use crate::node::RunningNode;
 
 /// The largest request head read, in bytes; a longer one gets `431`.
 pub(crate) const MAX_HEAD: usize = 16 << 10;
@@ -268,7 +268,7 @@ fn route(head: &Result<Head, Status>, site: &dyn Site) -> Response {
     }
 }
 
-impl Site for NodeState {
+impl Site for RunningNode {
     fn stopping(&self) -> bool {
         self.is_stopping()
     }
@@ -350,7 +350,7 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// Answers one plain HTTP request and closes the connection. The caller
 /// bounds the time it may take.
-pub(crate) async fn answer<S>(mut stream: S, head: Result<Head, Status>, state: &NodeState)
+pub(crate) async fn answer<S>(mut stream: S, head: Result<Head, Status>, state: &RunningNode)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, RpcError};
 use crate::payload::Payload;
-use crate::protocol::WireCommand;
+use crate::protocol::ParsedCommand;
 
 /// An argument after planning. On peer links it travels as `{"ref": 3}`
 /// or `{"value": ..}`, so a value is never re-read as a reference.
@@ -77,7 +77,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// Validates and plans `commands`: names unique, at least one command, at
     /// most `max_commands`, no cycle.
-    pub(crate) fn new(commands: Vec<WireCommand>, max_commands: usize) -> Result<Self, RpcError> {
+    pub(crate) fn new(commands: Vec<ParsedCommand>, max_commands: usize) -> Result<Self, RpcError> {
         if commands.is_empty() {
             return Err(RpcError::bad_request("request has no commands"));
         }
@@ -210,9 +210,9 @@ const FEW_COMMANDS: usize = 8;
 /// string equal to *another* command's name (a command's own name is a
 /// plain value: there is no result to substitute yet). Fails when two
 /// commands share a name.
-fn references(commands: &[WireCommand]) -> Result<Vec<(usize, usize, usize)>, RpcError> {
+fn references(commands: &[ParsedCommand]) -> Result<Vec<(usize, usize, usize)>, RpcError> {
     let n = commands.len();
-    let duplicate = |c: &WireCommand| {
+    let duplicate = |c: &ParsedCommand| {
         Err(RpcError::new(
             ErrorCode::DuplicateName,
             format!("more than one command is named '{}'", c.name),

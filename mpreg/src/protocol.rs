@@ -266,7 +266,7 @@ pub(crate) struct OutgoingRequest<'a> {
 /// A command as the executor takes it: arguments may still be the raw JSON
 /// text they arrived as (see [`Payload`]).
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct WireCommand {
+pub(crate) struct ParsedCommand {
     pub(crate) name: String,
     pub(crate) fun: String,
     pub(crate) args: Vec<Payload>,
@@ -275,7 +275,7 @@ pub(crate) struct WireCommand {
     pub(crate) locs: Vec<String>,
 }
 
-impl From<Command> for WireCommand {
+impl From<Command> for ParsedCommand {
     fn from(c: Command) -> Self {
         Self {
             name: c.name,
@@ -295,7 +295,7 @@ impl From<Command> for WireCommand {
 #[derive(Debug, PartialEq)]
 pub(crate) struct IncomingRequest {
     pub(crate) u: Value,
-    pub(crate) cmds: Vec<WireCommand>,
+    pub(crate) cmds: Vec<ParsedCommand>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) return_intermediate_results: bool,
     pub(crate) stream: bool,
@@ -319,7 +319,7 @@ impl IncomingRequest {
     pub(crate) fn new(u: Value, request: Request) -> Self {
         Self {
             u,
-            cmds: request.cmds.into_iter().map(WireCommand::from).collect(),
+            cmds: request.cmds.into_iter().map(ParsedCommand::from).collect(),
             timeout: request.timeout,
             return_intermediate_results: request.return_intermediate_results,
             stream: request.stream,

@@ -364,7 +364,7 @@ fn grouping_keeps_units_acyclic() {
 #[derive(Default)]
 struct Collect(Mutex<Vec<(String, Value)>>);
 
-impl Progress for Collect {
+impl ResultSink for Collect {
     fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()> {
         self.0.lock().expect("lock").push((
             name.to_owned(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
-use super::placer::Placer;
+use super::dispatcher::Dispatcher;
 use crate::cluster::Scope;
 use crate::context::Context;
 use crate::error::RpcError;
@@ -20,22 +20,22 @@ use crate::registry::Args;
 
 /// Runs a job on this node: one step directly, several through the executor.
 pub(crate) fn run_local(
-    placer: &Placer,
+    dispatcher: &Dispatcher,
     mut job: Job,
 ) -> BoxFuture<'static, Result<Vec<Payload>, RpcError>> {
     if job.steps.len() != 1 {
-        let placer = Placer {
+        let dispatcher = Dispatcher {
             scope: Scope::Here,
-            ..placer.clone()
+            ..dispatcher.clone()
         };
         return Box::pin(async move {
             let plan = Plan::from_steps(job.steps)?;
-            let out = execute(plan, &placer, Wanted::These(job.outputs)).await?;
+            let out = execute(plan, &dispatcher, Wanted::These(job.outputs)).await?;
             Ok(out.into_iter().map(|(_, v)| v).collect())
         });
     }
-    let state = placer.state.clone();
-    let budget = placer.budget.clone();
+    let state = dispatcher.state.clone();
+    let budget = dispatcher.budget.clone();
     let step = job.steps.remove(0);
     let (handler, metrics) = match state.registry().lookup(&step.fun, &step.locs) {
         Ok(f) => (f.handler.clone(), f.metrics.clone()),
@@ -47,8 +47,8 @@ pub(crate) fn run_local(
     let context = Context {
         state: state.clone(),
         datasets: step.locs,
-        deadline: placer.deadline,
-        request_id: placer.trace.clone(),
+        deadline: dispatcher.deadline,
+        request_id: dispatcher.trace.clone(),
     };
     let args = match read_args(step.args, step.kwargs) {
         Ok(args) => args.with_context(context),

@@ -1,26 +1,26 @@
 //! [`Node`], its builder and its running handle; the running node:
 //!
 //! - `state`: what every connection, link and job of a node reaches
-//!   (`NodeState`);
+//!   (`RunningNode`);
 //! - `request`: how it answers a client's request;
 //! - `local`: running a job here;
-//! - `placer` and `peering`: the node's side of the cluster, placing jobs
+//! - `dispatcher` and `peering`: the node's side of the cluster, placing jobs
 //!   and running the links' and membership's IO over the cluster's state
 //!   ([`crate::cluster`], which knows nothing of the node).
 
+mod dispatcher;
 mod local;
 mod peering;
-mod placer;
 mod request;
 mod state;
 
 pub(crate) use self::local::{far_enough, run_local};
 pub(crate) use self::request::{handle_frame, send};
-pub(crate) use self::state::NodeState;
+pub(crate) use self::state::RunningNode;
 use self::state::{membership_config, new_generation, unguarded};
 
+pub(crate) use self::dispatcher::{DESCRIBE, describe_functions};
 pub(crate) use self::peering::accept;
-pub(crate) use self::placer::{DESCRIBE, describe_functions};
 
 use std::any::Any;
 use std::collections::BTreeSet;
@@ -400,8 +400,8 @@ impl NodeBuilder {
             config.max_unauthenticated_connections,
             config.max_unauthenticated_per_address,
         );
-        let state = Arc::new(NodeState {
-            dialing: placer::Dials::default(),
+        let state = Arc::new(RunningNode {
+            dialing: dispatcher::Dials::default(),
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
             tls,
@@ -558,7 +558,7 @@ pub struct NodeHandle {
     tracker: TaskTracker,
     /// The accept loop, when the node listens.
     server: Option<tokio::task::JoinHandle<()>>,
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
 }
 
 impl NodeHandle {

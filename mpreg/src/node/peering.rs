@@ -4,8 +4,8 @@
 //! parent module; the cores it drives (`handshake.rs`, `routes.rs`,
 //! `card.rs`, `view.rs`) do no IO.
 
-use super::NodeState;
-use super::placer::Served;
+use super::RunningNode;
+use super::dispatcher::Served;
 use crate::cluster::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -171,7 +171,7 @@ where
 }
 
 /// Our hello to a peer.
-fn hello(state: &NodeState) -> Hello {
+fn hello(state: &RunningNode) -> Hello {
     Hello {
         protocol: PEER_PROTOCOL,
         name: state.name.clone(),
@@ -184,7 +184,7 @@ fn hello(state: &NodeState) -> Hello {
 /// Runs a link whose hellos were exchanged: registers the peer, reads until
 /// the link closes, then forgets the peer.
 async fn run_link<Si, St>(
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     sink: Si,
     source: St,
     theirs: Hello,
@@ -278,7 +278,7 @@ async fn run_link<Si, St>(
 
 /// Forgets a peer when its link ends.
 struct Unlink {
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     key: PeerKey,
     link: Link,
     leaf: bool,
@@ -299,7 +299,7 @@ impl Drop for Unlink {
 
 /// Logs, counts and answers a failed opening (`side`: "dialed" or
 /// "accepted").
-async fn failed_opening<Si>(state: &NodeState, sink: &mut Si, error: &OpenError, side: &str)
+async fn failed_opening<Si>(state: &RunningNode, sink: &mut Si, error: &OpenError, side: &str)
 where
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
@@ -329,7 +329,7 @@ where
 /// then is the connection's read `allowance` lifted (at once without a
 /// secret).
 pub(crate) async fn accept<Si, St>(
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     mut sink: Si,
     mut source: St,
     opening: Opening,
@@ -393,7 +393,7 @@ pub(crate) async fn accept<Si, St>(
 /// registered. A link not registered (another link to that node is kept)
 /// is an error.
 pub(super) async fn dial(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     url: &str,
 ) -> Result<(Option<SocketAddr>, Link), String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -465,7 +465,7 @@ pub(super) async fn dial(
 /// every member's card; links open when commands need them); a leaf, which
 /// is no member, keeps a link to the peer itself. Retries after a jittered, growing delay; ends
 /// with the node.
-pub(crate) async fn keep_linked(state: Arc<NodeState>, url: String) {
+pub(crate) async fn keep_linked(state: Arc<RunningNode>, url: String) {
     let mut delay = BACKOFF_START;
     let mut addr = url_addr(&url);
     // Announcing is one cheap UDP packet: retry it sooner than a dial.
@@ -543,7 +543,7 @@ const REBUILD_SHARE: u32 = 20;
 /// their links. Events that arrive together are taken together, and
 /// routing is rebuilt once for them.
 pub(crate) async fn follow_membership(
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     mut events: mpsc::Receiver<MemberEvent>,
 ) {
     let mut next_rebuild = Instant::now();
@@ -572,7 +572,7 @@ pub(crate) async fn follow_membership(
 }
 
 /// Applies one membership event; returns whether routing changed.
-fn follow(state: &NodeState, event: MemberEvent) -> bool {
+fn follow(state: &RunningNode, event: MemberEvent) -> bool {
     tracing::debug!(node = %state.name, ?event, "membership");
     match event {
         // Routing waits for the card.

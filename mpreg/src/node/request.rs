@@ -10,15 +10,15 @@ use serde_json::{Value, json};
 use tokio::time::error::Elapsed;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
-use super::NodeState;
+use super::RunningNode;
+use super::dispatcher::Dispatcher;
 use super::local::far_enough;
-use super::placer::Placer;
 use crate::budget::ResultBudget;
 use crate::client::Results;
 use crate::cluster::Scope;
 use crate::error::{Error, ErrorCode, RpcError};
 use crate::exec::{
-    Progress, RunResults, Wanted, execute_one, execute_timed, execute_with_progress,
+    ResultSink, RunResults, Wanted, execute_one, execute_timed, execute_with_progress,
 };
 use crate::payload::Payload;
 use crate::plan::Plan;
@@ -33,7 +33,7 @@ use crate::protocol::{
 /// reply budget (see [`crate::protocol::reply_limit`]), which the request
 /// carries as its [`reply_budget`](IncomingRequest::reply_budget).
 pub(crate) async fn handle_frame(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     frame: Bytes,
     outgoing: &crate::ws::Outgoing,
     reply_limit: usize,
@@ -74,7 +74,7 @@ pub(crate) async fn handle_frame(
 /// Runs `request` (with id `u`) through this node, in process (without
 /// streaming: `stream` is ignored).
 pub(crate) async fn send(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     u: Value,
     request: Request,
 ) -> Result<Results, Error> {
@@ -92,7 +92,7 @@ struct ToConnection<'a> {
     outgoing: &'a crate::ws::Outgoing,
 }
 
-impl Progress for ToConnection<'_> {
+impl ResultSink for ToConnection<'_> {
     fn report<'a>(&'a self, name: &'a str, value: &'a Payload) -> BoxFuture<'a, ()> {
         let text = ProgressMessage::new(self.u, name, value).encode();
         Box::pin(async move {
@@ -112,7 +112,7 @@ impl Progress for ToConnection<'_> {
 /// several commands, and streaming ones, run the executor on a future of
 /// their own.
 pub(crate) fn handle<'a>(
-    state: &'a Arc<NodeState>,
+    state: &'a Arc<RunningNode>,
     incoming: IncomingRequest,
     progress_to: Option<&'a crate::ws::Outgoing>,
 ) -> impl Future<Output = Answer> + Send + 'a {
@@ -134,12 +134,13 @@ pub(crate) fn handle<'a>(
         let run = run_request(state, to, plan, shape, deadline, reply_budget, progress_to);
         return Either::Right(Either::Right(Box::pin(run)));
     }
-    let (placer, span) = placer_for(state, &to.u, deadline, reply_budget);
+    let (dispatcher, span) = dispatcher_for(state, &to.u, deadline, reply_budget);
     let call = {
         let _in_span = span.enter();
-        execute_one(plan, &placer)
+        execute_one(plan, &dispatcher)
     };
-    let run = tracing::Instrument::instrument(tokio::time::timeout_at(placer.deadline, call), span);
+    let run =
+        tracing::Instrument::instrument(tokio::time::timeout_at(dispatcher.deadline, call), span);
     // A combinator, not an async block: awaiting a captured future would
     // keep room for it twice.
     let reply = move |outcome: Result<RunResults, Elapsed>| {
@@ -160,33 +161,33 @@ enum Ran {
     Reported(Vec<(String, Payload)>, Report),
 }
 
-/// The placer of a client request with id `u`, and its span.
-fn placer_for(
-    state: &Arc<NodeState>,
+/// The dispatcher of a client request with id `u`, and its span.
+fn dispatcher_for(
+    state: &Arc<RunningNode>,
     u: &Value,
     deadline: Duration,
     reply_budget: usize,
-) -> (Placer, tracing::Span) {
+) -> (Dispatcher, tracing::Span) {
     let trace: Arc<str> = match u {
         Value::String(s) => s.as_str().into(),
         other => other.to_string().into(),
     };
     let span = tracing::debug_span!("request", node = %state.name, id = %trace);
-    let placer = Placer {
+    let dispatcher = Dispatcher {
         state: state.clone(),
         scope: Scope::Cluster,
         deadline: far_enough(deadline),
         trace,
         budget: ResultBudget::new(reply_budget, state.inflight_bytes.clone()),
     };
-    (placer, span)
+    (dispatcher, span)
 }
 
 /// [`handle`] for any plan: through the executor, with progress messages
 /// to `progress_to` when given, and timed when `shape` asks for the later
 /// client's levels or summary.
 async fn run_request(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     to: ReplyTo,
     plan: Plan,
     shape: ReplyShape,
@@ -194,22 +195,22 @@ async fn run_request(
     reply_budget: usize,
     progress_to: Option<&crate::ws::Outgoing>,
 ) -> Answer {
-    let (placer, span) = placer_for(state, &to.u, deadline, reply_budget);
+    let (dispatcher, span) = dispatcher_for(state, &to.u, deadline, reply_budget);
     let progress = progress_to.map(|outgoing| ToConnection { u: &to.u, outgoing });
-    let progress = progress.as_ref().map(|p| p as &dyn Progress);
+    let progress = progress.as_ref().map(|p| p as &dyn ResultSink);
     let wanted = if shape.all {
         Wanted::All
     } else {
         Wanted::Sinks
     };
-    // Either way, the deadline is the placer's (one clock read).
+    // Either way, the deadline is the dispatcher's (one clock read).
     let outcome = if shape.timed() {
         let depths = plan.depths();
         let started = std::time::SystemTime::now();
         let clock = tokio::time::Instant::now();
         let run = tokio::time::timeout_at(
-            placer.deadline,
-            execute_timed(plan, &placer, wanted, progress),
+            dispatcher.deadline,
+            execute_timed(plan, &dispatcher, wanted, progress),
         );
         let outcome = tracing::Instrument::instrument(run, span).await;
         outcome.map(|ran| {
@@ -226,8 +227,8 @@ async fn run_request(
         })
     } else {
         let run = tokio::time::timeout_at(
-            placer.deadline,
-            execute_with_progress(plan, &placer, wanted, progress),
+            dispatcher.deadline,
+            execute_with_progress(plan, &dispatcher, wanted, progress),
         );
         let outcome = tracing::Instrument::instrument(run, span).await;
         outcome.map(|ran| ran.map(Ran::Results))
@@ -237,7 +238,7 @@ async fn run_request(
 
 /// The answer to request `to` from how its run ended.
 fn reply_of(
-    state: &NodeState,
+    state: &RunningNode,
     to: ReplyTo,
     deadline: Duration,
     outcome: Result<Result<Ran, RpcError>, Elapsed>,

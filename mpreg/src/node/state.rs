@@ -22,7 +22,7 @@ use crate::registry::Registry;
 
 /// What every connection of a node shares.
 #[derive(Debug)]
-pub(crate) struct NodeState {
+pub(crate) struct RunningNode {
     pub(crate) name: String,
     pub(crate) config: Config,
     /// The functions served here; replaced as a whole when they change.
@@ -40,8 +40,8 @@ pub(crate) struct NodeState {
     pub(super) local_load: AtomicUsize,
     /// Cancelled when the node is killed: nothing drains, nothing waits.
     pub(crate) killed: CancellationToken,
-    /// Links to members being opened (see [`super::placer::Dials`]).
-    pub(crate) dialing: super::placer::Dials,
+    /// Links to members being opened (see [`super::dispatcher::Dials`]).
+    pub(crate) dialing: super::dispatcher::Dials,
     /// Peers must prove they know it (when set).
     pub(crate) secret: Option<Secret>,
     /// Clients must present one (when any are set).
@@ -65,7 +65,7 @@ pub(crate) struct NodeState {
     pub(crate) unauthenticated: Arc<Unauthenticated>,
 }
 
-impl NodeState {
+impl RunningNode {
     /// The functions served here (a snapshot).
     pub(crate) fn registry(&self) -> Arc<Registry> {
         self.registry

@@ -13,7 +13,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Dialect, IncomingRequest, MARKER_FIELD, WireCommand};
+use super::{Dialect, IncomingRequest, MARKER_FIELD, ParsedCommand};
 use crate::payload::{Payload, checked_raw};
 
 /// The deepest nesting of an argument (or an unknown field) read here.
@@ -72,7 +72,7 @@ struct Envelope {
     role: Option<Value>,
     rpc: Option<Box<Envelope>>,
     u: Option<Value>,
-    cmds: Option<Vec<WireCommand>>,
+    cmds: Option<Vec<ParsedCommand>>,
     timeout_ms: Option<Value>,
     return_intermediate_results: Option<Value>,
     stream: Option<Value>,
@@ -205,7 +205,7 @@ impl<'de> Visitor<'de> for EnvelopeSeed {
 struct CommandsSeed;
 
 impl<'de> DeserializeSeed<'de> for CommandsSeed {
-    type Value = Vec<WireCommand>;
+    type Value = Vec<ParsedCommand>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
@@ -213,7 +213,7 @@ impl<'de> DeserializeSeed<'de> for CommandsSeed {
 }
 
 impl<'de> Visitor<'de> for CommandsSeed {
-    type Value = Vec<WireCommand>;
+    type Value = Vec<ParsedCommand>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an array of commands")
@@ -231,22 +231,22 @@ impl<'de> Visitor<'de> for CommandsSeed {
 struct CommandSeed;
 
 impl<'de> DeserializeSeed<'de> for CommandSeed {
-    type Value = WireCommand;
+    type Value = ParsedCommand;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<WireCommand, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<ParsedCommand, D::Error> {
         // Objects only (a derived struct would also read an array).
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for CommandSeed {
-    type Value = WireCommand;
+    type Value = ParsedCommand;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a command object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WireCommand, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ParsedCommand, A::Error> {
         let mut name: Option<String> = None;
         let mut fun: Option<String> = None;
         let mut args: Option<Vec<Payload>> = None;
@@ -272,7 +272,7 @@ impl<'de> Visitor<'de> for CommandSeed {
                 _ => skip(&mut map)?,
             }
         }
-        Ok(WireCommand {
+        Ok(ParsedCommand {
             name: name.ok_or_else(|| de::Error::missing_field("name"))?,
             fun: fun.ok_or_else(|| de::Error::missing_field("fun"))?,
             args: args.unwrap_or_default(),

@@ -6,7 +6,7 @@ use crate::budget::{Allowance, Metered, Pending, Refusal};
 use crate::config::PRE_AUTH_BYTES;
 use crate::http::Peeked;
 use crate::metrics::Refused;
-use crate::node::NodeState;
+use crate::node::RunningNode;
 use crate::ws::{self};
 use serde::Deserialize;
 use serde_json::Value;
@@ -39,7 +39,7 @@ pub(super) fn request_tokens(request: &Request) -> impl Iterator<Item = &str> {
 /// Whether an upgrade request presents a valid client token, in a header
 /// or in the query (whichever is present: another `Authorization` scheme
 /// beside a valid `?token=` is fine).
-pub(super) fn token_ok(state: &NodeState, request: &Request) -> bool {
+pub(super) fn token_ok(state: &RunningNode, request: &Request) -> bool {
     state.tokens.required() && request_tokens(request).any(|t| state.tokens.accepts(t))
 }
 
@@ -77,7 +77,7 @@ pub(super) fn auth_token(message: &Message) -> Result<String, ReplyTo> {
 pub(super) async fn open(
     stream: TcpStream,
     address: IpAddr,
-    state: &NodeState,
+    state: &RunningNode,
 ) -> Result<Opened, WsError> {
     // Counted from the start: connections still in TLS or sending their
     // head count too.
@@ -132,7 +132,7 @@ pub(super) async fn open(
 /// connection's count and whether its upgrade carried a valid token.
 #[allow(clippy::result_large_err)]
 pub(super) fn admit(
-    state: &NodeState,
+    state: &RunningNode,
     request: &Request,
     address: IpAddr,
     admitted: Result<Pending, Refusal>,

@@ -47,7 +47,7 @@ use crate::config::PRE_AUTH_BYTES;
 use crate::error::{ErrorCode, RpcError};
 use crate::http::Rewind;
 use crate::metrics::Refused;
-use crate::node::NodeState;
+use crate::node::RunningNode;
 use crate::protocol::{Answer, ReplyTo};
 use crate::ws::{self, Outgoing};
 
@@ -81,7 +81,7 @@ const SLOW_READER_REASON: &str = "slow reader";
 /// stopped.
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -157,7 +157,7 @@ enum Opened {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     shutdown: CancellationToken,
 ) {
     // One deadline for the whole opening and the first message.
@@ -251,7 +251,7 @@ impl Drop for Writer {
 }
 
 /// Starts the writer of a client connection.
-fn client_writer<Si>(state: &NodeState, sink: Si) -> (Outgoing, Writer)
+fn client_writer<Si>(state: &RunningNode, sink: Si) -> (Outgoing, Writer)
 where
     Si: Sink<Message, Error = WsError> + Unpin + Send + 'static,
 {
@@ -266,7 +266,7 @@ where
 /// link from a client; a client then authenticates and sends requests.
 async fn websocket(
     upgraded: Upgraded,
-    state: Arc<NodeState>,
+    state: Arc<RunningNode>,
     shutdown: CancellationToken,
     deadline: Instant,
 ) {
@@ -367,7 +367,7 @@ async fn websocket(
 /// Answers request `to` with `unauthorized` (`why`) and closes the
 /// connection.
 async fn refuse(
-    state: &NodeState,
+    state: &RunningNode,
     outgoing: Outgoing,
     writer: Writer,
     to: ReplyTo,

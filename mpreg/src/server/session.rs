@@ -3,7 +3,7 @@
 
 use crate::error::{ErrorCode, RpcError};
 use crate::metrics::Refused;
-use crate::node::NodeState;
+use crate::node::RunningNode;
 use crate::protocol::Answer;
 use crate::ws::{Ending, Outgoing};
 use futures_util::{Stream, StreamExt};
@@ -40,7 +40,7 @@ pub(super) enum Stop {
 
 /// The requests of one client connection.
 pub(super) struct Session<'a> {
-    pub(super) state: &'a Arc<NodeState>,
+    pub(super) state: &'a Arc<RunningNode>,
     pub(super) outgoing: &'a Outgoing,
     pub(super) inflight: Arc<Semaphore>,
     pub(super) requests: JoinSet<()>,
@@ -162,7 +162,7 @@ impl Pings {
 /// closes, the node shuts down, the connection stays idle, or its writing
 /// ends; returns why, with the requests still running.
 pub(super) async fn serve_requests<St>(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     source: &mut St,
     mut first: Option<Message>,
     mut pings: Pings,
@@ -266,7 +266,7 @@ where
 /// close frame goes and the writer gets a little time to write what is
 /// queued.
 pub(super) async fn finish(
-    state: &NodeState,
+    state: &RunningNode,
     stop: Stop,
     mut requests: JoinSet<()>,
     outgoing: Outgoing,

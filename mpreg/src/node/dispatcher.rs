@@ -1,10 +1,10 @@
 //! Where the commands of a request (or of a job a peer sent) run, and
-//! running them there: the [`Placer`] the executor dispatches through,
+//! running them there: the [`Dispatcher`] the executor dispatches through,
 //! jobs sent to peers (over a link opened on demand, retried once elsewhere
 //! when idempotent), jobs peers send here, and `mpreg.functions`.
 
 use super::peering::dial;
-use super::{NodeState, run_local};
+use super::{RunningNode, run_local};
 use crate::cluster::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +37,7 @@ pub(crate) type Dials = std::sync::Mutex<HashMap<SocketAddr, Dialing>>;
 /// one node that runs it (`mpreg.describe`, over a link), at most
 /// [`DESCRIBE_AT_ONCE`] nodes asked at once; a node that cannot answer
 /// leaves its functions undescribed.
-pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
+pub(crate) async fn describe_functions(state: &Arc<RunningNode>) -> Value {
     let registry = state.registry();
     let places = state.cluster.places(&state.own(&registry));
     let (mut by_fun, mut described) = function_table(&places);
@@ -51,7 +51,7 @@ pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
             ask.entry(*key).or_default().push(a.fun.clone());
         }
     }
-    let placer = Placer {
+    let dispatcher = Dispatcher {
         state: state.clone(),
         scope: Scope::Cluster,
         deadline: Instant::now() + DESCRIBE_TIMEOUT,
@@ -60,7 +60,7 @@ pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
     };
     let answers = futures_util::stream::iter(ask)
         .map(|(key, names)| {
-            let placer = placer.clone();
+            let dispatcher = dispatcher.clone();
             async move {
                 let step = Step {
                     name: "describe".to_owned(),
@@ -74,7 +74,7 @@ pub(crate) async fn describe_functions(state: &Arc<NodeState>) -> Value {
                     steps: vec![step],
                     outputs: vec![0],
                 };
-                attempt(&placer, key, &job).await
+                attempt(&dispatcher, key, &job).await
             }
         })
         .buffer_unordered(DESCRIBE_AT_ONCE)
@@ -111,8 +111,8 @@ const DESCRIBE_AT_ONCE: usize = 16;
 /// Places and runs the commands of one request (or of one job a peer
 /// sent), within its deadline.
 #[derive(Debug, Clone)]
-pub(crate) struct Placer {
-    pub(crate) state: Arc<NodeState>,
+pub(crate) struct Dispatcher {
+    pub(crate) state: Arc<RunningNode>,
     pub(crate) scope: Scope,
     pub(crate) deadline: Instant,
     /// The request's id, carried to peers so one request can be followed
@@ -122,7 +122,7 @@ pub(crate) struct Placer {
     pub(crate) budget: Arc<ResultBudget>,
 }
 
-impl Dispatch for Placer {
+impl Dispatch for Dispatcher {
     type Target = Target;
 
     fn place(&self, step: &Step) -> Result<Target, RpcError> {
@@ -151,11 +151,15 @@ impl Dispatch for Placer {
 
 /// Runs a job on a peer. If the peer is lost and every function of the
 /// job is idempotent, runs it once more elsewhere.
-async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payload>, RpcError> {
-    let cluster = &placer.state.cluster;
+async fn run_remote(
+    dispatcher: Dispatcher,
+    key: PeerKey,
+    job: Job,
+) -> Result<Vec<Payload>, RpcError> {
+    let cluster = &dispatcher.state.cluster;
     // The job is encoded from a borrow, so it is still here for a retry.
     let retry = cluster.idempotent(&job);
-    let first = attempt(&placer, key, &job).await;
+    let first = attempt(&dispatcher, key, &job).await;
     let Err(e) = &first else {
         return first;
     };
@@ -167,10 +171,10 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payloa
     for step in &job.steps {
         let here = cluster
             .candidates(
-                placer.state.local_load(),
+                dispatcher.state.local_load(),
                 &step.fun,
                 &step.locs,
-                placer.scope,
+                dispatcher.scope,
                 Some(Target::Peer(key)),
             )
             .unwrap_or_default();
@@ -189,38 +193,46 @@ async fn run_remote(placer: Placer, key: PeerKey, job: Job) -> Result<Vec<Payloa
     tracing::debug!(error = %e, "retrying an idempotent job on another node");
     let target = options[pick].target;
     match target {
-        Target::Local => run_local(&placer, job).await,
+        Target::Local => run_local(&dispatcher, job).await,
         // Boxed: a retry is rare, and its state would otherwise double
         // that of every forwarded job.
-        Target::Peer(other) => Box::pin(attempt(&placer, other, &job)).await,
+        Target::Peer(other) => Box::pin(attempt(&dispatcher, other, &job)).await,
     }
 }
 
-async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload>, RpcError> {
+async fn attempt(
+    dispatcher: &Dispatcher,
+    key: PeerKey,
+    job: &Job,
+) -> Result<Vec<Payload>, RpcError> {
     // A link that starts closing for being idle just as the job would go
     // takes no job (nothing was sent): a fresh link to the node does.
     for _ in 0..3 {
-        let link = match placer.state.cluster.link(key) {
+        let link = match dispatcher.state.cluster.link(key) {
             Some(link) => link,
-            None => connect(&placer.state, key, placer.deadline).await?,
+            None => connect(&dispatcher.state, key, dispatcher.deadline).await?,
         };
         let Some(slot) = link.reserve() else {
             continue;
         };
-        let left = placer.deadline.saturating_duration_since(Instant::now());
+        let left = dispatcher
+            .deadline
+            .saturating_duration_since(Instant::now());
         let limits = JobLimits {
-            max_message: placer.state.config.max_message_size,
+            max_message: dispatcher.state.config.max_message_size,
             // What the job's results may add to what the request holds.
-            budget: placer.budget.left(),
+            budget: dispatcher.budget.left(),
         };
-        let values = link.run_job(slot, job, left, &placer.trace, limits).await?;
+        let values = link
+            .run_job(slot, job, left, &dispatcher.trace, limits)
+            .await?;
         // The peer kept within `budget`; other parts of the request may
         // have taken some of it meanwhile.
         return values
             .into_iter()
             .map(|v| {
                 let bytes = v.json_len();
-                Payload::held(v, bytes, &placer.budget)
+                Payload::held(v, bytes, &dispatcher.budget)
             })
             .collect();
     }
@@ -233,7 +245,7 @@ async fn attempt(placer: &Placer, key: PeerKey, job: &Job) -> Result<Vec<Payload
 /// Opens a link to the member `key` (or waits for the dial another call
 /// started), within `deadline`: links open when a command must go there.
 async fn connect(
-    state: &Arc<NodeState>,
+    state: &Arc<RunningNode>,
     key: PeerKey,
     deadline: Instant,
 ) -> Result<Link, RpcError> {
@@ -278,7 +290,7 @@ async fn connect(
 
 /// Serves a peer's messages for this node.
 pub(super) struct Served {
-    pub(super) state: Arc<NodeState>,
+    pub(super) state: Arc<RunningNode>,
     pub(super) key: PeerKey,
 }
 
@@ -298,7 +310,7 @@ impl LinkHandler for Served {
             .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX))
             .min(config.reply_budget())
             .min(config.max_message_size);
-        let placer = Placer {
+        let dispatcher = Dispatcher {
             state: self.state.clone(),
             scope: Scope::Here,
             deadline: crate::node::far_enough(timeout),
@@ -314,7 +326,7 @@ impl LinkHandler for Served {
                     )));
                 }
                 let plan = Plan::from_steps(job.steps)?;
-                let run = execute(plan, &placer, Wanted::These(job.outputs));
+                let run = execute(plan, &dispatcher, Wanted::These(job.outputs));
                 match tokio::time::timeout(timeout, run).await {
                     Ok(out) => Ok(out?.into_iter().map(|(_, v)| v).collect()),
                     Err(_) => Err(RpcError::new(
