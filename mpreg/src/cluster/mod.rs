@@ -148,6 +148,56 @@ impl Peer {
     }
 }
 
+/// Peers with a link, by key, and the key of the one at each address (at
+/// most one peer per address: [`Cluster::register`] replaces or refuses a
+/// second), so a forwarded call finds its link without a scan.
+#[derive(Debug, Default)]
+pub(crate) struct Peers {
+    by_key: HashMap<PeerKey, Peer>,
+    by_addr: HashMap<SocketAddr, PeerKey>,
+}
+
+impl Peers {
+    fn insert(&mut self, key: PeerKey, peer: Peer) {
+        if let Some(addr) = peer.addr {
+            self.by_addr.insert(addr, key);
+        }
+        self.by_key.insert(key, peer);
+    }
+
+    fn remove(&mut self, key: &PeerKey) -> Option<Peer> {
+        let peer = self.by_key.remove(key)?;
+        if let Some(addr) = peer.addr
+            && self.by_addr.get(&addr) == Some(key)
+        {
+            self.by_addr.remove(&addr);
+        }
+        Some(peer)
+    }
+
+    fn get_mut(&mut self, key: &PeerKey) -> Option<&mut Peer> {
+        self.by_key.get_mut(key)
+    }
+
+    /// The key of the peer at `addr`.
+    fn key_at(&self, addr: SocketAddr) -> Option<PeerKey> {
+        self.by_addr.get(&addr).copied()
+    }
+
+    /// The peer at `addr`.
+    fn at(&self, addr: SocketAddr) -> Option<&Peer> {
+        self.by_key.get(self.by_addr.get(&addr)?)
+    }
+}
+
+impl std::ops::Deref for Peers {
+    type Target = HashMap<PeerKey, Peer>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_key
+    }
+}
+
 /// The cluster state of one node.
 ///
 /// Its locks are never held across an await, and are taken in this order
@@ -157,7 +207,7 @@ pub(crate) struct Cluster {
     /// Members, from their cards.
     members: RwLock<Members>,
     /// Peers with a link (members this node talks to now, and leaves).
-    peers: RwLock<HashMap<PeerKey, Peer>>,
+    peers: RwLock<Peers>,
     routes: RwLock<Arc<Routes<Target>>>,
     /// Names and dataset sets shared by members' offers and routes.
     interner: std::sync::Mutex<Interner>,
@@ -179,7 +229,7 @@ impl Default for Cluster {
     fn default() -> Self {
         Self {
             members: RwLock::new(Members::default()),
-            peers: RwLock::new(HashMap::new()),
+            peers: RwLock::new(Peers::default()),
             routes: RwLock::new(Arc::new(Routes::default())),
             interner: std::sync::Mutex::new(Interner::default()),
             next_key: AtomicU64::new(1),
@@ -216,12 +266,12 @@ impl NotRegistered {
 }
 
 impl Cluster {
-    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PeerKey, Peer>> {
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, Peers> {
         // Never held across an await or a panic-prone call.
         self.peers.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PeerKey, Peer>> {
+    fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, Peers> {
         self.peers.write().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -246,10 +296,7 @@ impl Cluster {
         let member = self.read_members().by_key.get(&key).copied();
         let peers = self.read_peers();
         let link = match member {
-            Some(addr) => peers
-                .values()
-                .find(|p| p.addr == Some(addr) && p.link.is_usable())
-                .map(|p| &p.link),
+            Some(addr) => peers.at(addr).map(|p| &p.link),
             None => peers.get(&key).map(|p| &p.link),
         };
         link.filter(|l| l.is_usable()).cloned()
@@ -488,9 +535,9 @@ impl Cluster {
         let mut peers = self.write_peers();
         if let Some(addr) = hello.addr {
             let existing = peers
-                .iter()
-                .find(|(_, p)| p.addr == Some(addr))
-                .map(|(k, p)| (*k, p.generation, p.dialed, !p.link.is_usable()));
+                .key_at(addr)
+                .and_then(|k| peers.get(&k).map(|p| (k, p)))
+                .map(|(k, p)| (k, p.generation, p.dialed, !p.link.is_usable()));
             if let Some((key, generation, old_dialed, old_closed)) = existing {
                 if !proven && !old_closed {
                     // Anyone can claim any address without a secret: the
@@ -596,8 +643,8 @@ impl Cluster {
     /// Whether there is a live link to the node at `addr`.
     pub(crate) fn linked(&self, addr: SocketAddr) -> bool {
         self.read_peers()
-            .values()
-            .any(|p| p.addr == Some(addr) && !p.link.is_closed())
+            .at(addr)
+            .is_some_and(|p| !p.link.is_closed())
     }
 
     /// Every function in the cluster as this node knows it without asking
@@ -665,8 +712,8 @@ impl Cluster {
         let peers = self.read_peers();
         let link_to = |addr: SocketAddr| {
             peers
-                .values()
-                .find(|p| p.addr == Some(addr) && !p.link.is_closed())
+                .at(addr)
+                .filter(|p| !p.link.is_closed())
                 .map(|p| &p.link)
         };
         let mut others: Vec<NodeView> = members
@@ -773,6 +820,30 @@ mod tests {
 
     fn link() -> Link {
         Link::new("x".into(), mpsc::channel(1).0)
+    }
+
+    #[test]
+    fn peers_are_found_by_address_after_replacements_and_removals() {
+        let c = Cluster::default();
+        let addr: SocketAddr = "127.0.0.1:2000".parse().expect("addr");
+        let first = c
+            .register(None, hello("127.0.0.1:2000", 1), link(), true, true)
+            .expect("registered");
+        assert_eq!(c.read_peers().key_at(addr), Some(first));
+        assert!(c.linked(addr));
+        // The node restarted: its new link replaces the old one.
+        let second = c
+            .register(None, hello("127.0.0.1:2000", 2), link(), true, true)
+            .expect("replaces");
+        assert_ne!(first, second);
+        assert_eq!(c.read_peers().key_at(addr), Some(second));
+        assert_eq!(c.read_peers().len(), 1);
+        // Removing the replaced key leaves the index alone.
+        assert!(c.remove(first).is_none());
+        assert_eq!(c.read_peers().key_at(addr), Some(second));
+        assert!(c.remove(second).is_some());
+        assert_eq!(c.read_peers().key_at(addr), None);
+        assert!(!c.linked(addr));
     }
 
     #[test]
