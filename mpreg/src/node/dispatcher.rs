@@ -5,7 +5,7 @@
 
 use super::peering::dial;
 use super::{RunningNode, run_local};
-use crate::cluster::*;
+use crate::cluster::{PeerKey, Scope, Target, function_table};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};

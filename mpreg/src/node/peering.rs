@@ -6,7 +6,7 @@
 
 use super::RunningNode;
 use super::dispatcher::Served;
-use crate::cluster::*;
+use crate::cluster::{NotRegistered, PeerKey};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
