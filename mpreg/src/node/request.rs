@@ -130,9 +130,15 @@ pub(crate) fn handle<'a>(
         Err(e) => return Either::Left(std::future::ready(Answer::err(to, e))),
     };
     let progress_to = progress_to.filter(|_| request.stream);
-    if plan.steps.len() != 1 || progress_to.is_some() || shape.timed() {
+    // Each on a future of its own: the later client's timed run would
+    // make every multi-command request's future larger.
+    if shape.timed() {
+        let run = run_timed(state, to, plan, shape, deadline, reply_budget, progress_to);
+        return Either::Right(Either::Right(Box::pin(run) as BoxFuture<'a, Answer>));
+    }
+    if plan.steps.len() != 1 || progress_to.is_some() {
         let run = run_request(state, to, plan, shape, deadline, reply_budget, progress_to);
-        return Either::Right(Either::Right(Box::pin(run)));
+        return Either::Right(Either::Right(Box::pin(run) as BoxFuture<'a, Answer>));
     }
     let (dispatcher, span) = dispatcher_for(state, &to.u, deadline, reply_budget);
     let call = {
@@ -184,8 +190,7 @@ fn dispatcher_for(
 }
 
 /// [`handle`] for any plan: through the executor, with progress messages
-/// to `progress_to` when given, and timed when `shape` asks for the later
-/// client's levels or summary.
+/// to `progress_to` when given.
 async fn run_request(
     state: &Arc<RunningNode>,
     to: ReplyTo,
@@ -198,42 +203,64 @@ async fn run_request(
     let (dispatcher, span) = dispatcher_for(state, &to.u, deadline, reply_budget);
     let progress = progress_to.map(|outgoing| ToConnection { u: &to.u, outgoing });
     let progress = progress.as_ref().map(|p| p as &dyn ResultSink);
-    let wanted = if shape.all {
+    let run = tokio::time::timeout_at(
+        dispatcher.deadline,
+        execute_with_progress(plan, &dispatcher, wanted(shape), progress),
+    );
+    let outcome = tracing::Instrument::instrument(run, span).await;
+    reply_of(
+        state,
+        to,
+        deadline,
+        outcome.map(|ran| ran.map(Ran::Results)),
+    )
+}
+
+/// [`run_request`] for the later client's levels or execution summary:
+/// timed, and answered with a report (see [`crate::protocol::later`]).
+async fn run_timed(
+    state: &Arc<RunningNode>,
+    to: ReplyTo,
+    plan: Plan,
+    shape: ReplyShape,
+    deadline: Duration,
+    reply_budget: usize,
+    progress_to: Option<&crate::ws::Outgoing>,
+) -> Answer {
+    let (dispatcher, span) = dispatcher_for(state, &to.u, deadline, reply_budget);
+    let progress = progress_to.map(|outgoing| ToConnection { u: &to.u, outgoing });
+    let progress = progress.as_ref().map(|p| p as &dyn ResultSink);
+    let depths = plan.depths();
+    let started = std::time::SystemTime::now();
+    let clock = tokio::time::Instant::now();
+    // The deadline is the dispatcher's (one clock read).
+    let run = tokio::time::timeout_at(
+        dispatcher.deadline,
+        execute_timed(plan, &dispatcher, wanted(shape), progress),
+    );
+    let outcome = tracing::Instrument::instrument(run, span).await;
+    let outcome = outcome.map(|ran| {
+        ran.map(|(mut results, done)| {
+            let timing = Timing {
+                depths,
+                done,
+                total: clock.elapsed(),
+                started,
+            };
+            let report = Report::new(&to.u, &mut results, &timing, shape.levels, shape.summary);
+            Ran::Reported(results, report)
+        })
+    });
+    reply_of(state, to, deadline, outcome)
+}
+
+/// The results a request of `shape` wants: every command's, or the sinks'.
+fn wanted(shape: ReplyShape) -> Wanted {
+    if shape.all {
         Wanted::All
     } else {
         Wanted::Sinks
-    };
-    // Either way, the deadline is the dispatcher's (one clock read).
-    let outcome = if shape.timed() {
-        let depths = plan.depths();
-        let started = std::time::SystemTime::now();
-        let clock = tokio::time::Instant::now();
-        let run = tokio::time::timeout_at(
-            dispatcher.deadline,
-            execute_timed(plan, &dispatcher, wanted, progress),
-        );
-        let outcome = tracing::Instrument::instrument(run, span).await;
-        outcome.map(|ran| {
-            ran.map(|(mut results, done)| {
-                let timing = Timing {
-                    depths,
-                    done,
-                    total: clock.elapsed(),
-                    started,
-                };
-                let report = Report::new(&to.u, &mut results, &timing, shape.levels, shape.summary);
-                Ran::Reported(results, report)
-            })
-        })
-    } else {
-        let run = tokio::time::timeout_at(
-            dispatcher.deadline,
-            execute_with_progress(plan, &dispatcher, wanted, progress),
-        );
-        let outcome = tracing::Instrument::instrument(run, span).await;
-        outcome.map(|ran| ran.map(Ran::Results))
-    };
-    reply_of(state, to, deadline, outcome)
+    }
 }
 
 /// The answer to request `to` from how its run ended.
