@@ -534,14 +534,29 @@ async fn restarted_node_is_routable_again() {
         "{e:?}"
     );
 
-    // Same address, new generation.
-    let b = node("B")
-        .listen(b_addr.to_string())
-        .datasets(["model-a", "model-b"])
-        .peers([url(&a)])
-        .start()
-        .await
-        .expect("restart B");
+    // Same address, new generation. Another process may hold one of the
+    // address's ports for a moment (tests run in parallel and ports are
+    // handed out by the OS): then start again, a bounded number of times.
+    let mut restarted = None;
+    for _ in 0..100 {
+        let started = node("B")
+            .listen(b_addr.to_string())
+            .datasets(["model-a", "model-b"])
+            .peers([url(&a)])
+            .start()
+            .await;
+        match started {
+            Ok(b) => {
+                restarted = Some(b);
+                break;
+            }
+            Err(mpreg::Error::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("restart B: {e}"),
+        }
+    }
+    let b = restarted.expect("B's address stayed in use");
     converge(&a, &["A", "B", "C"]).await;
     converge(&c, &["A", "B", "C"]).await;
     assert_eq!(

@@ -606,10 +606,10 @@ impl Cluster {
                 members.by_key.remove(&key);
             }
         }
-        for p in self.read_peers().values() {
-            if p.addr == Some(addr) && p.generation <= generation {
-                p.link.close();
-            }
+        if let Some(p) = self.read_peers().at(addr)
+            && p.generation <= generation
+        {
+            p.link.close();
         }
     }
 
