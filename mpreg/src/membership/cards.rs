@@ -326,10 +326,7 @@ impl Cards {
                 .waiting
                 .front()
                 .is_some_and(|(at, _)| *at + GATHER <= now);
-        if !gathered {
-            return out;
-        }
-        if self.outstanding >= MAX_ASKING {
+        if !gathered || self.outstanding >= MAX_ASKING {
             return out;
         }
         // A whole batch of a helper, even past the cap (by less than a
@@ -867,6 +864,7 @@ mod tests {
             .collect();
         owners.sort_unstable();
         assert_eq!(owners, [9, 10, 11], "what the helper lacks, of the owners");
+        assert!(joiner.receive_lacking(&[0xff, 0xff], later).is_none());
         // Malformed or too long asks get no answer.
         assert!(helper.answer_many(helper_id, &[0xff, 0xff]).is_none());
         let named: Vec<Named> = (0..=ASK_MANY_MAX as u16)
