@@ -328,9 +328,13 @@ impl Cluster {
             }
             if held.generation == id.generation {
                 held.version = id.version;
+                // A new version with the same card (foca renews a member's
+                // identity when it rejoins after being taken for dead):
+                // routing is unchanged.
+                let same = held.name == card.name && held.offers == offers;
                 held.name = card.name;
                 held.offers = offers;
-                return true;
+                return !same;
             }
             let old = held.key;
             members.by_key.remove(&old);
@@ -392,8 +396,10 @@ impl Cluster {
     /// Recomputes the routes from our registry, every member's card and
     /// every leaf's catalog.
     pub(crate) fn rebuild(&self, registry: &Registry) {
+        // The interner's lock is held to the end, so two rebuilds publish
+        // in the order they read the state.
+        let mut interner = self.interner.lock().unwrap_or_else(PoisonError::into_inner);
         let table = {
-            let mut interner = self.interner.lock().unwrap_or_else(PoisonError::into_inner);
             let own: Vec<Offer> = registry
                 .iter()
                 .map(|f| offer(&mut interner, &f.name, &f.datasets, f.idempotent))
@@ -429,14 +435,19 @@ impl Cluster {
                         .iter()
                         .map(|(key, leaf, offers)| (Target::Peer(*key), *leaf, &offers[..])),
                 );
-            let table = Routes::build(interner.names(), places);
-            drop(members);
-            drop(linked);
-            drop(own);
-            interner.prune();
-            table
+            Arc::new(Routes::build(interner.names(), places))
         };
-        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        let old = std::mem::replace(
+            &mut *self.routes.write().unwrap_or_else(PoisonError::into_inner),
+            table.clone(),
+        );
+        drop(old);
+        // Sets held by nothing but the interner now are in no table (a
+        // reader still holding the old table keeps its sets, and the
+        // count with them, one rebuild longer).
+        interner.prune();
+        table.know_datasets(interner.dataset_names());
+        drop(interner);
         self.changes.send_modify(|v| *v += 1);
     }
 
@@ -888,6 +899,45 @@ mod tests {
             unknown.err().map(|e| e.code),
             Some(ErrorCode::UnknownFunction)
         );
+    }
+
+    #[test]
+    fn members_cards_route_and_count_their_datasets_and_a_renewal_changes_nothing() {
+        use crate::link::Ability;
+        let registry = Registry::new([], &std::collections::BTreeSet::new());
+        let cluster = Cluster::default();
+        let member = |port: u16, version: u64| MemberId {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            generation: 1,
+            version,
+        };
+        let card = |datasets: &[&str]| {
+            let ability = Ability {
+                fun: "echo".into(),
+                datasets: datasets.iter().map(|d| (*d).to_owned()).collect(),
+                idempotent: true,
+                params: Vec::new(),
+                returns: String::new(),
+                doc: String::new(),
+            };
+            Card::new("m", &[ability]).encode()
+        };
+        assert!(cluster.take_card(member(1, 1), &card(&["a", "b"])));
+        assert!(cluster.take_card(member(2, 1), &card(&["b", "c"])));
+        cluster.rebuild(&registry);
+        assert_eq!(cluster.summary().datasets, 3, "a, b and c, each once");
+        assert_eq!(cluster.routes().get("echo").map(<[_]>::len), Some(2));
+        // The same card at a new version (a renewed identity): held, but
+        // routing is unchanged; an older version is refused.
+        assert!(!cluster.take_card(member(1, 2), &card(&["a", "b"])));
+        assert!(!cluster.take_card(member(1, 1), &card(&["x"])));
+        // Another card at a new version changes routing.
+        assert!(cluster.take_card(member(1, 3), &card(&["d"])));
+        cluster.rebuild(&registry);
+        assert_eq!(cluster.summary().datasets, 3, "b, c and d: a is gone");
+        cluster.drop_member(member(2, 1).addr, 1);
+        cluster.rebuild(&registry);
+        assert_eq!(cluster.summary().datasets, 1, "d");
     }
 
     #[test]

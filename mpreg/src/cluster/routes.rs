@@ -40,6 +40,8 @@ pub(crate) struct Interner {
     /// function names, and the numbers must stay stable).
     names: HashMap<Arc<str>, u32>,
     sets: HashSet<Datasets>,
+    /// Each dataset name in `sets`, with how many of them name it.
+    dataset_names: HashMap<String, usize>,
 }
 
 impl Interner {
@@ -64,6 +66,9 @@ impl Interner {
         if let Some(shared) = self.sets.get(&set) {
             return shared.clone();
         }
+        for name in &set {
+            *self.dataset_names.entry(name.clone()).or_default() += 1;
+        }
         let shared = Arc::new(set);
         self.sets.insert(shared.clone());
         shared
@@ -71,7 +76,27 @@ impl Interner {
 
     /// Forgets the dataset sets nobody else holds any more.
     pub(crate) fn prune(&mut self) {
-        self.sets.retain(|s| Arc::strong_count(s) > 1);
+        let names = &mut self.dataset_names;
+        self.sets.retain(|s| {
+            let held = Arc::strong_count(s) > 1;
+            if !held {
+                for name in s.iter() {
+                    if let Some(count) = names.get_mut(name) {
+                        *count -= 1;
+                        if *count == 0 {
+                            names.remove(name);
+                        }
+                    }
+                }
+            }
+            held
+        });
+    }
+
+    /// Distinct dataset names in the sets held: once pruned after a route
+    /// table is built and published, the datasets that table has.
+    pub(crate) fn dataset_names(&self) -> usize {
+        self.dataset_names.len()
     }
 
     /// Names and sets held.
@@ -100,9 +125,11 @@ pub(crate) struct Routes<T> {
     names: HashMap<Arc<str>, u32>,
     /// Places, by function number.
     places: Vec<Vec<Route<T>>>,
-    /// Distinct datasets any place has, counted once when built: polling
-    /// a cluster's convergence (`cluster_summary`) asks for it often.
-    datasets: usize,
+    /// Distinct datasets any place has: told by the interner once the
+    /// table is published (counting them at every rebuild hashed every
+    /// dataset name, a large part of a 1,000-node cluster's CPU while it
+    /// formed), else counted when first asked for.
+    datasets: std::sync::OnceLock<usize>,
 }
 
 /// Distinct datasets in `places` (each interned set looked into once).
@@ -122,7 +149,7 @@ impl<T> Default for Routes<T> {
         Self {
             names: HashMap::new(),
             places: Vec::new(),
-            datasets: 0,
+            datasets: std::sync::OnceLock::new(),
         }
     }
 }
@@ -149,17 +176,24 @@ impl<T: Copy> Routes<T> {
                 }
             }
         }
-        let datasets = count_datasets(&by_id);
         Self {
             names,
             places: by_id,
-            datasets,
+            datasets: std::sync::OnceLock::new(),
         }
     }
 
-    /// Distinct datasets any place has.
+    /// Distinct datasets any place has (counted once per table, unless
+    /// told by [`Routes::know_datasets`] first).
     pub(crate) fn datasets(&self) -> usize {
-        self.datasets
+        *self.datasets.get_or_init(|| count_datasets(&self.places))
+    }
+
+    /// Records the table's count of distinct datasets, known from the
+    /// interner ([`Interner::dataset_names`]), so that asking for it costs
+    /// nothing.
+    pub(crate) fn know_datasets(&self, count: usize) {
+        let _ = self.datasets.set(count);
     }
 
     /// Every place `fun` runs, if any.
