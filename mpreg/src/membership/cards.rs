@@ -1,27 +1,33 @@
-//! Each member's card (what it offers, as opaque bytes), fetched from its
-//! owner over the gossip socket: a sans-IO state machine.
+//! Each member's card (what it offers, as opaque bytes), spread over the
+//! gossip socket: a sans-IO state machine.
 //!
 //! Membership gossips each member's identity (address, generation, card
 //! version); this module makes sure that, for every member up, this node
-//! ends up holding the card of that identity. When a member comes up or its
-//! version grows past the card held, the card is *wanted*. Wanted cards are
-//! gathered for up to [`GATHER`], then asked for, at most [`MAX_ASKING`]
-//! at once:
+//! ends up holding the card of that identity. Cards travel two ways:
 //!
-//! - several at once, of one member chosen by the caller (a *helper*): one
-//!   ask names them all, and the helper answers with every one it holds,
-//!   whole, several to a packet, then names those it lacks;
-//! - one alone, and every card a helper lacked or did not answer for within
-//!   [`ASK_AGAIN`], of its owner, which answers in parts of at most
-//!   [`PART_BYTES`] bytes (asked again after [`ASK_AGAIN`] without an
-//!   answer).
+//! - **Syncs** (anti-entropy, as Scuttlebutt and Cassandra do): every so
+//!   often a node sends a random member a [`KIND_SYNC`] packet, a Bloom
+//!   filter of the cards it holds, and the member answers with every card
+//!   it holds that is not in it, several to a packet. One packet each way
+//!   brings a node that joins every card a member has, including those of
+//!   members it has not seen yet (kept aside, at most [`EARLY_MAX`], until
+//!   they come up); cards spread from node to node like a rumor, but only
+//!   to whoever lacks them. Syncs are frequent while cards are wanted or
+//!   arriving, and space out up to [`SYNC_SLOW`] when nothing changes.
+//! - **Asks**, for a card still wanted after [`GATHER`] (a sync usually
+//!   brings it first): several at once of one member chosen by the caller
+//!   (a *helper*), which answers with those it holds and names those it
+//!   lacks; one alone, and every card helpers lacked [`HELPER_TRIES`]
+//!   times or did not answer for within [`ASK_AGAIN`], of its owner, which
+//!   answers in parts of at most [`PART_BYTES`] bytes.
 //!
 //! Pulling, rather than spreading every card as a rumor, costs a round
 //! trip per change, and a node that joins late still gets every card
-//! (rumors are retransmitted a few times, then forgotten). Asking a helper
-//! for many at once matters when a thousand nodes start together: each
-//! learns of nearly a thousand members within seconds, and one round trip
-//! per card (two packets) was most of the cluster's traffic.
+//! (rumors are retransmitted a few times, then forgotten). When a thousand
+//! nodes start together, each learns of nearly a thousand members within
+//! seconds: with asks alone, most helpers lacked the cards asked for, and
+//! asks and their answers were nine tenths of the cluster's packets; syncs
+//! cut the cluster's packets by more than half.
 //!
 //! The bytes are opaque here: the cluster encodes and decodes them.
 
@@ -33,6 +39,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::MemberId;
+use super::bloom::{Bloom, Key};
 
 /// Most bytes of a card in one packet (the rest of the packet is the
 /// header and, with a cluster secret, the tag).
@@ -49,8 +56,17 @@ pub(crate) const MAX_ASKING: usize = 64;
 /// How long an ask waits for its answer before it is sent again.
 pub(crate) const ASK_AGAIN: Duration = Duration::from_millis(300);
 
-/// How long a newly wanted card waits for others to be asked with it.
-pub(crate) const GATHER: Duration = Duration::from_millis(50);
+/// How long a newly wanted card waits before it is asked for: syncs
+/// usually bring it first, and the cards wanted meanwhile are asked for
+/// together.
+pub(crate) const GATHER: Duration = Duration::from_secs(1);
+
+/// The time between two syncs while cards are wanted or arriving.
+pub(crate) const SYNC_FAST: Duration = Duration::from_millis(100);
+
+/// The longest time between two syncs (the time doubles from
+/// [`SYNC_FAST`] while nothing is wanted or arrives).
+pub(crate) const SYNC_SLOW: Duration = Duration::from_secs(5);
 
 /// How many helpers may lack a card before its owner is asked: while a
 /// thousand nodes join, the first helper asked often has not fetched a card
@@ -69,14 +85,40 @@ pub(crate) const KIND_SWIM: u8 = 0;
 pub(crate) const KIND_ASK: u8 = 1;
 /// A part of the sender's card.
 pub(crate) const KIND_PART: u8 = 2;
-/// Cards the sender holds, whole, several to a packet (see
-/// [`Cards::bulk`]).
+/// Cards the sender holds, whole, several to a packet (answering a
+/// [`KIND_SYNC`] or a [`KIND_ASK_MANY`]).
 pub(crate) const KIND_CARDS: u8 = 5;
 /// An ask for the cards of several members the receiver may hold.
 pub(crate) const KIND_ASK_MANY: u8 = 6;
 /// The members whose cards a [`KIND_ASK_MANY`] asked for and the sender
 /// does not hold (or holds too large for a packet).
 pub(crate) const KIND_LACKING: u8 = 7;
+
+/// A summary of the cards the sender holds (a Bloom filter): the receiver
+/// answers with the cards it holds that are not in it.
+pub(crate) const KIND_SYNC: u8 = 8;
+
+/// Most [`KIND_CARDS`] packets in the answer to one [`KIND_SYNC`] (what is
+/// left is sent at the next sync).
+pub(crate) const SYNC_ANSWER_PACKETS: usize = 48;
+
+/// Most bytes of cards held for members not seen up yet (they arrived in
+/// the answer to a sync before the member's identity did); past that,
+/// more are not kept (asked for when their members come up).
+pub(crate) const EARLY_MAX: usize = 256 * 1024;
+
+/// How long a card of a member not seen up is kept.
+pub(crate) const EARLY_KEEP: Duration = Duration::from_secs(30);
+
+/// A card of a member not seen up yet.
+#[derive(Debug)]
+struct Early {
+    generation: u64,
+    version: u64,
+    card: Arc<[u8]>,
+    /// When it arrived.
+    since: Instant,
+}
 
 /// One card named in a [`KIND_ASK_MANY`] packet: the identity wanted (its
 /// version or a later one).
@@ -156,6 +198,11 @@ pub(crate) struct Cards {
     asking: VecDeque<(Instant, SocketAddr)>,
     /// Cards asked for and not answered yet (at most [`MAX_ASKING`]).
     outstanding: usize,
+    /// Cards of members not seen up yet, from syncs: taken when the
+    /// member comes up, dropped after [`EARLY_KEEP`].
+    early: HashMap<SocketAddr, Early>,
+    /// Bytes of the cards in `early` (at most [`EARLY_MAX`]).
+    early_bytes: usize,
 }
 
 impl Cards {
@@ -169,6 +216,8 @@ impl Cards {
             of_owners: VecDeque::new(),
             asking: VecDeque::new(),
             outstanding: 0,
+            early: HashMap::new(),
+            early_bytes: 0,
         }
     }
 
@@ -178,15 +227,27 @@ impl Cards {
     }
 
     /// Wants the card of `id` (from `now`) unless one as recent is held or
-    /// wanted.
-    pub(crate) fn want(&mut self, id: MemberId, now: Instant) {
+    /// wanted. Returns the card when it arrived early (see
+    /// [`Cards::receive_bulk`]).
+    pub(crate) fn want(&mut self, id: MemberId, now: Instant) -> Option<Arrived> {
         let key = (id.generation, id.version);
         if self
             .held
             .get(&id.addr)
             .is_some_and(|(generation, version, _)| (*generation, *version) >= key)
         {
-            return;
+            return None;
+        }
+        if let Some(early) = self.take_early(id.addr)
+            && early.generation == id.generation
+            && early.version >= id.version
+        {
+            self.unwant(id.addr);
+            let (version, card) = (early.version, early.card);
+            self.held
+                .insert(id.addr, (id.generation, version, card.clone()));
+            let id = MemberId { version, ..id };
+            return Some(Arrived { id, card });
         }
         match self.wants.get_mut(&id.addr) {
             Some(want) if (want.id.generation, want.id.version) >= key => {}
@@ -205,12 +266,34 @@ impl Cards {
                 self.waiting.push_back((now, id.addr));
             }
         }
+        None
     }
 
     /// Forgets the card of the member at `addr` (it is down).
     pub(crate) fn forget(&mut self, addr: SocketAddr) {
         self.held.remove(&addr);
+        self.take_early(addr);
         self.unwant(addr);
+    }
+
+    /// Removes the card of `addr` kept aside, if any.
+    fn take_early(&mut self, addr: SocketAddr) -> Option<Early> {
+        let early = self.early.remove(&addr)?;
+        self.early_bytes -= early.card.len();
+        Some(early)
+    }
+
+    /// Drops the cards kept aside longer than [`EARLY_KEEP`] at `now`
+    /// (their members never came up: gone before we saw them).
+    pub(crate) fn expire_early(&mut self, now: Instant) {
+        let bytes = &mut self.early_bytes;
+        self.early.retain(|_, e| {
+            let keep = e.since + EARLY_KEEP > now;
+            if !keep {
+                *bytes -= e.card.len();
+            }
+            keep
+        });
     }
 
     /// Stops wanting the card at `addr`; returns what was wanted.
@@ -321,11 +404,10 @@ impl Cards {
                 out.push((addr, ask));
             }
         }
-        let gathered = self.waiting.len() >= ASK_MANY_MAX
-            || self
-                .waiting
-                .front()
-                .is_some_and(|(at, _)| *at + GATHER <= now);
+        let gathered = self
+            .waiting
+            .front()
+            .is_some_and(|(at, _)| *at + GATHER <= now);
         if !gathered || self.outstanding >= MAX_ASKING {
             return out;
         }
@@ -532,29 +614,34 @@ impl Cards {
         (Some(arrived), None)
     }
 
-    /// Every card held, and ours (identity `me`), packed several to a
-    /// packet (each packet's cards at most [`PART_BYTES`] bytes): what a
-    /// member that joins gets from one member instead of asking each
-    /// owner. A card too large for a packet is left out (its owner is
-    /// asked).
-    pub(crate) fn bulk(&self, me: MemberId) -> Vec<Vec<u8>> {
-        let own = (me.addr, (me.generation, me.version, &self.own));
-        let all = self
-            .held
-            .iter()
-            .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
-            .chain(std::iter::once(own));
-        pack(all)
-    }
-
     /// Takes the cards of a [`KIND_CARDS`] packet (its kind byte left
-    /// out) that are wanted, of the generation wanted and at least the
-    /// version; returns them. `None` when malformed.
-    pub(crate) fn receive_bulk(&mut self, body: &[u8]) -> Option<Vec<Arrived>> {
+    /// out): returns those wanted (of the generation wanted, at least the
+    /// version); keeps aside those of members not wanted, newer than held
+    /// (see [`Cards::want`]). `None` when malformed.
+    pub(crate) fn receive_bulk(&mut self, body: &[u8], now: Instant) -> Option<Vec<Arrived>> {
         let carried: Vec<Carried> = postcard::from_bytes(body).ok()?;
         let mut arrived = Vec::new();
         for c in carried {
             let Some(want) = self.wants.get(&c.addr) else {
+                // Not wanted: of a member not seen up yet (a sync's answer
+                // brings every card the sender holds), kept for when it
+                // is; or one held already.
+                let newer = |(g, v): (u64, u64)| (c.generation, c.version) > (g, v);
+                let held = self.held.get(&c.addr).map(|(g, v, _)| (*g, *v));
+                let early = self.early.get(&c.addr).map(|e| (e.generation, e.version));
+                if held.is_none_or(newer) && early.is_none_or(newer) {
+                    self.take_early(c.addr);
+                    if self.early_bytes + c.card.len() <= EARLY_MAX {
+                        self.early_bytes += c.card.len();
+                        let early = Early {
+                            generation: c.generation,
+                            version: c.version,
+                            card: c.card.into(),
+                            since: now,
+                        };
+                        self.early.insert(c.addr, early);
+                    }
+                }
                 continue;
             };
             let usable = c.generation == want.id.generation && c.version >= want.id.version;
@@ -574,6 +661,55 @@ impl Cards {
         }
         Some(arrived)
     }
+}
+
+impl Cards {
+    /// A [`KIND_SYNC`] packet: a Bloom filter (hashed with `seed`) of the
+    /// cards held, ours (identity `me`) and those that arrived early.
+    pub(crate) fn sync_ask(&self, me: MemberId, seed: u32) -> Vec<u8> {
+        let keys = self
+            .held
+            .iter()
+            .map(|(addr, (g, v, _))| card_key(*addr, *g, *v))
+            .chain(
+                self.early
+                    .iter()
+                    .map(|(a, e)| card_key(*a, e.generation, e.version)),
+            )
+            .chain(std::iter::once(card_key(
+                me.addr,
+                me.generation,
+                me.version,
+            )));
+        let mut filter = Bloom::for_keys(seed, self.held.len() + self.early.len() + 1);
+        for key in keys {
+            filter.insert(&key);
+        }
+        filter.encode(KIND_SYNC)
+    }
+
+    /// The answer to a [`KIND_SYNC`] (`body`, its kind byte left out) from
+    /// a member, our identity being `me`: the cards held (ours too) that
+    /// are not in its filter, several to a packet, at most
+    /// [`SYNC_ANSWER_PACKETS`] packets. `None` when malformed.
+    pub(crate) fn answer_sync(&self, me: MemberId, body: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let filter = Bloom::decode(body)?;
+        let own = (me.addr, (me.generation, me.version, &self.own));
+        let lacking = self
+            .held
+            .iter()
+            .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
+            .chain(std::iter::once(own))
+            .filter(|(addr, (g, v, _))| !filter.contains(&card_key(*addr, *g, *v)));
+        let mut packets = pack(lacking);
+        packets.truncate(SYNC_ANSWER_PACKETS);
+        Some(packets)
+    }
+}
+
+/// What identifies a card in a [`KIND_SYNC`] filter.
+fn card_key(addr: SocketAddr, generation: u64, version: u64) -> Key {
+    Key::new(addr, [generation, version, 0])
 }
 
 /// Bytes of a card in a [`KIND_CARDS`] packet beyond the card itself
@@ -688,7 +824,7 @@ mod tests {
     }
 
     #[test]
-    fn held_cards_pass_on_in_bulk_to_who_wants_them() {
+    fn a_sync_brings_what_the_asker_lacks_and_keeps_cards_of_members_not_seen_yet() {
         let mut holder = Cards::new(Arc::from(&b"holder's"[..]));
         for port in 2..=40u16 {
             holder.want(id(port, 1, 1), Instant::now());
@@ -698,29 +834,71 @@ mod tests {
                 format!("card {port}").as_bytes(),
             );
         }
-        // Too large for a packet: left out of the bulk.
+        // Too large for a packet: left out (its owner is asked).
         holder.want(id(50, 1, 1), Instant::now());
         fetch(&mut holder, id(50, 1, 1), &[7u8; PART_BYTES]);
         let me = id(1, 1, 3);
-        let packets = holder.bulk(me);
-        assert!(packets.len() > 1, "several packets");
-        assert!(packets.iter().all(|p| p.len() <= PART_BYTES + 1));
 
-        let mut joiner = Cards::new(Arc::from(&b""[..]));
-        joiner.want(me, Instant::now());
-        joiner.want(id(7, 1, 1), Instant::now());
-        joiner.want(id(8, 2, 1), Instant::now()); // another generation than held: not taken
-        joiner.want(id(50, 1, 1), Instant::now());
+        let start = Instant::now();
+        let mut joiner = Cards::new(Arc::from(&b"joiner's"[..]));
+        let joiner_id = id(60, 1, 1);
+        joiner.want(id(3, 1, 1), start);
+        fetch(&mut joiner, id(3, 1, 1), b"card 3");
+        joiner.want(me, start);
+        joiner.want(id(7, 1, 1), start);
+        joiner.want(id(8, 2, 1), start); // another generation than held: not taken
+        joiner.want(id(50, 1, 1), start);
+
+        let ask = joiner.sync_ask(joiner_id, 99);
+        assert_eq!(ask[0], KIND_SYNC);
+        assert!(ask.len() <= PART_BYTES);
+        let packets = holder.answer_sync(me, &ask[1..]).expect("an answer");
+        assert!(packets.len() > 1, "several packets");
+        assert!(
+            packets
+                .iter()
+                .all(|p| p[0] == KIND_CARDS && p.len() <= PART_BYTES + 1)
+        );
         let arrived: Vec<Arrived> = packets
             .iter()
-            .flat_map(|p| joiner.receive_bulk(&p[1..]).expect("well formed"))
+            .flat_map(|p| joiner.receive_bulk(&p[1..], start).expect("well formed"))
             .collect();
         let ids: Vec<MemberId> = arrived.iter().map(|a| a.id).collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
         assert!(ids.contains(&me) && ids.contains(&id(7, 1, 1)));
         assert!(arrived.iter().any(|a| &*a.card == b"card 7"));
-        assert_eq!(joiner.wants.len(), 2, "8 and 50 are asked of their owners");
-        assert!(joiner.receive_bulk(&[0xff, 0xff]).is_none());
+        assert_eq!(joiner.wants.len(), 2, "8 and 50 are asked for");
+        // Held already: not sent again. Not wanted yet: kept aside, and
+        // taken at once when the member comes up.
+        assert_eq!(
+            joiner.early.len(),
+            40 - 2 - 2,
+            "2..=40 but 3, 7 and 8 (8 is wanted newer)"
+        );
+        let early = joiner.want(id(9, 1, 1), start).expect("kept aside");
+        assert_eq!(&*early.card, b"card 9");
+        assert!(!joiner.wants.contains_key(&id(9, 1, 1).addr));
+        // Asked again, nothing more is sent than the asker lacks.
+        let again = joiner.sync_ask(joiner_id, 100);
+        let rest = holder.answer_sync(me, &again[1..]).expect("an answer");
+        let carried: usize = rest
+            .iter()
+            .map(|p| postcard::from_bytes::<Vec<Carried>>(&p[1..]).map_or(0, |c| c.len()))
+            .sum();
+        assert_eq!(
+            carried, 1,
+            "only the card of 8 of the generation held there"
+        );
+        // Kept aside too long: dropped, and wanted like any other.
+        joiner.expire_early(start + EARLY_KEEP);
+        assert!(joiner.early.is_empty() && joiner.early_bytes == 0);
+        assert!(joiner.want(id(10, 1, 1), start + EARLY_KEEP).is_none());
+        assert!(joiner.wants.contains_key(&id(10, 1, 1).addr));
+        assert!(joiner.receive_bulk(&[0xff, 0xff], start).is_none());
+        assert!(
+            holder.answer_sync(me, &[1, 2]).is_none(),
+            "a malformed filter"
+        );
     }
 
     #[test]
@@ -829,7 +1007,11 @@ mod tests {
         assert_eq!(lacking.len(), 1);
         let arrived: Vec<Arrived> = cards
             .iter()
-            .flat_map(|p| joiner.receive_bulk(&p[1..]).expect("well formed"))
+            .flat_map(|p| {
+                joiner
+                    .receive_bulk(&p[1..], Instant::now())
+                    .expect("well formed")
+            })
             .collect();
         assert_eq!(arrived.len(), 8, "ports 2..=8 and the helper's own");
         assert!(arrived.iter().any(|a| &*a.card == b"helper's"));

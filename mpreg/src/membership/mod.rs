@@ -33,6 +33,7 @@
 //!   been reported `Down` (foca then reports a rename of a down member plus
 //!   `MemberUp`, and a rename of a member that is not up is not an event).
 
+mod bloom;
 mod cards;
 mod core;
 #[cfg(test)]
@@ -389,6 +390,31 @@ struct Closing {
     _finished: oneshot::Sender<()>,
 }
 
+/// The receive buffer asked for the gossip socket (the kernel caps it at
+/// `net.core.rmem_max`). A pull of the membership state is answered with
+/// a burst of packets (a part per 27 members, then the cards held), and
+/// one thread reads the sockets of every node of a process: with the
+/// default buffer (~90 datagrams on Linux), a thousand-node cluster
+/// forming on two cores lost tens of thousands of packets, and members
+/// whose probes were lost were taken for dead.
+const GOSSIP_RECV_BUFFER: usize = 1 << 20;
+
+/// The gossip socket at `addr`, non-blocking, its receive buffer enlarged
+/// where the system allows.
+fn bind_gossip(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(error) = socket.set_recv_buffer_size(GOSSIP_RECV_BUFFER) {
+        tracing::debug!(%error, "the gossip socket keeps its default receive buffer");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// The runtime the gossip of every node of this process runs on: one
 /// thread of its own, started with the first node.
 fn gossip_runtime() -> io::Result<tokio::runtime::Handle> {
@@ -461,8 +487,7 @@ impl Membership {
         }
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
         let core = Core::new(id, &config, rng, card.clone())?;
-        let socket = std::net::UdpSocket::bind(id.addr)?;
-        socket.set_nonblocking(true)?;
+        let socket = bind_gossip(id.addr)?;
 
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);

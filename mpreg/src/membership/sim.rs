@@ -61,7 +61,7 @@ pub(super) struct Sim {
     config: MembershipConfig,
     /// Packets delivered so far by kind (their first byte; the last entry
     /// counts every kind past it).
-    pub(super) delivered_by_kind: [u64; 8],
+    pub(super) delivered_by_kind: [u64; 9],
 }
 
 /// The address of node `i`.
@@ -88,7 +88,7 @@ impl Sim {
             loss_percent,
             rng: SmallRng::seed_from_u64(7),
             config,
-            delivered_by_kind: [0; 8],
+            delivered_by_kind: [0; 9],
         }
     }
 
@@ -204,7 +204,7 @@ impl Sim {
             };
             if self.nodes[i].alive {
                 let kind = packet.data.first().map_or(0, |&k| usize::from(k));
-                self.delivered_by_kind[kind.min(7)] += 1;
+                self.delivered_by_kind[kind.min(8)] += 1;
                 self.nodes[i].core.receive(packet.from, &packet.data, now);
                 self.collect(i);
             }
@@ -331,7 +331,7 @@ fn a_thousand_nodes_converge() {
     let took = sim.settle(Duration::from_secs(10), &|_| true, "converged");
     eprintln!(
         "{n} nodes: every node sees every other up and holds its card {took:?} after the last start \
-         ({} packets; by kind: swim, card ask, card part, state ask, state part, cards, ask many, lacking: {:?})",
+         ({} packets; by kind: swim, card ask, card part, state ask, state part, cards, ask many, lacking, sync: {:?})",
         sim.delivered_by_kind.iter().sum::<u64>(),
         &sim.delivered_by_kind,
     );
