@@ -12,6 +12,8 @@
 //! The dialect is decided when a frame is read and travels with the request
 //! to its reply.
 //!
+//! Between nodes, over a link: the messages of [`peer`].
+//!
 //! What each file holds (types and the functions that only encode or decode
 //! them; what a node or a client does with them stays with the node, the
 //! server, the client and the link):
@@ -26,9 +28,12 @@
 //! - `later.rs`: the later client's form: the original's error numbers,
 //!   levels and their times, the execution summary.
 //! - `progress.rs`: a streaming request's progress messages.
+//! - `peer.rs`: the node-to-node messages (the opening of a link, jobs and
+//!   their answers, catalogs, idleness) and their encoding.
 
 mod fast;
 pub(crate) mod later;
+pub(crate) mod peer;
 mod progress;
 mod reply;
 mod request;

@@ -310,7 +310,7 @@ async fn websocket(
     };
     // A peer's first message opens a link (`peer-open`): then this is a
     // peer link.
-    if let Some(opening) = crate::link::opening(&first) {
+    if let Some(opening) = crate::protocol::peer::opening(&first) {
         if state.tls.acceptor.is_some() && !certified {
             state.cluster.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %state.name,
