@@ -1,7 +1,8 @@
 //! The wire: every message mpreg sends or reads, JSON objects, one per
 //! WebSocket frame. The full description is in `docs/PROTOCOL.md`.
 //!
-//! Between a client and a node: requests, progress messages and replies.
+//! Between a client and a node: requests, progress messages, replies, and
+//! the auth message.
 //! Both request envelopes of the original Python client are accepted
 //! unchanged: the first release nested the request under `rpc`
 //! (`{"role":"rpc","rpc":{"cmds":[..],"u":".."}}`), the later one is flat
@@ -28,9 +29,12 @@
 //! - `later.rs`: the later client's form: the original's error numbers,
 //!   levels and their times, the execution summary.
 //! - `progress.rs`: a streaming request's progress messages.
+//! - `auth.rs`: the auth message a client sends first when the node
+//!   requires a token and none came with the upgrade, and its answer.
 //! - `peer.rs`: the node-to-node messages (the opening of a link, jobs and
 //!   their answers, catalogs, idleness) and their encoding.
 
+mod auth;
 mod fast;
 pub(crate) mod later;
 pub(crate) mod peer;
@@ -39,6 +43,7 @@ mod reply;
 mod request;
 mod scan;
 
+pub(crate) use auth::{auth_ok, auth_token};
 pub(crate) use progress::ProgressMessage;
 pub(crate) use reply::{
     Answer, Dialect, MARKER_FIELD, MARKER_VERSION, MAX_RESULT_DEPTH, Reply, ReplyRole, ReplyShape,
