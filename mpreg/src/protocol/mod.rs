@@ -46,8 +46,8 @@ mod scan;
 pub(crate) use auth::{auth_ok, auth_token};
 pub(crate) use progress::ProgressMessage;
 pub(crate) use reply::{
-    Answer, Dialect, MARKER_FIELD, MARKER_VERSION, MAX_RESULT_DEPTH, Reply, ReplyRole, ReplyShape,
-    ReplyTo, ResultMap,
+    Answer, Dialect, Incoming, MARKER_FIELD, MARKER_VERSION, MAX_RESULT_DEPTH, Reply, ReplyRole,
+    ReplyShape, ReplyTo, ResultMap, Role,
 };
 pub use request::{Command, IDLE_CLOSE_REASON, MAX_ID_BYTES, REPLY_LIMIT_HEADER, Request};
 pub(crate) use request::{

@@ -1,5 +1,6 @@
 //! Progress messages: each command's result, sent to a client that asked
-//! for `stream` ahead of the final reply.
+//! for `stream` ahead of the final reply. (A client reads them as it reads
+//! replies: see `Incoming` in `reply.rs`.)
 
 use serde::Serialize;
 use serde_json::Value;

@@ -1,8 +1,9 @@
 //! Replies, from a node to a client: their form (the request's
 //! [`Dialect`], chosen by mpreg's marker, and [`ReplyShape`]), whom they
-//! answer ([`ReplyTo`]), a reply as a client reads it ([`Reply`]) and as a
-//! node sends it ([`Answer`], with results that may still be raw JSON
-//! text), the `error` object in either form ([`ErrorOut`]), and results as
+//! answer ([`ReplyTo`]), a reply as a client reads it ([`Reply`]; a frame
+//! from a node is first read as an [`Incoming`], which may also be a
+//! progress message) and as a node sends it ([`Answer`], with results that
+//! may still be raw JSON text), the `error` object in either form ([`ErrorOut`]), and results as
 //! a JSON object ([`ResultMap`]).
 
 use serde::{Deserialize, Serialize};
@@ -117,6 +118,36 @@ pub(crate) struct Reply {
     /// The error, on failure.
     #[serde(default, serialize_with = "mpreg_error")]
     pub(crate) error: Option<RpcError>,
+}
+
+/// A message from a node, as the client reads it: a reply, or the progress
+/// of a streaming request.
+#[derive(Deserialize)]
+pub(crate) struct Incoming {
+    #[serde(default)]
+    pub(crate) role: Role,
+    pub(crate) u: Value,
+    #[serde(default)]
+    pub(crate) r: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub(crate) error: Option<RpcError>,
+    /// A progress message's command name.
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// A progress message's value (`null` reads as `None`).
+    #[serde(default)]
+    pub(crate) value: Option<Value>,
+}
+
+/// The `role` of a message a client reads ([`Incoming`]).
+#[derive(Deserialize, Default)]
+pub(crate) enum Role {
+    #[serde(rename = "rpc-progress")]
+    Progress,
+    /// `rpc-response`, or none (the original reply shape).
+    #[default]
+    #[serde(other)]
+    Reply,
 }
 
 /// Always serializes as `"rpc-response"`.
