@@ -3,8 +3,8 @@
 //! answer ([`ReplyTo`]), a reply as a client reads it ([`Reply`]; a frame
 //! from a node is first read as an [`Incoming`], which may also be a
 //! progress message) and as a node sends it ([`Answer`], with results that
-//! may still be raw JSON text), the `error` object in either form ([`ErrorOut`]), and results as
-//! a JSON object ([`ResultMap`]).
+//! may still be raw JSON text), the `error` object in either form
+//! ([`ErrorOut`]), and results as a JSON object ([`ResultMap`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
