@@ -27,10 +27,12 @@ use crate::exec::Job;
 use crate::payload::Payload;
 use crate::protocol::peer::{Catalog, JobLimits, PeerMessage, RunRef};
 
-// `node/peering.rs` calls this as `link::decode_opening`; it lives in
-// `crate::protocol::peer`, from which that file may import it directly once
-// other work on it has merged.
+// `node/peering.rs` calls `link::decode_opening` and names `link::opening`
+// in its docs; both live in `crate::protocol::peer`, from which that file
+// may import them directly once other work on it has merged.
 pub(crate) use crate::protocol::peer::decode_opening;
+#[allow(unused_imports)] // only named in docs
+pub(crate) use crate::protocol::peer::opening;
 
 type Waiter = oneshot::Sender<Result<Vec<Payload>, RpcError>>;
 

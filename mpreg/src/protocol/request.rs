@@ -365,8 +365,9 @@ fn read_id(obj: &Map<String, Value>) -> Option<Value> {
 /// Parses one client frame (either envelope).
 ///
 /// A well-formed request is read in one pass that keeps each argument as
-/// its raw JSON text (checked to parse, see [`checked_raw`]), so a node
-/// that forwards a large argument never builds its tree. Anything unusual
+/// its raw JSON text (checked to parse, see
+/// [`checked_raw`](crate::payload::checked_raw)), so a node that forwards a
+/// large argument never builds its tree. Anything unusual
 /// (an error, a duplicate field, deep nesting) is read again the plain
 /// way, which words the error.
 ///
