@@ -87,10 +87,10 @@ pub(crate) fn functions(name: &str, diagnostics: bool, node: NodeSlot) -> Vec<Fu
                     RpcError::new(crate::ErrorCode::Internal, "the node is shutting down")
                 })?;
                 let registry = node.registry();
-                let described: Vec<crate::link::Ability> = registry
+                let described: Vec<crate::protocol::peer::Ability> = registry
                     .iter()
                     .filter(|f| names.contains(&f.name))
-                    .map(crate::link::Ability::of)
+                    .map(crate::protocol::peer::Ability::of)
                     .collect();
                 serde_json::to_value(described)
                     .map_err(|e| RpcError::new(crate::ErrorCode::Internal, e.to_string()))

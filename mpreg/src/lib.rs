@@ -81,8 +81,9 @@
 //! `tracing`. Errors carry stable codes ([`ErrorCode`]).
 //!
 //! # Layout
-//! - [`protocol`](Command): the wire messages (JSON over WebSocket), both
-//!   envelopes of the original Python client.
+//! - [`protocol`](Command): every wire message (JSON over WebSocket): a
+//!   client's requests (both envelopes of the original Python client),
+//!   replies, progress and auth messages, and the messages between nodes.
 //! - `plan`: a request's commands become a typed dependency graph; names
 //!   are resolved once, cycles and duplicates rejected.
 //! - `exec`: the dataflow executor; each command starts when its inputs are

@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio_rustls::TlsConnector;
@@ -16,8 +15,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::error::{Error, RpcError, TransportError};
-use crate::protocol::{IDLE_CLOSE_REASON, REPLY_LIMIT_HEADER, Reply};
+use crate::error::{Error, TransportError};
+use crate::protocol::{IDLE_CLOSE_REASON, Incoming, REPLY_LIMIT_HEADER, Reply, Role};
 use crate::ws;
 
 /// How to dial a node: the settings every seed shares.
@@ -230,35 +229,6 @@ impl Conn {
     pub(super) async fn send(&self, message: Message) -> Result<(), Message> {
         self.outgoing.send(message).await.map_err(|e| e.0)
     }
-}
-
-/// A message from a node, as the client reads it: a reply, or the progress
-/// of a streaming request.
-#[derive(Deserialize)]
-struct Incoming {
-    #[serde(default)]
-    role: Role,
-    u: Value,
-    #[serde(default)]
-    r: Option<Map<String, Value>>,
-    #[serde(default)]
-    error: Option<RpcError>,
-    /// A progress message's command name.
-    #[serde(default)]
-    name: Option<String>,
-    /// A progress message's value (`null` reads as `None`).
-    #[serde(default)]
-    value: Option<Value>,
-}
-
-#[derive(Deserialize, Default)]
-enum Role {
-    #[serde(rename = "rpc-progress")]
-    Progress,
-    /// `rpc-response`, or none (the original reply shape).
-    #[default]
-    #[serde(other)]
-    Reply,
 }
 
 /// How a connection's reader ends: it clears the waiting callers however

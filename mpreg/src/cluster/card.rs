@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::link::Ability;
+use crate::protocol::peer::Ability;
 
 /// What a node offers, as gossiped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +107,7 @@ mod tests {
             fun: fun.into(),
             datasets: datasets.iter().map(|d| (*d).to_owned()).collect(),
             idempotent,
-            params: vec![crate::link::ParamDesc {
+            params: vec![crate::protocol::peer::ParamDesc {
                 name: "x".into(),
                 ty: "f64".into(),
             }],

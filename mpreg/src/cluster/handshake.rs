@@ -26,7 +26,7 @@
 //! then the acceptor's hello.
 
 use crate::auth::{self, Secret, Side};
-use crate::link::{Hello, Open, PEER_PROTOCOL, PeerMessage, Proof};
+use crate::protocol::peer::{Hello, Open, PEER_PROTOCOL, PeerMessage, Proof};
 
 /// Why a link was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,7 +378,7 @@ impl Acceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::{Ability, Catalog};
+    use crate::protocol::peer::{Ability, Catalog};
 
     fn hello(name: &str, port: u16) -> Hello {
         Hello {

@@ -32,8 +32,9 @@ use self::routes::{Candidate, Interner, Offer, Routes};
 use crate::auth;
 use crate::error::RpcError;
 use crate::exec::Job;
-use crate::link::{Ability, Catalog, Hello, Link};
+use crate::link::Link;
 use crate::membership::MemberId;
+use crate::protocol::peer::{Ability, Catalog, Hello};
 use crate::registry::{Registry, Unavailable};
 
 /// A peer, as a key local to this node.
@@ -816,7 +817,7 @@ pub(crate) fn function_table(
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::link::PEER_PROTOCOL;
+    use crate::protocol::peer::PEER_PROTOCOL;
     use tokio::sync::mpsc;
 
     fn hello(addr: &str, generation: u64) -> Hello {

@@ -20,9 +20,10 @@ use crate::budget::ResultBudget;
 use crate::cluster::routes::{Candidate, choose, random_below};
 use crate::error::{ErrorCode, RpcError};
 use crate::exec::{Dispatch, Job, Wanted, execute};
-use crate::link::{Ability, Catalog, JobLimits, Link, LinkHandler};
+use crate::link::{Link, LinkHandler};
 use crate::payload::Payload;
 use crate::plan::{Plan, Step};
+use crate::protocol::peer::{Ability, Catalog, JobLimits};
 
 /// A dial in progress, shared by everyone waiting for it.
 type Dialing = futures_util::future::Shared<BoxFuture<'static, Result<Link, Arc<str>>>>;

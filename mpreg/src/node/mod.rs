@@ -381,10 +381,10 @@ impl NodeBuilder {
                 };
                 // What this node offers at start: its own functions (no
                 // leaf has linked yet).
-                let abilities: Vec<crate::link::Ability> = registry
+                let abilities: Vec<crate::protocol::peer::Ability> = registry
                     .iter()
                     .filter(|f| f.advertised)
-                    .map(crate::link::Ability::of)
+                    .map(crate::protocol::peer::Ability::of)
                     .collect();
                 let card = crate::cluster::Card::new(&name, &abilities).encode();
                 let (m, events) = Membership::start(id, card, membership_config(&config)).await?;

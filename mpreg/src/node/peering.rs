@@ -23,8 +23,9 @@ use crate::auth;
 use crate::budget::Allowance;
 use crate::cluster::handshake::{Acceptor, Dialer, Handshake, Outcome, Refusal};
 use crate::cluster::routes::random_below;
-use crate::link::{self, Hello, Link, Opening, PEER_PROTOCOL, PRE_PROOF_MAX, PeerMessage};
+use crate::link::{self, Link};
 use crate::membership::MemberEvent;
+use crate::protocol::peer::{Hello, Opening, PEER_PROTOCOL, PRE_PROOF_MAX, PeerMessage};
 use crate::ws;
 
 /// How long the other side of a new link may take to open it (proofs and

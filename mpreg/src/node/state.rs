@@ -172,7 +172,7 @@ impl RunningNode {
                 return;
             };
             runtime.spawn(async move {
-                let message = crate::link::PeerMessage::Catalog(catalog);
+                let message = crate::protocol::peer::PeerMessage::Catalog(catalog);
                 for link in links {
                     link.send(&message).await;
                 }

@@ -297,7 +297,7 @@ fn checked<E: de::Error>(raw: Vec<Box<RawValue>>) -> Result<Vec<Payload>, E> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::parse_request_slowly;
+    use super::super::request::parse_request_slowly;
     use super::*;
 
     /// Every frame here reads the same both ways, or the fast reading gives

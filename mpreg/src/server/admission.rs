@@ -1,6 +1,6 @@
 //! Opening a connection: TLS, the request head and the WebSocket upgrade,
 //! with admission (tokens, peer tickets, the caps on unauthenticated
-//! connections) and the auth message.
+//! connections). The auth message itself is read in `protocol/auth.rs`.
 
 use crate::budget::{Allowance, Metered, Pending, Refusal};
 use crate::config::PRE_AUTH_BYTES;
@@ -8,14 +8,11 @@ use crate::http::Peeked;
 use crate::metrics::Refused;
 use crate::node::RunningNode;
 use crate::ws::{self};
-use serde::Deserialize;
-use serde_json::Value;
-use std::borrow::Cow;
 use std::net::IpAddr;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::*;
 
@@ -41,35 +38,6 @@ pub(super) fn request_tokens(request: &Request) -> impl Iterator<Item = &str> {
 /// beside a valid `?token=` is fine).
 pub(super) fn token_ok(state: &RunningNode, request: &Request) -> bool {
     state.tokens.required() && request_tokens(request).any(|t| state.tokens.accepts(t))
-}
-
-/// A client's first message when the node requires a token and none came
-/// with the upgrade: `{"role":"auth","token":"TOKEN"}`. Decoded as is, never
-/// as a tree: the id of a request sent instead is kept as raw text, for the
-/// `unauthorized` reply.
-#[derive(Deserialize)]
-pub(super) struct AuthMessage<'a> {
-    #[serde(borrow, default)]
-    pub(super) role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(super) token: Option<Cow<'a, str>>,
-}
-
-/// The token of an auth message; else whom the `unauthorized` reply
-/// answers (the message's request id, or `null`, and the reply's form).
-pub(super) fn auth_token(message: &Message) -> Result<String, ReplyTo> {
-    let bytes: &[u8] = match message {
-        Message::Text(text) => text.as_bytes(),
-        Message::Binary(bytes) => bytes,
-        _ => return Err(ReplyTo::mpreg(Value::Null)),
-    };
-    match serde_json::from_slice::<AuthMessage<'_>>(bytes) {
-        Ok(AuthMessage {
-            role: Some(role),
-            token: Some(token),
-        }) if role == "auth" => Ok(token.into_owned()),
-        _ => Err(crate::protocol::reply_to(bytes)),
-    }
 }
 
 /// TLS, the request head and, for a WebSocket, the upgrade with admission
@@ -174,8 +142,6 @@ pub(super) fn unavailable(refusal: Refusal) -> ErrorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Dialect;
-    use tokio_tungstenite::tungstenite::Bytes;
 
     fn request(uri: &str, authorization: Option<&str>) -> Request {
         let mut builder = Request::builder().uri(uri);
@@ -197,34 +163,6 @@ mod tests {
         );
         assert_eq!(tokens(&request("/?token=b", Some("Bearer a"))), ["a", "b"]);
         assert!(tokens(&request("/", Some("Basic dXNlcjpwdw=="))).is_empty());
-    }
-
-    #[test]
-    fn auth_messages_are_read_without_a_tree() {
-        let token = |text: &str| auth_token(&Message::text(text));
-        assert_eq!(token(r#"{"role":"auth","token":"t1"}"#), Ok("t1".into()));
-        assert_eq!(
-            token(r#"{"role":"auth","token":"a\"b"}"#),
-            Ok("a\"b".into())
-        );
-        let to = |u: Value, dialect| Err(ReplyTo { u, dialect });
-        // A request instead: the refusal answers it, in its form.
-        assert_eq!(
-            token(r#"{"role":"rpc","u":"r1","cmds":[{"x":[1,2,{"y":3}]}]}"#),
-            to(json!("r1"), Dialect::Later)
-        );
-        assert_eq!(
-            token(r#"{"role":"rpc","mpreg":1,"u":"r1","cmds":[]}"#),
-            to(json!("r1"), Dialect::Mpreg)
-        );
-        assert_eq!(
-            token(r#"{"role":"rpc","rpc":{"u":7,"cmds":[]}}"#),
-            to(json!(7), Dialect::Mpreg)
-        );
-        let none = to(Value::Null, Dialect::Mpreg);
-        assert_eq!(token("not json"), none);
-        assert_eq!(token(r#"{"role":"auth","token":5}"#), none);
-        assert_eq!(auth_token(&Message::Ping(Bytes::new())), none);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{Sink, Stream, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -48,7 +48,7 @@ use crate::error::{ErrorCode, RpcError};
 use crate::http::Rewind;
 use crate::metrics::Refused;
 use crate::node::RunningNode;
-use crate::protocol::{Answer, ReplyTo};
+use crate::protocol::{Answer, ReplyTo, auth_ok, auth_token};
 use crate::ws::{self, Outgoing};
 
 mod admission;
@@ -310,7 +310,7 @@ async fn websocket(
     };
     // A peer's first message opens a link (`peer-open`): then this is a
     // peer link.
-    if let Some(opening) = crate::link::opening(&first) {
+    if let Some(opening) = crate::protocol::peer::opening(&first) {
         if state.tls.acceptor.is_some() && !certified {
             state.cluster.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %state.name,
@@ -331,7 +331,7 @@ async fn websocket(
         match auth_token(&first) {
             Ok(token) if state.tokens.accepts(&token) => {
                 allowance.lift();
-                let ok = json!({"role": "auth", "ok": true}).to_string();
+                let ok = auth_ok();
                 let _ = outgoing.try_send(Message::text(ok));
                 None
             }

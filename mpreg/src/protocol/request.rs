@@ -1,95 +1,23 @@
-//! Client wire messages: JSON objects, one per WebSocket frame.
-//!
-//! Both request envelopes of the original Python client are accepted
-//! unchanged: the first release nested the request under `rpc`
-//! (`{"role":"rpc","rpc":{"cmds":[..],"u":".."}}`), the later one is flat
-//! (`{"role":"rpc","u":"..","cmds":[..]}`). Replies carry the request's `u`.
-//! The full description is in `docs/PROTOCOL.md`.
-//!
-//! Replies take one of two forms, the request's [`Dialect`]: mpreg's own,
-//! or the one the original project's later client reads (see [`later`]).
-//! The dialect is decided when a frame is read and travels with the request
-//! to its reply.
+//! Requests, from a client to a node: the public [`Command`] and
+//! [`Request`], the flat envelope the Rust client writes
+//! ([`OutgoingRequest`]), a request as a node reads it ([`IncomingRequest`],
+//! its commands as [`ParsedCommand`]s), the parsing of a client frame in
+//! either envelope ([`parse_request`]; its one-pass reading is in
+//! `fast.rs`), and the limits a request meets: the length of its id
+//! ([`MAX_ID_BYTES`]), the largest reply its client takes
+//! ([`REPLY_LIMIT_HEADER`], [`reply_limit`]), and the reason of the close of
+//! an idle connection ([`IDLE_CLOSE_REASON`]).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::fast;
+use super::reply::{Dialect, MARKER_FIELD, ReplyShape, ReplyTo};
+use super::scan::reply_to;
 use crate::error::RpcError;
 use crate::payload::Payload;
-
-mod fast;
-pub(crate) mod later;
-
-/// The field by which mpreg's own clients mark a flat-envelope request
-/// (`"mpreg": 1`): its replies then take mpreg's form ([`Dialect::Mpreg`]).
-/// A flat request without it is taken to come from the original project's
-/// later client ([`Dialect::Later`]).
-pub(crate) const MARKER_FIELD: &str = "mpreg";
-
-/// The value mpreg's clients send in [`MARKER_FIELD`]: the version of
-/// mpreg's reply form they read. Any positive integer is accepted (a node
-/// answers in the form it knows).
-pub(crate) const MARKER_VERSION: u64 = 1;
-
-/// The form of a request's replies.
-///
-/// Chosen when the frame is read (see [`Dialect::of_envelope`]), and
-/// carried with the request to every reply it gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Dialect {
-    /// mpreg's form: `error.code` is mpreg's string code; `r` holds the
-    /// sinks, or every command with `return_intermediate_results`. For
-    /// requests that carry the marker, for the first-release envelope, and
-    /// for frames with no readable id.
-    #[default]
-    Mpreg,
-    /// The form the original project's later client reads (a flat request
-    /// without the marker): `error.code` is that project's number
-    /// ([`later::code_number`]), `intermediate_results` and
-    /// `execution_summary` are always present, and
-    /// `return_intermediate_results` reports level by level.
-    Later,
-}
-
-impl Dialect {
-    /// The dialect of a request read in the first-release envelope
-    /// (`nested`) or the flat one with `marker` (the value of
-    /// [`MARKER_FIELD`], if any): mpreg's when nested or marked, the later
-    /// client's otherwise. A marker that is neither `null` nor a positive
-    /// integer is an error (worded for a `bad_request`).
-    pub(crate) fn of_envelope(nested: bool, marker: Option<&Value>) -> Result<Self, String> {
-        if nested {
-            return Ok(Self::Mpreg);
-        }
-        match marker {
-            None | Some(Value::Null) => Ok(Self::Later),
-            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => Ok(Self::Mpreg),
-            Some(_) => Err(format!(
-                "field `{MARKER_FIELD}` must be a positive integer (the reply form, {MARKER_VERSION})"
-            )),
-        }
-    }
-}
-
-/// Whom a reply answers: the request's id (`null` when it could not be
-/// read) and the form the reply takes.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ReplyTo {
-    pub(crate) u: Value,
-    pub(crate) dialect: Dialect,
-}
-
-impl ReplyTo {
-    /// A reply in mpreg's form to request `u`.
-    pub(crate) fn mpreg(u: Value) -> Self {
-        Self {
-            u,
-            dialect: Dialect::Mpreg,
-        }
-    }
-}
 
 /// One command of a request: run `fun` with `args` and `kwargs` on a node
 /// that has every dataset in `locs`, and call the result `name`.
@@ -251,7 +179,7 @@ impl FromIterator<Command> for Request {
 #[derive(Serialize)]
 pub(crate) struct OutgoingRequest<'a> {
     pub(crate) role: &'static str,
-    /// Always [`MARKER_VERSION`].
+    /// Always [`MARKER_VERSION`](super::MARKER_VERSION).
     pub(crate) mpreg: u64,
     pub(crate) u: &'a str,
     pub(crate) cmds: &'a [Command],
@@ -354,25 +282,6 @@ impl IncomingRequest {
     }
 }
 
-/// What a request's reply holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ReplyShape {
-    /// Every command's result is needed, not only the sinks'.
-    pub(crate) all: bool,
-    /// The later client's level-by-level report: `r` holds the last level
-    /// and `intermediate_results` one entry per level.
-    pub(crate) levels: bool,
-    /// The later client's `execution_summary`.
-    pub(crate) summary: bool,
-}
-
-impl ReplyShape {
-    /// Whether the run must be timed (for levels or a summary).
-    pub(crate) fn timed(self) -> bool {
-        self.levels || self.summary
-    }
-}
-
 /// The longest request id accepted: 256 bytes of its JSON text as the node
 /// writes it back (quotes and escapes included). A longer `u` is a
 /// `bad_request` (whose reply still carries it, once): the id is copied into
@@ -436,217 +345,6 @@ fn id_len(u: &Value) -> usize {
     }
 }
 
-/// Whom the reply to a frame that could not be read as a request answers:
-/// its request id, when its `u` (at the top level, or inside `rpc` when
-/// `rpc` is an object) is a string or a number whose text can be read
-/// (else `null`), and the form of the reply.
-///
-/// The form is the later client's ([`Dialect::Later`]) when the id was read
-/// and the top level, as far as it could be read, has no `rpc` member and
-/// no [`MARKER_FIELD`] other than `null`; otherwise mpreg's. A reply with
-/// no id matches no request, so it takes mpreg's form.
-///
-/// A scan of the bytes, not a parse: it builds no tree, does not recurse
-/// (nesting only moves a counter) and reads no more than the frame, so it
-/// is safe on any input. It reads as the plain parse would: of two `u`s the
-/// last counts, and escaped keys are decoded.
-pub(crate) fn reply_to(bytes: &[u8]) -> ReplyTo {
-    let top = IdScan { bytes, pos: 0 }.object(false);
-    let u = match top.rpc {
-        Some(inner) => inner,
-        None => top.u,
-    };
-    let u = u
-        .and_then(|text| match serde_json::from_slice::<Value>(text) {
-            Ok(u @ (Value::String(_) | Value::Number(_))) => Some(u),
-            _ => None,
-        })
-        .unwrap_or(Value::Null);
-    let dialect = if u.is_null() || top.has_rpc || top.marked {
-        Dialect::Mpreg
-    } else {
-        Dialect::Later
-    };
-    ReplyTo { u, dialect }
-}
-
-/// The request id of a frame (see [`reply_to`]).
-#[cfg(test)]
-pub(crate) fn request_id(bytes: &[u8]) -> Value {
-    reply_to(bytes).u
-}
-
-/// The byte scan of [`reply_to`].
-struct IdScan<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> IdScan<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    fn skip_ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.pos += 1;
-        }
-    }
-
-    /// Consumes `byte` (after whitespace), or fails.
-    fn expect(&mut self, byte: u8) -> Option<()> {
-        self.skip_ws();
-        (self.peek()? == byte).then(|| self.pos += 1)
-    }
-
-    /// Consumes a string at `pos` (which is at its opening quote); returns
-    /// its text, quotes included.
-    fn string(&mut self) -> Option<&'a [u8]> {
-        let start = self.pos;
-        if self.peek()? != b'"' {
-            return None;
-        }
-        self.pos += 1;
-        loop {
-            match self.peek()? {
-                b'"' => {
-                    self.pos += 1;
-                    return Some(&self.bytes[start..self.pos]);
-                }
-                b'\\' => self.pos += 2,
-                _ => self.pos += 1,
-            }
-        }
-    }
-
-    /// Consumes one value at `pos`, whatever its nesting (a depth counter,
-    /// no recursion); returns its text.
-    fn value(&mut self) -> Option<&'a [u8]> {
-        self.skip_ws();
-        let start = self.pos;
-        let mut depth = 0usize;
-        loop {
-            match self.peek()? {
-                b'"' => {
-                    self.string()?;
-                }
-                b'[' | b'{' => {
-                    depth += 1;
-                    self.pos += 1;
-                }
-                b']' | b'}' => {
-                    depth = depth.checked_sub(1)?;
-                    self.pos += 1;
-                }
-                // Inside an array or object: anything else goes by.
-                _ if depth > 0 => self.pos += 1,
-                _ => {
-                    // A scalar at the top of this value: up to a delimiter.
-                    while let Some(b) = self.peek() {
-                        if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
-                            break;
-                        }
-                        self.pos += 1;
-                    }
-                }
-            }
-            if depth == 0 {
-                return (self.pos > start).then(|| &self.bytes[start..self.pos]);
-            }
-        }
-    }
-
-    /// Whether a key's text (quotes included) names `name`.
-    fn is_key(text: &[u8], name: &str) -> bool {
-        let inner = &text[1..text.len() - 1];
-        if !inner.contains(&b'\\') {
-            return inner == name.as_bytes();
-        }
-        serde_json::from_slice::<String>(text).is_ok_and(|k| k == name)
-    }
-
-    /// Reads the members of the object at `pos`: the text of its last `u`
-    /// and, at the top level (`nested` false), the `u` of its last `rpc`
-    /// member when that is an object (`Some(None)` when it has none), and
-    /// whether the object was read to its end. Stops at the first thing
-    /// that is not JSON, keeping what it read before.
-    fn object(&mut self, nested: bool) -> Members<'a> {
-        let mut m = Members::default();
-        if self.expect(b'{').is_none() {
-            return m;
-        }
-        self.skip_ws();
-        if self.peek() == Some(b'}') {
-            self.pos += 1;
-            m.complete = true;
-            return m;
-        }
-        loop {
-            self.skip_ws();
-            let Some(key) = self.string() else {
-                return m;
-            };
-            if self.expect(b':').is_none() {
-                return m;
-            }
-            self.skip_ws();
-            if !nested && Self::is_key(key, "rpc") {
-                m.has_rpc = true;
-                if self.peek() == Some(b'{') {
-                    let inner = self.object(true);
-                    // Last wins, as in a map; an `rpc` cut short is still
-                    // the one the plain parse would have failed on.
-                    m.rpc = Some(inner.u);
-                    if !inner.complete {
-                        return m;
-                    }
-                } else {
-                    m.rpc = None;
-                    if self.value().is_none() {
-                        return m;
-                    }
-                }
-            } else {
-                let Some(value) = self.value() else {
-                    return m;
-                };
-                if Self::is_key(key, "u") {
-                    m.u = Some(value);
-                } else if !nested && Self::is_key(key, MARKER_FIELD) {
-                    // Last wins; `null` is no marker.
-                    m.marked = value != b"null";
-                }
-            }
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    m.complete = true;
-                    return m;
-                }
-                _ => return m,
-            }
-        }
-    }
-}
-
-/// What [`IdScan::object`] read of an object.
-#[derive(Default)]
-struct Members<'a> {
-    /// The text of its last `u`.
-    u: Option<&'a [u8]>,
-    /// The `u` of its last `rpc` member, when that is an object.
-    rpc: Option<Option<&'a [u8]>>,
-    /// Whether the object was read to its closing brace.
-    complete: bool,
-    /// Whether it has an `rpc` member (of any type; top level only).
-    has_rpc: bool,
-    /// Whether its last [`MARKER_FIELD`] is other than `null` (top level
-    /// only).
-    marked: bool,
-}
-
 /// A request that could not be read: the error, and whom the reply
 /// answers (with the request id when it could be read).
 #[derive(Debug)]
@@ -667,8 +365,9 @@ fn read_id(obj: &Map<String, Value>) -> Option<Value> {
 /// Parses one client frame (either envelope).
 ///
 /// A well-formed request is read in one pass that keeps each argument as
-/// its raw JSON text (checked to parse, see [`checked_raw`]), so a node
-/// that forwards a large argument never builds its tree. Anything unusual
+/// its raw JSON text (checked to parse, see
+/// [`checked_raw`](crate::payload::checked_raw)), so a node that forwards a
+/// large argument never builds its tree. Anything unusual
 /// (an error, a duplicate field, deep nesting) is read again the plain
 /// way, which words the error.
 ///
@@ -716,7 +415,7 @@ pub(crate) fn parse_request(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
 /// Parses one client frame through a [`Value`] tree.
 ///
 /// A rejection's form is left to [`parse_request`] (mpreg's here).
-fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
+pub(super) fn parse_request_slowly(bytes: &[u8]) -> Result<IncomingRequest, Rejected> {
     let reject = |u: Value, message: String| Rejected {
         to: ReplyTo::mpreg(u),
         error: Box::new(RpcError::bad_request(message)),
@@ -814,326 +513,10 @@ fn read_body(body: &mut Map<String, Value>) -> Result<(Request, bool), String> {
     Ok((request, summary))
 }
 
-/// The deepest nesting a result may have: what every JSON parser of the
-/// protocol accepts (serde_json's default limit), so every reply can be read.
-pub(crate) const MAX_RESULT_DEPTH: usize = 128;
-
-/// One command's result, sent ahead of the final reply to a request that
-/// asked for `stream`: `{"role":"rpc-progress","u":..,"name":..,"value":..}`.
-#[derive(Debug, Serialize)]
-pub(crate) struct ProgressMessage<'a> {
-    pub(crate) role: &'static str,
-    /// The request's id.
-    pub(crate) u: &'a Value,
-    /// The command's name.
-    pub(crate) name: &'a str,
-    /// Its result.
-    pub(crate) value: &'a Payload,
-}
-
-/// The `role` of a progress message.
-pub(crate) const PROGRESS_ROLE: &str = "rpc-progress";
-
-impl<'a> ProgressMessage<'a> {
-    pub(crate) fn new(u: &'a Value, name: &'a str, value: &'a Payload) -> Self {
-        Self {
-            role: PROGRESS_ROLE,
-            u,
-            name,
-            value,
-        }
-    }
-
-    /// Encodes the message. A `serde_json::Value` always encodes; should it
-    /// ever fail, the result is sent as `null` rather than not at all.
-    pub(crate) fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "progress message could not be encoded");
-            let null = Payload::Tree(Value::Null);
-            let fallback = ProgressMessage::new(self.u, self.name, &null);
-            serde_json::to_string(&fallback).unwrap_or_default()
-        })
-    }
-}
-
-/// A reply to one request, as a client reads it (and as a request made in
-/// process gets it).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Reply {
-    #[serde(default, skip_deserializing)]
-    pub(crate) role: ReplyRole,
-    /// The request's id (`null` when it could not be read).
-    pub(crate) u: Value,
-    /// Results by command name, on success.
-    pub(crate) r: Option<Map<String, Value>>,
-    /// The error, on failure.
-    #[serde(default, serialize_with = "mpreg_error")]
-    pub(crate) error: Option<RpcError>,
-}
-
-/// Always serializes as `"rpc-response"`.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct ReplyRole;
-
-impl Serialize for ReplyRole {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("rpc-response")
-    }
-}
-
-impl Reply {
-    pub(crate) fn ok(u: Value, results: Map<String, Value>) -> Self {
-        Self {
-            role: ReplyRole,
-            u,
-            r: Some(results),
-            error: None,
-        }
-    }
-
-    pub(crate) fn err(u: Value, error: RpcError) -> Self {
-        Self {
-            role: ReplyRole,
-            u,
-            r: None,
-            error: Some(error),
-        }
-    }
-
-    /// Encodes the reply, in mpreg's form. Results are
-    /// `serde_json::Value`s, whose encoding cannot fail; should it ever,
-    /// the client still gets an error reply.
-    pub(crate) fn encode(&self) -> String {
-        encode_or_error(self, &ReplyTo::mpreg(self.u.clone()))
-    }
-}
-
-/// Writes a reply's error in mpreg's form (see [`ErrorOut`]).
-fn mpreg_error<S: serde::Serializer>(error: &Option<RpcError>, s: S) -> Result<S::Ok, S::Error> {
-    error
-        .as_ref()
-        .map(|error| ErrorOut {
-            error,
-            dialect: Dialect::Mpreg,
-        })
-        .serialize(s)
-}
-
-/// A reply's `error` object, as a client of `dialect` reads it: `kind` is
-/// always mpreg's string code; `code` is the same string in mpreg's form
-/// and the original's number ([`later::code_number`]) in the later
-/// client's, where `details` is always present (`null` when there are
-/// none).
-pub(crate) struct ErrorOut<'a> {
-    pub(crate) error: &'a RpcError,
-    pub(crate) dialect: Dialect,
-}
-
-impl Serialize for ErrorOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-
-        let e = self.error;
-        let mut map = s.serialize_map(None)?;
-        match self.dialect {
-            Dialect::Mpreg => map.serialize_entry("code", e.code.as_str())?,
-            Dialect::Later => map.serialize_entry("code", &later::code_number(e.code))?,
-        }
-        map.serialize_entry("kind", e.code.as_str())?;
-        map.serialize_entry("message", &e.message)?;
-        if let Some(command) = &e.command {
-            map.serialize_entry("command", command)?;
-        }
-        match (&e.details, self.dialect) {
-            (Some(details), _) => map.serialize_entry("details", details)?,
-            (None, Dialect::Later) => map.serialize_entry("details", &Value::Null)?,
-            (None, Dialect::Mpreg) => {}
-        }
-        map.end()
-    }
-}
-
-/// `reply` as JSON text; should encoding fail, an `internal` error reply
-/// to `to` instead.
-fn encode_or_error(reply: &impl Serialize, to: &ReplyTo) -> String {
-    serde_json::to_string(reply).unwrap_or_else(|e| {
-        let fallback = Answer::err(
-            to.clone(),
-            RpcError::new(
-                crate::ErrorCode::Internal,
-                format!("reply could not be encoded: {e}"),
-            ),
-        );
-        // A reply of an id, a code and a string always encodes.
-        serde_json::to_string(&fallback).unwrap_or_default()
-    })
-}
-
-/// A reply as a node sends it, in the request's form: [`Reply`]'s wire
-/// form, with results that may still be the raw JSON text a peer sent
-/// (copied, never parsed).
-#[derive(Debug)]
-pub(crate) struct Answer {
-    /// Whom it answers: the request's id (`null` when it could not be read)
-    /// and the form of the reply.
-    pub(crate) to: ReplyTo,
-    /// Results by command name (sorted by name, or by level then name with
-    /// a level report), on success.
-    pub(crate) r: Option<Vec<(String, Payload)>>,
-    /// The error, on failure.
-    pub(crate) error: Option<RpcError>,
-    /// The later client's level report and summary, when it asked for
-    /// them (see [`later`]).
-    pub(crate) report: Option<Box<later::Report>>,
-}
-
-impl Answer {
-    pub(crate) fn ok(to: ReplyTo, mut results: Vec<(String, Payload)>) -> Self {
-        // A map sorted by name, as `Reply` has it.
-        results.sort_by(|a, b| a.0.cmp(&b.0));
-        // Of two results with one name, the last stays (as in a map).
-        results.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                std::mem::swap(later, kept);
-            }
-            same
-        });
-        Self {
-            to,
-            r: Some(results),
-            error: None,
-            report: None,
-        }
-    }
-
-    pub(crate) fn err(to: ReplyTo, error: RpcError) -> Self {
-        Self {
-            to,
-            r: None,
-            error: Some(error),
-            report: None,
-        }
-    }
-
-    /// The answer to the later client's request for levels or a summary
-    /// (`to` is in its form): `results` as [`later::Report::new`] leaves
-    /// them, with `report`; `too_large` instead when the reply's text would
-    /// be longer than `limit` (a result is written once per level from its
-    /// own on, so the reply may be many times the results' size).
-    pub(crate) fn reported(
-        to: ReplyTo,
-        results: Vec<(String, Payload)>,
-        report: later::Report,
-        limit: usize,
-    ) -> Self {
-        if let Err(e) = report.fits(&results, limit) {
-            return Self::err(to, e);
-        }
-        Self {
-            to,
-            r: Some(results),
-            error: None,
-            report: Some(Box::new(report)),
-        }
-    }
-
-    /// The reply with every result parsed (for a request made in process).
-    pub(crate) fn into_reply(self) -> Reply {
-        let u = self.to.u;
-        let Some(results) = self.r else {
-            return Reply {
-                role: ReplyRole,
-                u,
-                r: None,
-                error: self.error,
-            };
-        };
-        let results = match &self.report {
-            Some(report) => report.r(&results).to_vec(),
-            None => results,
-        };
-        let mut r = Map::new();
-        for (name, payload) in results {
-            match payload.into_value() {
-                Ok(value) => {
-                    r.insert(name, value);
-                }
-                Err(e) => {
-                    let error = RpcError::new(
-                        crate::ErrorCode::Internal,
-                        format!("result could not be read: {e}"),
-                    )
-                    .with_command(name);
-                    return Reply::err(u, error);
-                }
-            }
-        }
-        Reply::ok(u, r)
-    }
-
-    /// Encodes the reply (as [`Reply::encode`] does, in the request's form).
-    pub(crate) fn encode(&self) -> String {
-        encode_or_error(self, &self.to)
-    }
-}
-
-/// Results as a JSON object, in their order, without copying them.
-pub(crate) struct ResultMap<'a>(pub(crate) &'a [(String, Payload)]);
-
-impl Serialize for ResultMap<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (name, value) in self.0 {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
-}
-
-impl Serialize for Answer {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-
-        let results = self.r.as_deref();
-        let report = self.report.as_deref();
-        let r = match (results, report) {
-            (Some(results), Some(report)) => Some(ResultMap(report.r(results))),
-            (results, _) => results.map(ResultMap),
-        };
-        let error = self.error.as_ref().map(|error| ErrorOut {
-            error,
-            dialect: self.to.dialect,
-        });
-        let later = self.to.dialect == Dialect::Later;
-        let mut reply = s.serialize_struct("Reply", if later { 6 } else { 4 })?;
-        reply.serialize_field("role", &ReplyRole)?;
-        reply.serialize_field("u", &self.to.u)?;
-        reply.serialize_field("r", &r)?;
-        reply.serialize_field("error", &error)?;
-        if later {
-            // The later client's model has these fields: always written.
-            match (results, report) {
-                (Some(results), Some(report)) => {
-                    reply.serialize_field("intermediate_results", &report.intermediate(results))?;
-                    reply.serialize_field("execution_summary", &report.summary())?;
-                }
-                _ => {
-                    reply.serialize_field("intermediate_results", &[(); 0])?;
-                    reply.serialize_field("execution_summary", &())?;
-                }
-            }
-        }
-        reply.end()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorCode;
+    use crate::protocol::reply::MARKER_VERSION;
     use serde_json::json;
 
     fn parse(v: Value) -> Result<IncomingRequest, Rejected> {
@@ -1205,18 +588,6 @@ mod tests {
     }
 
     #[test]
-    fn progress_message_shape() {
-        let m: Value = serde_json::from_str(
-            &ProgressMessage::new(&json!("u1"), "first", &json!([1, "x"]).into()).encode(),
-        )
-        .expect("json");
-        assert_eq!(
-            m,
-            json!({"role":"rpc-progress","u":"u1","name":"first","value":[1,"x"]})
-        );
-    }
-
-    #[test]
     fn malformed_input_is_rejected_with_id_when_readable() {
         let e = parse_request(b"{not json").expect_err("bad json");
         assert_eq!(e.to.u, Value::Null);
@@ -1255,31 +626,6 @@ mod tests {
             "{}",
             e.error.message
         );
-    }
-
-    #[test]
-    fn ok_replies_encode_as_their_map_would() {
-        let cases: [&[(&str, Value)]; 4] = [
-            &[],
-            &[("a", json!(1))],
-            &[("b", json!(1)), ("a", json!([2]))],
-            &[("x", json!(1)), ("a", json!(2)), ("x", json!({"k": 3}))],
-        ];
-        for case in cases {
-            let results: Vec<(String, Value)> = case
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
-            let map: Map<String, Value> = results.iter().cloned().collect();
-            let payloads = results
-                .into_iter()
-                .map(|(k, v)| (k, Payload::Tree(v)))
-                .collect();
-            assert_eq!(
-                Answer::ok(ReplyTo::mpreg(json!(7)), payloads).encode(),
-                Reply::ok(json!(7), map).encode()
-            );
-        }
     }
 
     #[test]
@@ -1344,27 +690,6 @@ mod tests {
     }
 
     #[test]
-    fn reading_the_id_of_hostile_frames_is_bounded() {
-        // A million levels, on a small stack: the scan only counts.
-        let worker = std::thread::Builder::new()
-            .stack_size(256 << 10)
-            .spawn(|| {
-                let depth = 1_000_000;
-                let frame = format!(
-                    r#"{{"cmds":[{}1{}],"u":"deep"}}"#,
-                    "[{\"a\":".repeat(depth),
-                    "}]".repeat(depth)
-                );
-                assert_eq!(request_id(frame.as_bytes()), json!("deep"));
-                let open = format!(r#"{{"u":"open","x":{}"#, "[".repeat(depth));
-                assert_eq!(request_id(open.as_bytes()), json!("open"));
-                assert_eq!(request_id("{".repeat(depth).as_bytes()), Value::Null);
-            })
-            .expect("spawn");
-        worker.join().expect("no stack overflow");
-    }
-
-    #[test]
     fn ids_have_a_length_limit() {
         let cmd = json!({"name":"a","fun":"echo"});
         // Quotes included: 254 bytes of text is 256 of JSON.
@@ -1414,22 +739,6 @@ mod tests {
         assert_eq!(r.reply_budget, usize::MAX);
         let r = IncomingRequest::new(json!(1), Request::new());
         assert_eq!(r.reply_budget, usize::MAX);
-    }
-
-    #[test]
-    fn reply_shapes_match_the_protocol() {
-        let mut r = Map::new();
-        r.insert("first".into(), json!("hi"));
-        let ok: Value = serde_json::from_str(&Reply::ok(json!("u1"), r).encode()).expect("json");
-        assert_eq!(
-            ok,
-            json!({"role":"rpc-response","u":"u1","r":{"first":"hi"},"error":null})
-        );
-        let err: Value =
-            serde_json::from_str(&Reply::err(json!(null), RpcError::bad_request("x")).encode())
-                .expect("json");
-        assert_eq!(err["r"], Value::Null);
-        assert_eq!(err["error"]["code"], "bad_request");
     }
 
     /// Whom the reply to `frame` answers, whether it parses or not.
@@ -1544,101 +853,5 @@ mod tests {
         bad["include_execution_summary"] = json!("yes");
         let e = parse(bad).expect_err("not a bool");
         assert!(e.error.message.contains("include_execution_summary"));
-    }
-
-    #[test]
-    fn errors_in_both_forms() {
-        let error = RpcError::new(ErrorCode::UnknownFunction, "no function 'f' on any node")
-            .with_command("x");
-        let mpreg: Value =
-            serde_json::from_str(&Answer::err(ReplyTo::mpreg(json!("u1")), error.clone()).encode())
-                .expect("json");
-        assert_eq!(
-            mpreg,
-            json!({"role":"rpc-response","u":"u1","r":null,"error":{
-                "code":"unknown_function","kind":"unknown_function",
-                "message":"no function 'f' on any node","command":"x"}})
-        );
-        let to = ReplyTo {
-            u: json!("u1"),
-            dialect: Dialect::Later,
-        };
-        let later: Value =
-            serde_json::from_str(&Answer::err(to.clone(), error).encode()).expect("json");
-        assert_eq!(
-            later,
-            json!({"role":"rpc-response","u":"u1","r":null,"error":{
-                "code":1001,"kind":"unknown_function",
-                "message":"no function 'f' on any node","command":"x","details":null},
-                "intermediate_results":[],"execution_summary":null})
-        );
-        // Details are kept as they are.
-        let cycle = RpcError::new(ErrorCode::Cycle, "a cycle").with_details(json!({"cycle":["a"]}));
-        let later: Value =
-            serde_json::from_str(&Answer::err(to.clone(), cycle).encode()).expect("json");
-        assert_eq!(later["error"]["code"], 1003);
-        assert_eq!(later["error"]["details"], json!({"cycle":["a"]}));
-        // Successes too carry the later client's fields.
-        let ok = Answer::ok(to, vec![("a".into(), Payload::Tree(json!(1)))]);
-        let ok: Value = serde_json::from_str(&ok.encode()).expect("json");
-        assert_eq!(
-            ok,
-            json!({"role":"rpc-response","u":"u1","r":{"a":1},"error":null,
-                "intermediate_results":[],"execution_summary":null})
-        );
-        // Every error reads back, whatever its form.
-        for code in ErrorCode::ALL {
-            for dialect in [Dialect::Mpreg, Dialect::Later] {
-                let error = RpcError::new(code, "m");
-                let out = serde_json::to_string(&ErrorOut {
-                    error: &error,
-                    dialect,
-                })
-                .expect("json");
-                let back: RpcError = serde_json::from_str(&out).expect("reads");
-                assert_eq!(back.code, code, "{out}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_level_report_answers_with_the_last_level() {
-        use std::time::{Duration, UNIX_EPOCH};
-
-        let to = ReplyTo {
-            u: json!("lv"),
-            dialect: Dialect::Later,
-        };
-        let mut results = vec![
-            ("first".to_owned(), Payload::Tree(json!("hi"))),
-            ("second".to_owned(), Payload::Tree(json!("hi"))),
-        ];
-        let timing = later::Timing {
-            depths: vec![0, 1],
-            done: vec![Duration::from_millis(1), Duration::from_millis(2)],
-            total: Duration::from_millis(2),
-            started: UNIX_EPOCH,
-        };
-        let report = later::Report::new(&to.u, &mut results, &timing, true, false);
-        let answer = Answer::reported(to.clone(), results.clone(), report.clone(), usize::MAX);
-        let reply: Value = serde_json::from_str(&answer.encode()).expect("json");
-        assert_eq!(reply["r"], json!({"second": "hi"}));
-        assert_eq!(reply["error"], Value::Null);
-        assert_eq!(
-            reply["intermediate_results"].as_array().map(Vec::len),
-            Some(2)
-        );
-        assert_eq!(reply["execution_summary"], Value::Null);
-        // In process, the same `r`.
-        let in_process = Answer::reported(to.clone(), results.clone(), report.clone(), usize::MAX);
-        let r = in_process.into_reply().r.expect("results");
-        assert_eq!(Value::Object(r), json!({"second": "hi"}));
-        // Over the limit: `too_large`, in the later form.
-        let small = Answer::reported(to, results, report, 100);
-        let reply: Value = serde_json::from_str(&small.encode()).expect("json");
-        assert_eq!(reply["error"]["code"], 1003);
-        assert_eq!(reply["error"]["kind"], "too_large");
-        assert_eq!(reply["error"]["details"]["limit"], 100);
-        assert_eq!(reply["intermediate_results"], json!([]));
     }
 }
