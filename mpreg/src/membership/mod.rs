@@ -62,6 +62,7 @@ use tokio::{
 use tracing::Instrument;
 
 use self::core::Core;
+use crate::transport::Transport;
 
 /// Largest packet foca produces and accepts: below a typical Ethernet MTU, so
 /// gossip datagrams are not fragmented.
@@ -385,8 +386,65 @@ pub(crate) struct Membership {
 
 /// The socket of a membership task, closed before the task's end is told.
 struct Closing {
-    socket: UdpSocket,
+    socket: Socket,
     _finished: oneshot::Sender<()>,
+}
+
+/// The gossip's socket: UDP, or the in-memory network's datagrams (the
+/// simulation's). The driver is the same on both.
+#[derive(Debug)]
+enum Socket {
+    Udp(UdpSocket),
+    Memory(crate::transport::memory::Datagrams),
+}
+
+impl Socket {
+    /// Binds `addr` on `transport`; returns the socket and the runtime
+    /// its task runs on: the process's gossip thread for UDP, the caller's
+    /// runtime in memory (so a simulation's paused clock is the gossip's
+    /// too).
+    fn bind(
+        addr: SocketAddr,
+        transport: &Transport,
+    ) -> io::Result<(Socket, tokio::runtime::Handle)> {
+        match transport {
+            Transport::Os => {
+                let socket = std::net::UdpSocket::bind(addr)?;
+                socket.set_nonblocking(true)?;
+                let runtime = gossip_runtime()?;
+                let socket = {
+                    let _entered = runtime.enter();
+                    UdpSocket::from_std(socket)?
+                };
+                Ok((Socket::Udp(socket), runtime))
+            }
+            Transport::Memory(net) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+                Ok((Socket::Memory(net.bind_datagrams(addr)?), runtime))
+            }
+        }
+    }
+
+    async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Socket::Udp(socket) => socket.recv_from(buf).await,
+            Socket::Memory(socket) => socket.recv_from(buf).await,
+        }
+    }
+
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Socket::Udp(socket) => socket.try_recv_from(buf),
+            Socket::Memory(socket) => socket.try_recv_from(buf),
+        }
+    }
+
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        match self {
+            Socket::Udp(socket) => socket.send_to(data, to).await,
+            Socket::Memory(socket) => socket.send_to(data, to),
+        }
+    }
 }
 
 /// The runtime the gossip of every node of this process runs on: one
@@ -443,8 +501,9 @@ impl Task {
 }
 
 impl Membership {
-    /// Binds UDP on `id.addr` and starts the membership task, offering
-    /// `card`. Events arrive on the returned receiver.
+    /// Binds UDP (or the in-memory network's datagrams, per `transport`)
+    /// on `id.addr` and starts the membership task, offering `card`.
+    /// Events arrive on the returned receiver.
     ///
     /// `id.addr` must be the address other nodes reach us at, with a real port
     /// (the one of the WebSocket listener, which keeps the number taken).
@@ -452,6 +511,7 @@ impl Membership {
         id: MemberId,
         card: Arc<[u8]>,
         config: MembershipConfig,
+        transport: &Transport,
     ) -> io::Result<(Membership, mpsc::Receiver<MemberEvent>)> {
         if id.addr.port() == 0 {
             return Err(io::Error::new(
@@ -461,8 +521,12 @@ impl Membership {
         }
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
         let core = Core::new(id, &config, rng, card.clone())?;
-        let socket = std::net::UdpSocket::bind(id.addr)?;
-        socket.set_nonblocking(true)?;
+        // Failure detection runs on a thread and runtime of its own, shared
+        // by the nodes of this process: a node whose workers are busy
+        // (decoding a huge message, a handler that blocks) still answers
+        // probes, so it is not declared dead; and a process with a hundred
+        // nodes has one gossip thread, not a hundred.
+        let (socket, runtime) = Socket::bind(id.addr, transport)?;
 
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);
@@ -477,26 +541,18 @@ impl Membership {
             dropped: Arc::clone(&dropped),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
-        // Failure detection runs on a thread and runtime of its own, shared
-        // by the nodes of this process: a node whose workers are busy
-        // (decoding a huge message, a handler that blocks) still answers
-        // probes, so it is not declared dead; and a process with a hundred
-        // nodes has one gossip thread, not a hundred.
-        let runtime = gossip_runtime()?;
-        let socket = {
-            let _entered = runtime.enter();
-            UdpSocket::from_std(socket)?
-        };
         let (finished_tx, finished_rx) = oneshot::channel::<()>();
         let task = runtime.spawn(
             async move {
                 // Dropped in this order however the task ends (aborted
                 // too): the socket closes, then the waiters hear it.
-                let closing = Closing {
+                let mut closing = Closing {
                     socket,
                     _finished: finished_tx,
                 };
-                driver.run(&closing.socket, commands_rx, advert_rx).await;
+                driver
+                    .run(&mut closing.socket, commands_rx, advert_rx)
+                    .await;
             }
             .instrument(span),
         );
@@ -628,7 +684,7 @@ impl Driver {
     /// cleanly).
     async fn run(
         mut self,
-        socket: &UdpSocket,
+        socket: &mut Socket,
         mut commands: mpsc::Receiver<Command>,
         mut wanted: watch::Receiver<Advert>,
     ) {
@@ -695,7 +751,7 @@ impl Driver {
     }
 
     /// Sends what the core queued, and hands its events on.
-    async fn flush(&mut self, socket: &UdpSocket) {
+    async fn flush(&mut self, socket: &Socket) {
         for (to, packet) in self.core.take_outbox() {
             if let Err(error) = socket.send_to(&packet, to).await {
                 tracing::debug!(%to, %error, "sending a membership packet failed");
@@ -962,9 +1018,10 @@ mod tests {
                 version: 1,
             };
             let card: Arc<[u8]> = Arc::from(format!("card of {addr}").into_bytes());
-            let (membership, events) = Membership::start(id, card, MembershipConfig::for_tests())
-                .await
-                .expect("start membership");
+            let (membership, events) =
+                Membership::start(id, card, MembershipConfig::for_tests(), &Transport::Os)
+                    .await
+                    .expect("start membership");
             Self {
                 membership,
                 events,

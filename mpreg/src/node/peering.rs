@@ -407,7 +407,13 @@ pub(super) async fn dial(
             .map_err(|e| e.to_string())?;
         request.headers_mut().insert(auth::TICKET_HEADER, value);
     }
-    let connect = crate::tls::connect(request, state.tls.connector.as_ref(), config);
+    let connect = crate::tls::connect_over(
+        &state.transport,
+        state.advertise,
+        request,
+        state.tls.connector.as_ref(),
+        config,
+    );
     let (stream, _) = tokio::time::timeout(HELLO_TIMEOUT, connect)
         .await
         .map_err(|_| "connect timed out".to_owned())?

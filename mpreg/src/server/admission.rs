@@ -12,7 +12,6 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::net::IpAddr;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -75,7 +74,7 @@ pub(super) fn auth_token(message: &Message) -> Result<String, ReplyTo> {
 /// TLS, the request head and, for a WebSocket, the upgrade with admission
 /// (see [`admit`]). The caller bounds the time it may take.
 pub(super) async fn open(
-    stream: TcpStream,
+    stream: crate::transport::Conn,
     address: IpAddr,
     state: &RunningNode,
 ) -> Result<Opened, WsError> {

@@ -1,0 +1,253 @@
+//! Whole nodes in a simulation: real nodes (server, links, handshake,
+//! dispatcher, membership driver) on the in-memory network of
+//! [`crate::transport::memory`], on one runtime whose clock is paused, so
+//! time jumps to the next timer whenever every task waits. Convergence, a
+//! partition and its healing, and churn take seconds of wall time and no
+//! socket.
+//!
+//! Requests enter through [`NodeHandle::send`] (planning, routing to peers
+//! and execution as for a client; only the client's WebSocket is left out).
+//! Nodes seed their random numbers from the system, so runs are not
+//! repeated bit for bit; what is asserted holds for any of them. Every wait
+//! is bounded in simulated time; nothing is timed with the wall clock.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{Node, NodeHandle};
+use crate::cluster::NodeStatus;
+use crate::error::{Error, ErrorCode};
+use crate::protocol::{Command, Request};
+use crate::registry::Function;
+use crate::transport::{Transport, memory::Network};
+
+/// How often a wait looks again (simulated time).
+const POLL: Duration = Duration::from_millis(100);
+
+/// A cluster on an in-memory network: node `i` is named `n{i}`, has the
+/// dataset `d{i}` and serves `work`, which answers with its name.
+struct Sim {
+    net: Network,
+    /// Each node's address, by index (kept when it stops).
+    addrs: Vec<SocketAddr>,
+    /// The nodes running, by index.
+    nodes: Vec<Option<NodeHandle>>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Self {
+            net: Network::new(),
+            addrs: Vec::new(),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Starts `count` nodes, each joining through node 0.
+    async fn start(count: usize) -> Self {
+        let mut sim = Self::new();
+        for _ in 0..count {
+            sim.add().await;
+        }
+        sim
+    }
+
+    /// Starts a node at a new address; returns its index.
+    async fn add(&mut self) -> usize {
+        let i = self.addrs.len();
+        self.addrs.push(self.net.host());
+        self.nodes.push(None);
+        self.restart(i).await;
+        i
+    }
+
+    /// Node `i`'s builder.
+    fn builder(&self, i: usize) -> super::NodeBuilder {
+        let name = format!("n{i}");
+        let answer = name.clone();
+        let builder = Node::builder()
+            .transport(Transport::Memory(self.net.clone()))
+            .name(name)
+            .listen(self.addrs[i].to_string())
+            .without_linked_functions()
+            .datasets([format!("d{i}")])
+            .function(Function::new("work", move |_| {
+                let answer = answer.clone();
+                async move { Ok(json!(answer)) }
+            }));
+        if i == 0 {
+            builder
+        } else {
+            builder.peers([format!("ws://{}", self.addrs[0])])
+        }
+    }
+
+    /// Starts node `i` (again) at its address, joining through node 0.
+    async fn restart(&mut self, i: usize) {
+        // A node just stopped may not have closed its listener yet.
+        let mut tries = 0;
+        let node = loop {
+            match self.builder(i).start().await {
+                Ok(node) => break node,
+                Err(e) if tries < 10 => {
+                    tries += 1;
+                    tracing::debug!(node = i, error = %e, "start failed; again");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("n{i} did not start: {e}"),
+            }
+        };
+        self.nodes[i] = Some(node);
+    }
+
+    fn node(&self, i: usize) -> &NodeHandle {
+        self.nodes[i].as_ref().expect("running")
+    }
+
+    /// The indexes of the nodes running.
+    fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
+    }
+
+    /// Stops node `i` gracefully (it leaves membership first).
+    async fn stop(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.shutdown().await;
+        }
+    }
+
+    /// Waits (at most `limit` of simulated time) until `done` holds;
+    /// returns the simulated time it took, or panics with `what` and the
+    /// last `state`.
+    async fn settle(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+        state: impl Fn(&Self) -> String,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            if done(self) {
+                return start.elapsed();
+            }
+            if start.elapsed() > limit {
+                panic!("{what}: not within {limit:?} (simulated); {}", state(self));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until every node in `group` sees exactly the nodes of
+    /// `group` (by card: count and datasets, see `exactly`).
+    async fn converge(&self, what: &str, group: &[usize], limit: Duration) -> Duration {
+        self.settle(
+            what,
+            limit,
+            |sim| group.iter().all(|&i| sim.sees_exactly(i, group)),
+            |sim| sim.describe(group),
+        )
+        .await
+    }
+
+    /// Whether node `i` sees exactly the running nodes of `group` (names
+    /// and generations, by their cards) and routes to each one's dataset.
+    fn sees_exactly(&self, i: usize, group: &[usize]) -> bool {
+        let node = self.node(i);
+        let summary = node.cluster_summary();
+        if summary.nodes != group.len() || summary.datasets != group.len() {
+            return false;
+        }
+        // Cheap checks first; the whole view for small clusters only.
+        if group.len() > 64 {
+            return true;
+        }
+        let view = node.cluster_view();
+        let mut seen: Vec<(String, u64)> = view
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.status, NodeStatus::Up | NodeStatus::This))
+            .map(|n| (n.name.clone(), n.generation))
+            .collect();
+        seen.sort();
+        let mut want: Vec<(String, u64)> = group
+            .iter()
+            .map(|&j| (format!("n{j}"), self.node(j).state.generation))
+            .collect();
+        want.sort();
+        seen == want
+            && group
+                .iter()
+                .all(|j| view.offers("work", &[format!("d{j}").as_str()]))
+    }
+
+    /// What each node of `group` sees, for a failure's message.
+    fn describe(&self, group: &[usize]) -> String {
+        group
+            .iter()
+            .map(|&i| {
+                let s = self.node(i).cluster_summary();
+                format!("n{i}: {} nodes, {} datasets", s.nodes, s.datasets)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Asks node `from` to run `work` on dataset `d{on}`.
+    async fn work(&self, from: usize, on: usize) -> Result<String, Error> {
+        let request = Request::new().cmd(Command::new("w", "work").dataset(format!("d{on}")));
+        let results = self.node(from).send(request).await?;
+        results.get::<String>("w")
+    }
+
+    /// Whether node `from` has a link to node `to` now.
+    fn linked(&self, from: usize, to: usize) -> bool {
+        self.node(from)
+            .cluster_view()
+            .node(&format!("n{to}"))
+            .is_some_and(|n| n.linked)
+    }
+
+    /// Stops every node.
+    async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await;
+        }
+    }
+}
+
+/// Whether `result` is the failure for no node having the datasets.
+fn no_node(result: &Result<String, Error>) -> bool {
+    matches!(result, Err(Error::Rpc(e)) if e.code == ErrorCode::NoNodeForDatasets)
+}
+
+#[tokio::test(start_paused = true)]
+async fn eight_nodes_converge_and_a_link_opens_on_demand() {
+    let sim = Sim::start(8).await;
+    let all = sim.running();
+    let took = sim
+        .converge("8 nodes converge", &all, Duration::from_secs(60))
+        .await;
+    eprintln!("8 nodes converged in {took:?} (simulated)");
+    // Routing came by gossip: nobody linked to anybody yet.
+    for i in &all {
+        for j in &all {
+            assert!(!sim.linked(*i, *j), "n{i} linked to n{j} before any call");
+        }
+    }
+
+    // Node 0 runs a command on a dataset only node 7 has: a link opens.
+    assert_eq!(sim.work(0, 7).await.expect("work on d7"), "n7");
+    assert!(sim.linked(0, 7), "no link from n0 to n7");
+    assert!(!sim.linked(0, 6), "a link nobody needed");
+    // And the other way round, over the same link or a new one.
+    assert_eq!(sim.work(7, 0).await.expect("work on d0"), "n0");
+    // A dataset nobody has.
+    assert!(no_node(&sim.work(0, 99).await));
+    sim.shutdown().await;
+}
