@@ -373,22 +373,11 @@ fn no_tls_in_memory() -> io::Error {
     )
 }
 
-/// Opens a WebSocket connection to `request`'s URL: `ws://` over TCP, or
+/// Opens a WebSocket connection to `request`'s URL over `transport`: `ws://`, or
 /// `wss://` over TLS with `connector` (which must be given for `wss://`),
 /// the server's name being the URL's host (an IP address or a DNS name).
 pub(crate) async fn connect(
-    request: impl IntoClientRequest,
-    connector: Option<&TlsConnector>,
-    config: WebSocketConfig,
-) -> Result<(WebSocketStream<Stream>, Response), WsError> {
-    connect_over(&Transport::Os, None, request, connector, config).await
-}
-
-/// [`connect`] over `transport`, from `from` (the dialing node's address,
-/// if it has one).
-pub(crate) async fn connect_over(
     transport: &Transport,
-    from: Option<std::net::SocketAddr>,
     request: impl IntoClientRequest,
     connector: Option<&TlsConnector>,
     config: WebSocketConfig,
@@ -408,7 +397,7 @@ pub(crate) async fn connect_over(
         .trim_end_matches(']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let tcp = match transport.dial(from, &host, port).await? {
+    let tcp = match transport.dial(&host, port).await? {
         Conn::Tcp(tcp) => tcp,
         Conn::Memory(_) if secure => return Err(WsError::Io(no_tls_in_memory())),
         Conn::Memory(stream) => {

@@ -38,15 +38,18 @@ impl Transport {
         }
     }
 
-    /// Opens a byte stream to `host:port`, from `from` (this node's
-    /// address, if it has one; the in-memory network needs it for its
-    /// partitions).
-    pub(crate) async fn dial(
-        &self,
-        from: Option<SocketAddr>,
-        host: &str,
-        port: u16,
-    ) -> io::Result<Conn> {
+    /// The same transport, for a node listening at `addr`: in memory, its
+    /// dials come from that address (which decides the side of a
+    /// partition they are on).
+    pub(crate) fn at(self, addr: Option<SocketAddr>) -> Self {
+        match (self, addr) {
+            (Self::Memory(net), Some(addr)) => Self::Memory(net.at(addr)),
+            (transport, _) => transport,
+        }
+    }
+
+    /// Opens a byte stream to `host:port`.
+    pub(crate) async fn dial(&self, host: &str, port: u16) -> io::Result<Conn> {
         match self {
             Self::Os => {
                 let tcp = TcpStream::connect((host, port)).await?;
@@ -61,7 +64,7 @@ impl Transport {
                         "the in-memory network has addresses, not names",
                     )
                 })?;
-                Ok(Conn::Memory(net.dial(from, SocketAddr::new(ip, port))?))
+                Ok(Conn::Memory(net.dial(SocketAddr::new(ip, port))?))
             }
         }
     }
@@ -100,7 +103,7 @@ impl Listener {
 }
 
 /// A connection's bytes, before TLS (see [`crate::tls::accept`] and
-/// [`crate::tls::connect_over`]).
+/// [`crate::tls::connect`]).
 #[derive(Debug)]
 pub(crate) enum Conn {
     Tcp(TcpStream),

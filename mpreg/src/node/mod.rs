@@ -420,7 +420,7 @@ impl NodeBuilder {
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
             tls,
-            transport,
+            transport: transport.at(local_addr),
             stopping: shutdown.clone(),
             tasks: tracker.clone(),
             name: name.clone(),

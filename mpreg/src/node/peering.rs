@@ -407,9 +407,8 @@ pub(super) async fn dial(
             .map_err(|e| e.to_string())?;
         request.headers_mut().insert(auth::TICKET_HEADER, value);
     }
-    let connect = crate::tls::connect_over(
+    let connect = crate::tls::connect(
         &state.transport,
-        state.advertise,
         request,
         state.tls.connector.as_ref(),
         config,

@@ -5,8 +5,9 @@
 //! partition and its healing, and churn take seconds of wall time and no
 //! socket.
 //!
-//! Requests enter through [`NodeHandle::send`] (planning, routing to peers
-//! and execution as for a client; only the client's WebSocket is left out).
+//! Requests come from a [`Client`] on the node's host, over the in-memory
+//! network too (so through the node's server, as any client's), or
+//! through [`NodeHandle::send`].
 //! Nodes seed their random numbers from the system, so runs are not
 //! repeated bit for bit; what is asserted holds for any of them. Every wait
 //! is bounded in simulated time; nothing is timed with the wall clock.
@@ -18,6 +19,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{Node, NodeHandle};
+use crate::client::Client;
 use crate::cluster::NodeStatus;
 use crate::error::{Error, ErrorCode};
 use crate::protocol::{Command, Request};
@@ -205,10 +207,15 @@ impl Sim {
             .join("; ")
     }
 
-    /// Asks node `from` to run `work` on dataset `d{on}`.
+    /// Asks node `from`, through a client on its host, to run `work` on
+    /// dataset `d{on}`.
     async fn work(&self, from: usize, on: usize) -> Result<String, Error> {
-        let request = Request::new().cmd(Command::new("w", "work").dataset(format!("d{on}")));
-        let results = self.node(from).send(request).await?;
+        let addr = self.addrs[from];
+        let client = Client::builder()
+            .transport(Transport::Memory(self.net.at(addr)))
+            .connect(&format!("ws://{addr}"))
+            .await?;
+        let results = client.send(work_on(on)).await?;
         results.get::<String>("w")
     }
 
@@ -226,6 +233,11 @@ impl Sim {
             self.stop(i).await;
         }
     }
+}
+
+/// A request to run `work` on dataset `d{on}`.
+fn work_on(on: usize) -> Request {
+    Request::new().cmd(Command::new("w", "work").dataset(format!("d{on}")))
 }
 
 /// Whether `result` is the failure for no node having the datasets.
@@ -248,10 +260,15 @@ async fn eight_nodes_converge_and_a_link_opens_on_demand() {
         }
     }
 
-    // Node 0 runs a command on a dataset only node 7 has: a link opens.
+    // A client asks node 0 for a command on a dataset only node 7 has: a
+    // link opens.
     assert_eq!(sim.work(0, 7).await.expect("work on d7"), "n7");
     assert!(sim.linked(0, 7), "no link from n0 to n7");
     assert!(!sim.linked(0, 6), "a link nobody needed");
+    // The node's own entry point routes the same way.
+    let results = sim.node(1).send(work_on(6)).await.expect("work on d6");
+    assert_eq!(results.get::<String>("w").expect("a name"), "n6");
+    assert!(sim.linked(1, 6), "no link from n1 to n6");
     // And the other way round, over the same link or a new one.
     assert_eq!(sim.work(7, 0).await.expect("work on d0"), "n0");
     // A dataset nobody has.

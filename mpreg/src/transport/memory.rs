@@ -46,10 +46,14 @@ type Datagram = (SocketAddr, Box<[u8]>);
 /// A connection in a listener's queue: the stream and the dialer's address.
 type Incoming = (Stream, SocketAddr);
 
-/// An in-memory network. Cheap to clone: clones are the same network.
+/// An in-memory network, as seen from one host (or from none). Cheap to
+/// clone: clones are the same network.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Network {
     inner: Arc<Mutex<Inner>>,
+    /// The host dials come from (see [`Network::at`]); unspecified when
+    /// not set.
+    local: Option<IpAddr>,
     /// Datagrams sent, and those lost (to a partition, nobody, a full
     /// queue).
     sent: Arc<AtomicU64>,
@@ -95,6 +99,15 @@ impl Network {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The same network, dialing from `host`'s address (which decides the
+    /// side of a partition its connections are on).
+    pub(crate) fn at(&self, host: SocketAddr) -> Self {
+        Self {
+            local: Some(host.ip()),
+            ..self.clone()
+        }
+    }
+
     /// A new address for a node: `10.x.y.z:7000`, a host of its own.
     pub(crate) fn host(&self) -> SocketAddr {
         let mut inner = self.lock();
@@ -125,10 +138,10 @@ impl Network {
         })
     }
 
-    /// Opens a stream from `from` (its host; `None` for a node with no
-    /// address) to whoever listens at `to`.
-    pub(crate) fn dial(&self, from: Option<SocketAddr>, to: SocketAddr) -> io::Result<Stream> {
-        let from_ip = from.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    /// Opens a stream from this host (see [`Network::at`]) to whoever
+    /// listens at `to`.
+    pub(crate) fn dial(&self, to: SocketAddr) -> io::Result<Stream> {
+        let from_ip = self.local.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let mut inner = self.lock();
         if !inner.reachable(from_ip, to.ip()) {
             return Err(io::Error::new(
@@ -445,11 +458,11 @@ mod tests {
         let mut listener = net.listen(&b.to_string()).expect("listen");
         assert!(net.listen(&b.to_string()).is_err(), "address in use");
         assert_eq!(
-            net.dial(Some(a), a).expect_err("nobody").kind(),
+            net.at(a).dial(a).expect_err("nobody").kind(),
             io::ErrorKind::ConnectionRefused
         );
 
-        let mut dialed = net.dial(Some(a), b).expect("dial");
+        let mut dialed = net.at(a).dial(b).expect("dial");
         let (mut accepted, from) = listener.accept().await.expect("accept");
         assert_eq!(from.ip(), a.ip());
         dialed.write_all(b"ping").await.expect("write");
@@ -475,7 +488,7 @@ mod tests {
             io::ErrorKind::ConnectionReset
         );
         assert!(dialed.write_all(b"x").await.is_err());
-        assert!(net.dial(Some(a), b).is_err());
+        assert!(net.at(a).dial(b).is_err());
         da.send_to(b"lost", b).expect("send");
         assert_eq!(
             db.try_recv_from(&mut [0; 8]).expect_err("lost").kind(),
@@ -484,9 +497,9 @@ mod tests {
         assert_eq!(net.datagrams_sent(), (2, 1));
 
         net.heal();
-        assert!(net.dial(Some(a), b).is_ok());
+        assert!(net.at(a).dial(b).is_ok());
         drop(listener);
-        assert!(net.dial(Some(a), b).is_err(), "no longer listening");
+        assert!(net.at(a).dial(b).is_err(), "no longer listening");
         drop(db);
         assert!(net.bind_datagrams(b).is_ok(), "unbound when dropped");
     }
