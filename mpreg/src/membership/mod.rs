@@ -17,7 +17,11 @@
 //!
 //! The protocol itself lives in `core.rs`, a state machine without IO (so
 //! a simulation can run many nodes over an in-memory network); this module
-//! is the driver that gives it a socket and a clock.
+//! is the driver that gives it a socket and a clock. The socket ([`Socket`])
+//! is UDP, or, for whole nodes simulated on the in-memory network
+//! (`crate::transport::memory`, `node/sim.rs`), that network's datagrams:
+//! the driver is the same, and its task then runs on the caller's runtime
+//! instead of the gossip thread, so a paused test clock is its clock too.
 //!
 //! # Events
 //!

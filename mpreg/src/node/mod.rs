@@ -6,7 +6,10 @@
 //! - `local`: running a job here;
 //! - `dispatcher` and `peering`: the node's side of the cluster, placing jobs
 //!   and running the links' and membership's IO over the cluster's state
-//!   ([`crate::cluster`], which knows nothing of the node).
+//!   ([`crate::cluster`], which knows nothing of the node);
+//! - `sim` (tests): whole nodes on the in-memory network of
+//!   [`crate::transport`] (chosen with the crate-private
+//!   `NodeBuilder::transport`), under paused time.
 
 mod dispatcher;
 mod local;
