@@ -525,8 +525,8 @@ impl Membership {
         }
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
         let core = Core::new(id, &config, rng, card.clone())?;
-        // Failure detection runs on a thread and runtime of its own, shared
-        // by the nodes of this process: a node whose workers are busy
+        // With UDP, failure detection runs on a thread and runtime of its
+        // own, shared by the nodes of this process: a node whose workers are busy
         // (decoding a huge message, a handler that blocks) still answers
         // probes, so it is not declared dead; and a process with a hundred
         // nodes has one gossip thread, not a hundred.

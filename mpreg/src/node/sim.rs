@@ -37,6 +37,8 @@ struct Sim {
     addrs: Vec<SocketAddr>,
     /// The nodes running, by index.
     nodes: Vec<Option<NodeHandle>>,
+    /// The cluster secret of nodes started from now on.
+    secret: Option<&'static str>,
 }
 
 impl Sim {
@@ -45,12 +47,18 @@ impl Sim {
             net: Network::new(),
             addrs: Vec::new(),
             nodes: Vec::new(),
+            secret: None,
         }
     }
 
     /// Starts `count` nodes, each joining through node 0.
     async fn start(count: usize) -> Self {
-        let mut sim = Self::new();
+        Self::new().with(count).await
+    }
+
+    /// Starts `count` more nodes, each joining through node 0.
+    async fn with(self, count: usize) -> Self {
+        let mut sim = self;
         for _ in 0..count {
             sim.add().await;
         }
@@ -80,6 +88,10 @@ impl Sim {
                 let answer = answer.clone();
                 async move { Ok(json!(answer)) }
             }));
+        let builder = match self.secret {
+            Some(secret) => builder.cluster_secret(secret),
+            None => builder,
+        };
         if i == 0 {
             builder
         } else {
@@ -273,6 +285,36 @@ async fn eight_nodes_converge_and_a_link_opens_on_demand() {
     assert_eq!(sim.work(7, 0).await.expect("work on d0"), "n0");
     // A dataset nobody has.
     assert!(no_node(&sim.work(0, 99).await));
+    sim.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_cluster_secret_links_prove_it_and_strangers_stay_out() {
+    let mut sim = Sim::new();
+    sim.secret = Some("sim secret");
+    let mut sim = sim.with(4).await;
+    let all = sim.running();
+    sim.converge("4 nodes with a secret", &all, Duration::from_secs(60))
+        .await;
+    assert_eq!(sim.work(0, 3).await.expect("work on d3"), "n3");
+    assert!(sim.linked(0, 3));
+
+    // A node with another secret does not join: its gossip is dropped,
+    // so nobody learns of it (nor it of anyone, to link to).
+    sim.secret = Some("another secret");
+    let stranger = sim.add().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for &i in &all {
+        assert!(sim.sees_exactly(i, &all), "n{i} let the stranger in");
+    }
+    assert!(
+        sim.node(0)
+            .state
+            .membership
+            .as_ref()
+            .is_some_and(|m| m.dropped_packets() > 0)
+    );
+    assert_eq!(sim.node(stranger).cluster_summary().nodes, 1);
     sim.shutdown().await;
 }
 
