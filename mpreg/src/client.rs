@@ -114,6 +114,8 @@ pub struct ClientBuilder {
     token: Option<String>,
     /// PEM of the CA certificates to trust for `wss://`.
     tls_ca: Option<Vec<u8>>,
+    /// Sockets, or the in-memory network (the crate's simulation).
+    transport: crate::transport::Transport,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -138,11 +140,20 @@ impl Default for ClientBuilder {
             max_reply_bytes: None,
             token: None,
             tls_ca: None,
+            transport: crate::transport::Transport::Os,
         }
     }
 }
 
 impl ClientBuilder {
+    /// Connects over `transport` instead of TCP: the simulation's
+    /// in-memory network (`node/sim.rs`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn transport(mut self, transport: crate::transport::Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Gives every request this deadline unless it sets its own; the node
     /// enforces it (`timeout` error), and the client stops waiting 5 s
     /// after ([`Error::Timeout`]).
@@ -320,6 +331,7 @@ impl ClientBuilder {
             tls,
             connect_timeout: self.connect_timeout,
             orphans: Some(orphans),
+            transport: self.transport.clone(),
         };
         Ok((dial, handed_over))
     }

@@ -124,6 +124,7 @@ mod protocol;
 mod registry;
 mod server;
 mod tls;
+mod transport;
 mod ws;
 
 #[doc(hidden)]

@@ -27,13 +27,6 @@ use crate::exec::Job;
 use crate::payload::Payload;
 use crate::protocol::peer::{Catalog, JobLimits, PeerMessage, RunRef};
 
-// `node/peering.rs` calls `link::decode_opening` and names `link::opening`
-// in its docs; both live in `crate::protocol::peer`, from which that file
-// may import them directly once other work on it has merged.
-pub(crate) use crate::protocol::peer::decode_opening;
-#[allow(unused_imports)] // only named in docs
-pub(crate) use crate::protocol::peer::opening;
-
 type Waiter = oneshot::Sender<Result<Vec<Payload>, RpcError>>;
 
 /// The sending side of a link, shared by everyone who sends jobs over it.

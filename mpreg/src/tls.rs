@@ -33,6 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, error::UrlError};
 
 use crate::config::{Config, ConfigError};
+use crate::transport::{Conn, Transport};
 
 /// PEM text, from a file or given in memory.
 #[derive(Clone, PartialEq, Eq)]
@@ -268,11 +269,13 @@ impl NodeTls {
     }
 }
 
-/// A connection's byte stream: plain TCP or TLS over TCP.
+/// A connection's byte stream: plain TCP, TLS over TCP, or a stream of
+/// the in-memory network (the simulation's, without TLS).
 #[derive(Debug)]
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Memory(crate::transport::memory::Stream),
 }
 
 impl Stream {
@@ -280,7 +283,7 @@ impl Stream {
     /// a server asks for one).
     pub(crate) fn has_peer_certificate(&self) -> bool {
         match self {
-            Self::Plain(_) => false,
+            Self::Plain(_) | Self::Memory(_) => false,
             Self::Tls(tls) => tls.get_ref().1.peer_certificates().is_some(),
         }
     }
@@ -295,6 +298,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -308,6 +312,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -319,6 +324,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -326,6 +332,7 @@ impl AsyncWrite for Stream {
         match self {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
+            Self::Memory(s) => s.is_write_vectored(),
         }
     }
 
@@ -333,6 +340,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -340,25 +348,36 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
-/// Accepts a TLS connection when `acceptor` is set; else passes `tcp` on.
-pub(crate) async fn accept(tcp: TcpStream, acceptor: Option<&TlsAcceptor>) -> io::Result<Stream> {
-    match acceptor {
-        None => Ok(Stream::Plain(tcp)),
-        Some(acceptor) => {
+/// Accepts a TLS connection when `acceptor` is set; else passes `conn` on.
+pub(crate) async fn accept(conn: Conn, acceptor: Option<&TlsAcceptor>) -> io::Result<Stream> {
+    match (conn, acceptor) {
+        (Conn::Tcp(tcp), None) => Ok(Stream::Plain(tcp)),
+        (Conn::Tcp(tcp), Some(acceptor)) => {
             let tls = acceptor.accept(tcp).await?;
             Ok(Stream::Tls(Box::new(tls.into())))
         }
+        (Conn::Memory(stream), None) => Ok(Stream::Memory(stream)),
+        (Conn::Memory(_), Some(_)) => Err(no_tls_in_memory()),
     }
 }
 
-/// Opens a WebSocket connection to `request`'s URL: `ws://` over TCP, or
+fn no_tls_in_memory() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "TLS is not simulated on the in-memory network",
+    )
+}
+
+/// Opens a WebSocket connection to `request`'s URL over `transport`: `ws://`, or
 /// `wss://` over TLS with `connector` (which must be given for `wss://`),
 /// the server's name being the URL's host (an IP address or a DNS name).
 pub(crate) async fn connect(
+    transport: &Transport,
     request: impl IntoClientRequest,
     connector: Option<&TlsConnector>,
     config: WebSocketConfig,
@@ -378,9 +397,15 @@ pub(crate) async fn connect(
         .trim_end_matches(']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
-    // Requests are small and latency matters more than packing.
-    let _ = tcp.set_nodelay(true);
+    let tcp = match transport.dial(&host, port).await? {
+        Conn::Tcp(tcp) => tcp,
+        Conn::Memory(_) if secure => return Err(WsError::Io(no_tls_in_memory())),
+        Conn::Memory(stream) => {
+            let stream = Stream::Memory(stream);
+            return tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                .await;
+        }
+    };
     let stream = if secure {
         let connector = connector.ok_or_else(|| {
             io::Error::new(

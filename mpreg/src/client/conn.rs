@@ -35,6 +35,8 @@ pub(super) struct Dial {
     /// Where a connection closed for idleness hands the requests that were
     /// waiting on it (none of them was processed), to be sent again.
     pub(super) orphans: Option<mpsc::UnboundedSender<Orphans>>,
+    /// Sockets, or the in-memory network.
+    pub(super) transport: crate::transport::Transport,
 }
 
 impl std::fmt::Debug for Dial {
@@ -160,7 +162,7 @@ impl Conn {
         // know that limit, so its write buffer is not bounded (a node is
         // not a peer that floods it with pings).
         let config = ws::config_for(dial.max_message_size, usize::MAX);
-        let connect = crate::tls::connect(request, dial.tls.as_ref(), config);
+        let connect = crate::tls::connect(&dial.transport, request, dial.tls.as_ref(), config);
         let (stream, _response) = match tokio::time::timeout(dial.connect_timeout, connect).await {
             Ok(done) => done.map_err(failed)?,
             Err(_) => {

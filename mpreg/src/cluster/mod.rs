@@ -904,7 +904,7 @@ mod tests {
 
     #[test]
     fn members_cards_route_and_count_their_datasets_and_a_renewal_changes_nothing() {
-        use crate::link::Ability;
+        use crate::protocol::peer::Ability;
         let registry = Registry::new([], &std::collections::BTreeSet::new());
         let cluster = Cluster::default();
         let member = |port: u16, version: u64| MemberId {

@@ -17,7 +17,11 @@
 //!
 //! The protocol itself lives in `core.rs`, a state machine without IO (so
 //! a simulation can run many nodes over an in-memory network); this module
-//! is the driver that gives it a socket and a clock.
+//! is the driver that gives it a socket and a clock. The socket ([`Socket`])
+//! is UDP, or, for whole nodes simulated on the in-memory network
+//! (`crate::transport::memory`, `node/sim.rs`), that network's datagrams:
+//! the driver is the same, and its task then runs on the caller's runtime
+//! instead of the gossip thread, so a paused test clock is its clock too.
 //!
 //! # Events
 //!
@@ -63,6 +67,7 @@ use tokio::{
 use tracing::Instrument;
 
 use self::core::Core;
+use crate::transport::Transport;
 
 /// Largest packet foca produces and accepts: below a typical Ethernet MTU, so
 /// gossip datagrams are not fragmented.
@@ -386,17 +391,16 @@ pub(crate) struct Membership {
 
 /// The socket of a membership task, closed before the task's end is told.
 struct Closing {
-    socket: UdpSocket,
+    socket: Socket,
     _finished: oneshot::Sender<()>,
 }
 
 /// The receive buffer asked for the gossip socket (the kernel caps it at
-/// `net.core.rmem_max`). A pull of the membership state is answered with
-/// a burst of packets (a part per 27 members, then the cards held), and
-/// one thread reads the sockets of every node of a process: with the
-/// default buffer (~90 datagrams on Linux), a thousand-node cluster
-/// forming on two cores lost tens of thousands of packets, and members
-/// whose probes were lost were taken for dead.
+/// `net.core.rmem_max`). Pulls and syncs are answered with bursts of
+/// packets, and one thread reads the sockets of every node of a process:
+/// with the default buffer (~90 datagrams on Linux), a thousand-node
+/// cluster forming on two cores lost tens of thousands of packets, and
+/// members whose probes were lost were taken for dead.
 const GOSSIP_RECV_BUFFER: usize = 1 << 20;
 
 /// The gossip socket at `addr`, non-blocking, its receive buffer enlarged
@@ -413,6 +417,62 @@ fn bind_gossip(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// The gossip's socket: UDP, or the in-memory network's datagrams (the
+/// simulation's). The driver is the same on both.
+#[derive(Debug)]
+enum Socket {
+    Udp(UdpSocket),
+    Memory(crate::transport::memory::Datagrams),
+}
+
+impl Socket {
+    /// Binds `addr` on `transport`; returns the socket and the runtime
+    /// its task runs on: the process's gossip thread for UDP, the caller's
+    /// runtime in memory (so a simulation's paused clock is the gossip's
+    /// too).
+    fn bind(
+        addr: SocketAddr,
+        transport: &Transport,
+    ) -> io::Result<(Socket, tokio::runtime::Handle)> {
+        match transport {
+            Transport::Os => {
+                let socket = bind_gossip(addr)?;
+                let runtime = gossip_runtime()?;
+                let socket = {
+                    let _entered = runtime.enter();
+                    UdpSocket::from_std(socket)?
+                };
+                Ok((Socket::Udp(socket), runtime))
+            }
+            Transport::Memory(net) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+                Ok((Socket::Memory(net.bind_datagrams(addr)?), runtime))
+            }
+        }
+    }
+
+    async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Socket::Udp(socket) => socket.recv_from(buf).await,
+            Socket::Memory(socket) => socket.recv_from(buf).await,
+        }
+    }
+
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Socket::Udp(socket) => socket.try_recv_from(buf),
+            Socket::Memory(socket) => socket.try_recv_from(buf),
+        }
+    }
+
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        match self {
+            Socket::Udp(socket) => socket.send_to(data, to).await,
+            Socket::Memory(socket) => socket.send_to(data, to),
+        }
+    }
 }
 
 /// The runtime the gossip of every node of this process runs on: one
@@ -469,8 +529,9 @@ impl Task {
 }
 
 impl Membership {
-    /// Binds UDP on `id.addr` and starts the membership task, offering
-    /// `card`. Events arrive on the returned receiver.
+    /// Binds UDP (or the in-memory network's datagrams, per `transport`)
+    /// on `id.addr` and starts the membership task, offering `card`.
+    /// Events arrive on the returned receiver.
     ///
     /// `id.addr` must be the address other nodes reach us at, with a real port
     /// (the one of the WebSocket listener, which keeps the number taken).
@@ -478,6 +539,7 @@ impl Membership {
         id: MemberId,
         card: Arc<[u8]>,
         config: MembershipConfig,
+        transport: &Transport,
     ) -> io::Result<(Membership, mpsc::Receiver<MemberEvent>)> {
         if id.addr.port() == 0 {
             return Err(io::Error::new(
@@ -487,7 +549,12 @@ impl Membership {
         }
         let rng = SmallRng::try_from_rng(&mut rand::rngs::SysRng).map_err(io::Error::other)?;
         let core = Core::new(id, &config, rng, card.clone())?;
-        let socket = bind_gossip(id.addr)?;
+        // With UDP, failure detection runs on a thread and runtime of its
+        // own, shared by the nodes of this process: a node whose workers are busy
+        // (decoding a huge message, a handler that blocks) still answers
+        // probes, so it is not declared dead; and a process with a hundred
+        // nodes has one gossip thread, not a hundred.
+        let (socket, runtime) = Socket::bind(id.addr, transport)?;
 
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_CAPACITY);
@@ -502,26 +569,18 @@ impl Membership {
             dropped: Arc::clone(&dropped),
         };
         let span = tracing::debug_span!("membership", addr = %id.addr);
-        // Failure detection runs on a thread and runtime of its own, shared
-        // by the nodes of this process: a node whose workers are busy
-        // (decoding a huge message, a handler that blocks) still answers
-        // probes, so it is not declared dead; and a process with a hundred
-        // nodes has one gossip thread, not a hundred.
-        let runtime = gossip_runtime()?;
-        let socket = {
-            let _entered = runtime.enter();
-            UdpSocket::from_std(socket)?
-        };
         let (finished_tx, finished_rx) = oneshot::channel::<()>();
         let task = runtime.spawn(
             async move {
                 // Dropped in this order however the task ends (aborted
                 // too): the socket closes, then the waiters hear it.
-                let closing = Closing {
+                let mut closing = Closing {
                     socket,
                     _finished: finished_tx,
                 };
-                driver.run(&closing.socket, commands_rx, advert_rx).await;
+                driver
+                    .run(&mut closing.socket, commands_rx, advert_rx)
+                    .await;
             }
             .instrument(span),
         );
@@ -653,7 +712,7 @@ impl Driver {
     /// cleanly).
     async fn run(
         mut self,
-        socket: &UdpSocket,
+        socket: &mut Socket,
         mut commands: mpsc::Receiver<Command>,
         mut wanted: watch::Receiver<Advert>,
     ) {
@@ -720,7 +779,7 @@ impl Driver {
     }
 
     /// Sends what the core queued, and hands its events on.
-    async fn flush(&mut self, socket: &UdpSocket) {
+    async fn flush(&mut self, socket: &Socket) {
         for (to, packet) in self.core.take_outbox() {
             if let Err(error) = socket.send_to(&packet, to).await {
                 tracing::debug!(%to, %error, "sending a membership packet failed");
@@ -987,9 +1046,10 @@ mod tests {
                 version: 1,
             };
             let card: Arc<[u8]> = Arc::from(format!("card of {addr}").into_bytes());
-            let (membership, events) = Membership::start(id, card, MembershipConfig::for_tests())
-                .await
-                .expect("start membership");
+            let (membership, events) =
+                Membership::start(id, card, MembershipConfig::for_tests(), &Transport::Os)
+                    .await
+                    .expect("start membership");
             Self {
                 membership,
                 events,

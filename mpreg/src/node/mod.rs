@@ -6,12 +6,17 @@
 //! - `local`: running a job here;
 //! - `dispatcher` and `peering`: the node's side of the cluster, placing jobs
 //!   and running the links' and membership's IO over the cluster's state
-//!   ([`crate::cluster`], which knows nothing of the node).
+//!   ([`crate::cluster`], which knows nothing of the node);
+//! - `sim` (tests): whole nodes on the in-memory network of
+//!   [`crate::transport`] (chosen with the crate-private
+//!   `NodeBuilder::transport`), under paused time.
 
 mod dispatcher;
 mod local;
 mod peering;
 mod request;
+#[cfg(test)]
+mod sim;
 mod state;
 
 pub(crate) use self::local::{far_enough, run_local};
@@ -32,7 +37,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,6 +52,7 @@ use crate::membership::{MemberId, Membership};
 use crate::metrics::NodeMetrics;
 use crate::protocol::Request;
 use crate::registry::{Function, Registry, linked_functions};
+use crate::transport::{Listener, Transport};
 
 /// An mpreg node: serves its functions to clients and peers over WebSocket.
 ///
@@ -85,6 +90,8 @@ pub struct NodeBuilder {
     /// TLS material given in memory (overrides the config's paths).
     tls: crate::tls::Sources,
     dataset_states: DatasetStates,
+    /// Sockets, or the in-memory network (the crate's simulation).
+    transport: Transport,
 }
 
 impl Default for NodeBuilder {
@@ -96,6 +103,7 @@ impl Default for NodeBuilder {
             excluded: BTreeSet::new(),
             tls: crate::tls::Sources::default(),
             dataset_states: DatasetStates::default(),
+            transport: Transport::Os,
         }
     }
 }
@@ -337,6 +345,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Runs the node on `transport` instead of TCP and UDP sockets: the
+    /// simulation's in-memory network (`node/sim.rs`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Binds the listen address and starts serving in the background.
     ///
     /// ```
@@ -351,11 +367,12 @@ impl NodeBuilder {
         let config = self.config;
         validate(&config)?;
         let tls = crate::tls::NodeTls::load(&config, &self.tls)?;
+        let transport = self.transport;
         let listener = match config.listen.as_str() {
             "" => None,
-            addr => Some(TcpListener::bind(addr).await?),
+            addr => Some(transport.listen(addr).await?),
         };
-        let local_addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let local_addr = listener.as_ref().map(Listener::local_addr).transpose()?;
         let name = config.name.clone().unwrap_or_else(|| match local_addr {
             Some(a) => format!("mpreg-{}", a.port()),
             None => format!("mpreg-leaf-{}", std::process::id()),
@@ -387,7 +404,8 @@ impl NodeBuilder {
                     .map(crate::protocol::peer::Ability::of)
                     .collect();
                 let card = crate::cluster::Card::new(&name, &abilities).encode();
-                let (m, events) = Membership::start(id, card, membership_config(&config)).await?;
+                let (m, events) =
+                    Membership::start(id, card, membership_config(&config), &transport).await?;
                 (Some(m), Some(events))
             }
             None => (None, None),
@@ -405,6 +423,7 @@ impl NodeBuilder {
             secret: config.cluster_secret.as_deref().map(Secret::new),
             tokens: Tokens::new(&config.client_tokens),
             tls,
+            transport: transport.at(local_addr),
             stopping: shutdown.clone(),
             tasks: tracker.clone(),
             name: name.clone(),

@@ -110,7 +110,7 @@ impl std::error::Error for OpenError {}
 /// verdict. `proven` runs once, when the other side has proven the secret
 /// (at once without one). Messages before that are at most
 /// [`PRE_PROOF_MAX`] bytes; all are decoded into the opening's typed
-/// messages only ([`link::decode_opening`]). The caller bounds it in time.
+/// messages only ([`protocol::peer::decode_opening`](crate::protocol::peer::decode_opening)). The caller bounds it in time.
 async fn open_link<H, Si, St>(
     side: &mut H,
     mut outcome: Outcome,
@@ -163,7 +163,10 @@ where
         if !side.proven() && size > PRE_PROOF_MAX {
             return Err(OpenError::TooLarge(size));
         }
-        let decoded = crate::ws::cpu_bound(size, move || link::decode_opening(&message)).await;
+        let decoded = crate::ws::cpu_bound(size, move || {
+            crate::protocol::peer::decode_opening(&message)
+        })
+        .await;
         let Some(Some(Ok(message))) = decoded else {
             return Err(OpenError::Invalid);
         };
@@ -323,7 +326,7 @@ where
 }
 
 /// Serves a link a peer opened to us (its first message was `peer-open`,
-/// or a peer message that cannot open one: see [`link::opening`]).
+/// or a peer message that cannot open one: see [`protocol::peer::opening`](crate::protocol::peer::opening)).
 ///
 /// With a cluster secret, nothing about this node is sent, and nothing
 /// about the peer is registered, before the peer proved the secret; only
@@ -408,7 +411,12 @@ pub(super) async fn dial(
             .map_err(|e| e.to_string())?;
         request.headers_mut().insert(auth::TICKET_HEADER, value);
     }
-    let connect = crate::tls::connect(request, state.tls.connector.as_ref(), config);
+    let connect = crate::tls::connect(
+        &state.transport,
+        request,
+        state.tls.connector.as_ref(),
+        config,
+    );
     let (stream, _) = tokio::time::timeout(HELLO_TIMEOUT, connect)
         .await
         .map_err(|_| "connect timed out".to_owned())?

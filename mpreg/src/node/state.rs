@@ -48,6 +48,8 @@ pub(crate) struct RunningNode {
     pub(crate) tokens: Tokens,
     /// How connections are accepted and peers dialed: TLS or not.
     pub(crate) tls: crate::tls::NodeTls,
+    /// Where links are dialed: sockets, or the in-memory network.
+    pub(crate) transport: crate::transport::Transport,
     /// The typed state of the node's datasets that have one.
     pub(crate) dataset_states: DatasetStates,
     /// Cancelled when the node stops (shutdown or kill).

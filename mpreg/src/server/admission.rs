@@ -9,7 +9,6 @@ use crate::metrics::Refused;
 use crate::node::RunningNode;
 use crate::ws::{self};
 use std::net::IpAddr;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
@@ -43,7 +42,7 @@ pub(super) fn token_ok(state: &RunningNode, request: &Request) -> bool {
 /// TLS, the request head and, for a WebSocket, the upgrade with admission
 /// (see [`admit`]). The caller bounds the time it may take.
 pub(super) async fn open(
-    stream: TcpStream,
+    stream: crate::transport::Conn,
     address: IpAddr,
     state: &RunningNode,
 ) -> Result<Opened, WsError> {

@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use futures_util::{Sink, Stream, StreamExt};
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -80,7 +79,7 @@ const SLOW_READER_REASON: &str = "slow reader";
 /// task still running [`HARD_STOP_MARGIN`] past the shutdown grace is
 /// stopped.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    mut listener: crate::transport::Listener,
     state: Arc<RunningNode>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -93,8 +92,6 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                // Replies are small and latency matters more than packing.
-                let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
@@ -155,7 +152,7 @@ enum Opened {
 
 /// Serves one connection until it closes or the node shuts down.
 async fn connection(
-    stream: TcpStream,
+    stream: crate::transport::Conn,
     peer: SocketAddr,
     state: Arc<RunningNode>,
     shutdown: CancellationToken,
