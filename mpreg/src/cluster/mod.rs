@@ -98,7 +98,7 @@ impl Member {
 fn undescribed(offer: &Offer) -> Ability {
     Ability {
         fun: offer.fun.to_string(),
-        datasets: (*offer.datasets).clone(),
+        datasets: offer.datasets.iter().map(|d| d.to_string()).collect(),
         idempotent: offer.idempotent,
         params: Vec::new(),
         returns: String::new(),
@@ -117,7 +117,7 @@ fn offer(
     Offer {
         fun,
         fun_id,
-        datasets: interner.datasets(datasets.clone()),
+        datasets: interner.datasets(datasets.iter().map(String::as_str)),
         idempotent,
     }
 }
@@ -361,12 +361,18 @@ impl Cluster {
         card.functions
             .iter()
             .map(|f| {
-                let datasets: BTreeSet<String> = f
+                let datasets: BTreeSet<&str> = f
                     .datasets
                     .iter()
-                    .filter_map(|&i| card.datasets.get(i as usize).cloned())
+                    .filter_map(|&i| card.datasets.get(i as usize).map(String::as_str))
                     .collect();
-                offer(&mut interner, &f.name, &datasets, f.idempotent)
+                let (fun, fun_id) = interner.name(&f.name);
+                Offer {
+                    fun,
+                    fun_id,
+                    datasets: interner.datasets(datasets),
+                    idempotent: f.idempotent,
+                }
             })
             .collect()
     }
@@ -487,7 +493,7 @@ impl Cluster {
             .iter()
             .filter(|r| scope == Scope::Cluster || r.target == Target::Local || r.via_leaf)
             .filter(|r| Some(r.target) != exclude)
-            .filter(|r| locs.iter().all(|d| r.datasets.contains(d)))
+            .filter(|r| locs.iter().all(|d| routes::has(&r.datasets, d)))
             .map(|r| Candidate {
                 target: r.target,
                 load: self.load(local_load, r.target),
