@@ -12,14 +12,16 @@
 //!   brings a node that joins every card a member has, including those of
 //!   members it has not seen yet (kept aside, at most [`EARLY_MAX`], until
 //!   they come up); cards spread from node to node like a rumor, but only
-//!   to whoever lacks them. Syncs are frequent while cards are wanted or
-//!   arriving, and space out up to [`SYNC_SLOW`] when nothing changes.
+//!   to whoever lacks them. Syncs are frequent while cards arrive, and
+//!   space out up to [`SYNC_SLOW`] when nothing changes.
 //! - **Asks**, for a card still wanted after [`GATHER`] (a sync usually
-//!   brings it first): several at once of one member chosen by the caller
-//!   (a *helper*), which answers with those it holds and names those it
-//!   lacks; one alone, and every card helpers lacked [`HELPER_TRIES`]
-//!   times or did not answer for within [`ASK_AGAIN`], of its owner, which
-//!   answers in parts of at most [`PART_BYTES`] bytes.
+//!   brings it first) or, wanted alone, after [`GATHER_ALONE`] (one member
+//!   joined or changed: its owner is the one sure to hold it): several at
+//!   once of one member chosen by the caller (a *helper*), which answers
+//!   with those it holds and names those it lacks; one alone, and every
+//!   card helpers lacked [`HELPER_TRIES`] times or did not answer for
+//!   within [`ASK_AGAIN`], of its owner, which answers in parts of at most
+//!   [`PART_BYTES`] bytes.
 //!
 //! Pulling, rather than spreading every card as a rumor, costs a round
 //! trip per change, and a node that joins late still gets every card
@@ -56,10 +58,19 @@ pub(crate) const MAX_ASKING: usize = 64;
 /// How long an ask waits for its answer before it is sent again.
 pub(crate) const ASK_AGAIN: Duration = Duration::from_millis(300);
 
-/// How long a newly wanted card waits before it is asked for: syncs
+/// The longest a newly wanted card waits before it is asked for: syncs
 /// usually bring it first, and the cards wanted meanwhile are asked for
-/// together.
+/// together. The wait is 1 ms per member, from [`GATHER_ALONE`] up to
+/// this: in a small cluster asking is cheap and syncs take several rounds
+/// to find a card; in a thousand-node one, asks of helpers that lack the
+/// card were most of the traffic.
 pub(crate) const GATHER: Duration = Duration::from_secs(1);
+
+/// How long a card wanted alone (no other is waiting) waits before it is
+/// asked of its owner: one member joined or changed its card, and its
+/// owner is the only one sure to hold it (syncs with random members would
+/// find it late in a large cluster).
+pub(crate) const GATHER_ALONE: Duration = Duration::from_millis(50);
 
 /// The time between two syncs while cards are wanted or arriving.
 pub(crate) const SYNC_FAST: Duration = Duration::from_millis(100);
@@ -203,6 +214,8 @@ pub(crate) struct Cards {
     early: HashMap<SocketAddr, Early>,
     /// Bytes of the cards in `early` (at most [`EARLY_MAX`]).
     early_bytes: usize,
+    /// How long wanted cards are gathered (see [`GATHER`]).
+    gather: Duration,
 }
 
 impl Cards {
@@ -218,6 +231,7 @@ impl Cards {
             outstanding: 0,
             early: HashMap::new(),
             early_bytes: 0,
+            gather: GATHER_ALONE,
         }
     }
 
@@ -359,8 +373,25 @@ impl Cards {
             .waiting
             .front()
             .filter(|_| room)
-            .map(|(at, _)| *at + GATHER);
+            .map(|(at, _)| *at + self.gather());
         retry.into_iter().chain(gathered).min()
+    }
+
+    /// How long the waiting cards are gathered: [`GATHER_ALONE`] for a
+    /// card alone, else as long as the cluster's size says (see
+    /// [`GATHER`]).
+    fn gather(&self) -> Duration {
+        if self.waiting.len() == 1 {
+            GATHER_ALONE
+        } else {
+            self.gather
+        }
+    }
+
+    /// Sets the gathering for a cluster of `members` (see [`GATHER`]).
+    pub(crate) fn set_members(&mut self, members: usize) {
+        let per_member = Duration::from_millis(u64::try_from(members).unwrap_or(u64::MAX));
+        self.gather = per_member.clamp(GATHER_ALONE, GATHER);
     }
 
     /// The asks to send now, up to [`MAX_ASKING`] cards outstanding: asks
@@ -407,7 +438,7 @@ impl Cards {
         let gathered = self
             .waiting
             .front()
-            .is_some_and(|(at, _)| *at + GATHER <= now);
+            .is_some_and(|(at, _)| *at + self.gather() <= now);
         if !gathered || self.outstanding >= MAX_ASKING {
             return out;
         }
@@ -902,6 +933,37 @@ mod tests {
     }
 
     #[test]
+    fn cards_are_gathered_longer_in_larger_clusters_and_briefly_alone() {
+        let start = Instant::now();
+        let mut cards = Cards::new(Arc::from(&b""[..]));
+        cards.want(id(2, 1, 1), start);
+        assert_eq!(cards.next_deadline(), Some(start + GATHER_ALONE), "alone");
+        cards.want(id(3, 1, 1), start);
+        assert_eq!(
+            cards.next_deadline(),
+            Some(start + GATHER_ALONE),
+            "a small cluster"
+        );
+        cards.set_members(300);
+        assert_eq!(
+            cards.next_deadline(),
+            Some(start + Duration::from_millis(300))
+        );
+        cards.set_members(3000);
+        assert_eq!(cards.next_deadline(), Some(start + GATHER), "at most");
+        assert!(
+            cards
+                .poll(start + GATHER - Duration::from_millis(1), || None)
+                .is_empty()
+        );
+        assert_eq!(
+            cards.poll(start + GATHER, || None).len(),
+            2,
+            "one ask each, of owners"
+        );
+    }
+
+    #[test]
     fn large_cards_come_in_parts() {
         let big: Vec<u8> = (0..PART_BYTES * 3 + 17).map(|i| i as u8).collect();
         let mut cards = Cards::new(Arc::from(&b""[..]));
@@ -913,6 +975,7 @@ mod tests {
     #[test]
     fn unanswered_asks_are_sent_again_and_capped() {
         let mut cards = Cards::new(Arc::from(&b""[..]));
+        cards.set_members(5000);
         let start = Instant::now();
         for port in 1..=(MAX_ASKING as u16 + 10) {
             cards.want(id(port, 1, 1), start);

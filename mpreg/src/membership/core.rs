@@ -58,8 +58,11 @@ const STATE_ANSWER_PACKETS: usize = 48;
 /// (and, once in a hundred, not all of it: the next pull, with another
 /// seed, brings the rest).
 const PULL_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
-/// The longest time between two pulls of the membership state.
-const PULL_MAX: std::time::Duration = std::time::Duration::from_secs(32);
+/// The longest time between two pulls of the membership state: a node
+/// that a rumor missed (a member down, say) learns it this late at most.
+/// A pull that finds nothing missing costs a packet each way and a pass
+/// over the members on each side.
+const PULL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The foca instance driven here: postcard on the wire, no custom
 /// broadcasts (cards travel by syncs and asks of their own, see
@@ -682,6 +685,7 @@ impl Core {
         let members = self.view.up.len();
         if members > self.tuned_for.saturating_mul(2).max(8) || members < self.tuned_for / 2 {
             self.tuned_for = members;
+            self.cards.set_members(members);
             self.config.max_transmissions = super::max_transmissions(members);
             self.config.suspect_to_down_after = super::suspect_to_down(self.suspect_base, members);
             if let Err(error) = self.foca.set_config(self.config.clone()) {
