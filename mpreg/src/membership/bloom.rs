@@ -45,10 +45,7 @@ impl Bloom {
 
     /// The bit positions of `key`.
     fn positions(&self, key: &Key) -> impl Iterator<Item = usize> + use<> {
-        let hash = key
-            .0
-            .iter()
-            .fold(mix(u64::from(self.seed)), |h, &word| mix(h ^ word));
+        let hash = key.hash_with(u64::from(self.seed));
         let (a, b) = (hash & 0xffff_ffff, (hash >> 32) | 1);
         let m = self.bits.len() as u64 * 8;
         (0..u64::from(self.hashes)).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) % m) as usize)
@@ -71,10 +68,15 @@ impl Bloom {
     pub(crate) fn encode(&self, kind: u8) -> Vec<u8> {
         let mut packet = Vec::with_capacity(6 + self.bits.len());
         packet.push(kind);
-        packet.extend_from_slice(&self.seed.to_le_bytes());
-        packet.push(self.hashes);
-        packet.extend_from_slice(&self.bits);
+        self.encode_into(&mut packet);
         packet
+    }
+
+    /// Appends the filter (seed, hashes, bits) to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seed.to_le_bytes());
+        out.push(self.hashes);
+        out.extend_from_slice(&self.bits);
     }
 
     /// A filter as sent (the packet's kind byte left out); `None` when
@@ -112,6 +114,18 @@ impl Key {
             numbers[1],
             numbers[2],
         ])
+    }
+}
+
+impl Key {
+    /// The key's hash with `seed` (see the module's doc).
+    fn hash_with(&self, seed: u64) -> u64 {
+        self.0.iter().fold(mix(seed), |h, &word| mix(h ^ word))
+    }
+
+    /// The key's hash with seed 0: what digests of sets of keys combine.
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash_with(0)
     }
 }
 

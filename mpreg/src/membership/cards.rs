@@ -216,6 +216,15 @@ pub(crate) struct Cards {
     early_bytes: usize,
     /// How long wanted cards are gathered (see [`GATHER`]).
     gather: Duration,
+    /// The XOR of the hashes of the identities of the cards in `held` (see
+    /// [`Cards::digest`]).
+    held_xor: u64,
+    /// The last sync packet built, and what it was built from (our
+    /// identity, and `changes` then): a filter is rebuilt only when what
+    /// it summarises changed.
+    last_sync: Option<(MemberId, u64, Vec<u8>)>,
+    /// Bumped at every change of `held` or `early`.
+    changes: u64,
 }
 
 impl Cards {
@@ -232,6 +241,9 @@ impl Cards {
             early: HashMap::new(),
             early_bytes: 0,
             gather: GATHER_ALONE,
+            held_xor: 0,
+            last_sync: None,
+            changes: 0,
         }
     }
 
@@ -258,8 +270,7 @@ impl Cards {
         {
             self.unwant(id.addr);
             let (version, card) = (early.version, early.card);
-            self.held
-                .insert(id.addr, (id.generation, version, card.clone()));
+            self.hold(id.addr, id.generation, version, card.clone());
             let id = MemberId { version, ..id };
             return Some(Arrived { id, card });
         }
@@ -285,14 +296,40 @@ impl Cards {
 
     /// Forgets the card of the member at `addr` (it is down).
     pub(crate) fn forget(&mut self, addr: SocketAddr) {
-        self.held.remove(&addr);
+        self.unhold(addr);
         self.take_early(addr);
         self.unwant(addr);
+    }
+
+    /// Holds `card` as the card of `addr` at `generation` and `version`.
+    fn hold(&mut self, addr: SocketAddr, generation: u64, version: u64, card: Arc<[u8]>) {
+        self.unhold(addr);
+        self.held_xor ^= card_key(addr, generation, version).hash();
+        self.held.insert(addr, (generation, version, card));
+        self.changes += 1;
+    }
+
+    /// Stops holding the card of `addr`.
+    fn unhold(&mut self, addr: SocketAddr) {
+        if let Some((generation, version, _)) = self.held.remove(&addr) {
+            self.held_xor ^= card_key(addr, generation, version).hash();
+            self.changes += 1;
+        }
+    }
+
+    /// The count and XOR of the hashes of the identities of the cards we
+    /// hold, ours (identity `me`) too: two members that hold the same
+    /// cards have the same digest (each holds the other's card and its
+    /// own), and a sync between them needs no answer.
+    fn digest(&self, me: MemberId) -> (u32, u64) {
+        let count = u32::try_from(self.held.len() + 1).unwrap_or(u32::MAX);
+        (count, self.held_xor ^ card_key(me.addr, me.generation, me.version).hash())
     }
 
     /// Removes the card of `addr` kept aside, if any.
     fn take_early(&mut self, addr: SocketAddr) -> Option<Early> {
         let early = self.early.remove(&addr)?;
+        self.changes += 1;
         self.early_bytes -= early.card.len();
         Some(early)
     }
@@ -301,10 +338,12 @@ impl Cards {
     /// (their members never came up: gone before we saw them).
     pub(crate) fn expire_early(&mut self, now: Instant) {
         let bytes = &mut self.early_bytes;
+        let changes = &mut self.changes;
         self.early.retain(|_, e| {
             let keep = e.since + EARLY_KEEP > now;
             if !keep {
                 *bytes -= e.card.len();
+                *changes += 1;
             }
             keep
         });
@@ -640,7 +679,7 @@ impl Cards {
             .flatten()
             .collect::<Vec<u8>>()
             .into();
-        self.held.insert(from, (generation, version, card.clone()));
+        self.hold(from, generation, version, card.clone());
         let arrived = Arrived { id: want.id, card };
         (Some(arrived), None)
     }
@@ -671,6 +710,7 @@ impl Cards {
                             since: now,
                         };
                         self.early.insert(c.addr, early);
+                        self.changes += 1;
                     }
                 }
                 continue;
@@ -681,8 +721,7 @@ impl Cards {
             }
             self.unwant(c.addr);
             let card: Arc<[u8]> = c.card.into();
-            self.held
-                .insert(c.addr, (c.generation, c.version, card.clone()));
+            self.hold(c.addr, c.generation, c.version, card.clone());
             let id = MemberId {
                 addr: c.addr,
                 generation: c.generation,
@@ -695,9 +734,17 @@ impl Cards {
 }
 
 impl Cards {
-    /// A [`KIND_SYNC`] packet: a Bloom filter (hashed with `seed`) of the
-    /// cards held, ours (identity `me`) and those that arrived early.
-    pub(crate) fn sync_ask(&self, me: MemberId, seed: u32) -> Vec<u8> {
+    /// A [`KIND_SYNC`] packet: the digest of the cards we hold (ours,
+    /// identity `me`, too; see [`Cards::digest`]), then a Bloom filter
+    /// (hashed with `seed`) of those and of the cards kept aside. The
+    /// packet is built again only when what it summarises changed (until
+    /// then, with the seed it was built with).
+    pub(crate) fn sync_ask(&mut self, me: MemberId, seed: u32) -> Vec<u8> {
+        if let Some((id, changes, packet)) = &self.last_sync
+            && (*id, *changes) == (me, self.changes)
+        {
+            return packet.clone();
+        }
         let keys = self
             .held
             .iter()
@@ -716,22 +763,41 @@ impl Cards {
         for key in keys {
             filter.insert(&key);
         }
-        filter.encode(KIND_SYNC)
+        let (count, xor) = self.digest(me);
+        let mut packet = vec![KIND_SYNC];
+        packet.extend_from_slice(&count.to_le_bytes());
+        packet.extend_from_slice(&xor.to_le_bytes());
+        filter.encode_into(&mut packet);
+        self.last_sync = Some((me, self.changes, packet.clone()));
+        packet
     }
 
     /// The answer to a [`KIND_SYNC`] (`body`, its kind byte left out) from
-    /// a member, our identity being `me`: the cards held (ours too) that
-    /// are not in its filter, several to a packet, at most
+    /// the member at `to`, our identity being `me`: nothing when its digest
+    /// is ours (we hold the same cards), else the cards held (ours too, not
+    /// its own) that are not in its filter, several to a packet, at most
     /// [`SYNC_ANSWER_PACKETS`] packets. `None` when malformed.
-    pub(crate) fn answer_sync(&self, me: MemberId, body: &[u8]) -> Option<Vec<Vec<u8>>> {
-        let filter = Bloom::decode(body)?;
+    pub(crate) fn answer_sync(
+        &self,
+        me: MemberId,
+        to: SocketAddr,
+        body: &[u8],
+    ) -> Option<Vec<Vec<u8>>> {
+        let count = u32::from_le_bytes(body.get(..4)?.try_into().ok()?);
+        let xor = u64::from_le_bytes(body.get(4..12)?.try_into().ok()?);
+        let filter = Bloom::decode(body.get(12..)?)?;
+        if (count, xor) == self.digest(me) {
+            return Some(Vec::new());
+        }
         let own = (me.addr, (me.generation, me.version, &self.own));
         let lacking = self
             .held
             .iter()
             .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
             .chain(std::iter::once(own))
-            .filter(|(addr, (g, v, _))| !filter.contains(&card_key(*addr, *g, *v)));
+            .filter(|(addr, (g, v, _))| {
+                *addr != to && !filter.contains(&card_key(*addr, *g, *v))
+            });
         let mut packets = pack(lacking);
         packets.truncate(SYNC_ANSWER_PACKETS);
         Some(packets)
@@ -883,7 +949,7 @@ mod tests {
         let ask = joiner.sync_ask(joiner_id, 99);
         assert_eq!(ask[0], KIND_SYNC);
         assert!(ask.len() <= PART_BYTES);
-        let packets = holder.answer_sync(me, &ask[1..]).expect("an answer");
+        let packets = holder.answer_sync(me, joiner_id.addr, &ask[1..]).expect("an answer");
         assert!(packets.len() > 1, "several packets");
         assert!(
             packets
@@ -911,7 +977,7 @@ mod tests {
         assert!(!joiner.wants.contains_key(&id(9, 1, 1).addr));
         // Asked again, nothing more is sent than the asker lacks.
         let again = joiner.sync_ask(joiner_id, 100);
-        let rest = holder.answer_sync(me, &again[1..]).expect("an answer");
+        let rest = holder.answer_sync(me, joiner_id.addr, &again[1..]).expect("an answer");
         let carried: usize = rest
             .iter()
             .map(|p| postcard::from_bytes::<Vec<Carried>>(&p[1..]).map_or(0, |c| c.len()))
@@ -927,9 +993,46 @@ mod tests {
         assert!(joiner.wants.contains_key(&id(10, 1, 1).addr));
         assert!(joiner.receive_bulk(&[0xff, 0xff], start).is_none());
         assert!(
-            holder.answer_sync(me, &[1, 2]).is_none(),
+            holder.answer_sync(me, joiner_id.addr, &[1, 2]).is_none(),
             "a malformed filter"
         );
+    }
+
+    #[test]
+    fn members_holding_the_same_cards_answer_a_sync_with_nothing() {
+        let (a_id, b_id, c_id) = (id(1, 1, 1), id(2, 1, 1), id(3, 1, 1));
+        let mut a = Cards::new(Arc::from(&b"a"[..]));
+        let mut b = Cards::new(Arc::from(&b"b"[..]));
+        for (cards, other, card) in [(&mut a, b_id, &b"b"[..]), (&mut b, a_id, &b"a"[..])] {
+            cards.want(other, Instant::now());
+            fetch(cards, other, card);
+            cards.want(c_id, Instant::now());
+            fetch(cards, c_id, b"c");
+        }
+        let ask = a.sync_ask(a_id, 1);
+        assert_eq!(a.sync_ask(a_id, 2), ask, "nothing changed: the same packet");
+        assert_eq!(b.answer_sync(b_id, a_id.addr, &ask[1..]), Some(Vec::new()), "same digest");
+        // b holds a card a lacks: the digests differ and the card is sent.
+        b.want(id(4, 1, 1), Instant::now());
+        fetch(&mut b, id(4, 1, 1), b"d");
+        let answer = b.answer_sync(b_id, a_id.addr, &ask[1..]).expect("an answer");
+        let arrived = a.receive_bulk(&answer[0][1..], Instant::now()).expect("cards");
+        assert!(arrived.is_empty(), "4 is not up at a: kept aside");
+        assert_eq!(a.early.len(), 1);
+        assert_ne!(a.sync_ask(a_id, 3), ask, "a filter of what changed");
+        // Once a holds it (4 came up), the digests agree again.
+        assert!(a.want(id(4, 1, 1), Instant::now()).is_some());
+        let ask = a.sync_ask(a_id, 4);
+        assert_eq!(b.answer_sync(b_id, a_id.addr, &ask[1..]), Some(Vec::new()));
+        // Our own card's new version changes the digest; the answer does
+        // not send us our own card back.
+        let ask = a.sync_ask(id(1, 1, 2), 5);
+        let answer = b.answer_sync(b_id, a_id.addr, &ask[1..]).expect("an answer");
+        let carried: Vec<Carried> = answer
+            .iter()
+            .flat_map(|p| postcard::from_bytes::<Vec<Carried>>(&p[1..]).expect("cards"))
+            .collect();
+        assert!(carried.iter().all(|c| c.addr != a_id.addr), "{carried:?}");
     }
 
     #[test]

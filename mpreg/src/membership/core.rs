@@ -303,7 +303,7 @@ impl Core {
             }
             KIND_SYNC if self.view.up.contains_key(&from) => {
                 let me = self.id();
-                match self.cards.answer_sync(me, body) {
+                match self.cards.answer_sync(me, from, body) {
                     Some(answer) => {
                         for packet in answer {
                             self.queue(from, packet);
