@@ -917,6 +917,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             generation: 1,
             version,
+            rejoin: 0,
         };
         let card = |datasets: &[&str]| {
             let ability = Ability {

@@ -60,7 +60,7 @@ pub(crate) const ASK_AGAIN: Duration = Duration::from_millis(300);
 
 /// The longest a newly wanted card waits before it is asked for: syncs
 /// usually bring it first, and the cards wanted meanwhile are asked for
-/// together. The wait is 1 ms per member, from [`GATHER_ALONE`] up to
+/// together. The wait is 4 ms per member, from [`GATHER_ALONE`] up to
 /// this: in a small cluster asking is cheap and syncs take several rounds
 /// to find a card; in a thousand-node one, asks of helpers that lack the
 /// card were most of the traffic.
@@ -323,7 +323,10 @@ impl Cards {
     /// own), and a sync between them needs no answer.
     fn digest(&self, me: MemberId) -> (u32, u64) {
         let count = u32::try_from(self.held.len() + 1).unwrap_or(u32::MAX);
-        (count, self.held_xor ^ card_key(me.addr, me.generation, me.version).hash())
+        (
+            count,
+            self.held_xor ^ card_key(me.addr, me.generation, me.version).hash(),
+        )
     }
 
     /// Removes the card of `addr` kept aside, if any.
@@ -429,7 +432,8 @@ impl Cards {
 
     /// Sets the gathering for a cluster of `members` (see [`GATHER`]).
     pub(crate) fn set_members(&mut self, members: usize) {
-        let per_member = Duration::from_millis(u64::try_from(members).unwrap_or(u64::MAX));
+        let members = u64::try_from(members).unwrap_or(u64::MAX);
+        let per_member = Duration::from_millis(members.saturating_mul(4));
         self.gather = per_member.clamp(GATHER_ALONE, GATHER);
     }
 
@@ -719,14 +723,13 @@ impl Cards {
             if !usable {
                 continue;
             }
+            let id = MemberId {
+                version: c.version,
+                ..want.id
+            };
             self.unwant(c.addr);
             let card: Arc<[u8]> = c.card.into();
             self.hold(c.addr, c.generation, c.version, card.clone());
-            let id = MemberId {
-                addr: c.addr,
-                generation: c.generation,
-                version: c.version,
-            };
             arrived.push(Arrived { id, card });
         }
         Some(arrived)
@@ -795,9 +798,7 @@ impl Cards {
             .iter()
             .map(|(addr, (g, v, card))| (*addr, (*g, *v, card)))
             .chain(std::iter::once(own))
-            .filter(|(addr, (g, v, _))| {
-                *addr != to && !filter.contains(&card_key(*addr, *g, *v))
-            });
+            .filter(|(addr, (g, v, _))| *addr != to && !filter.contains(&card_key(*addr, *g, *v)));
         let mut packets = pack(lacking);
         packets.truncate(SYNC_ANSWER_PACKETS);
         Some(packets)
@@ -882,6 +883,7 @@ mod tests {
             addr: SocketAddr::from(([10, 0, 0, 1], port)),
             generation,
             version,
+            rejoin: 0,
         }
     }
 
@@ -913,8 +915,10 @@ mod tests {
         assert_eq!(arrived.id, b);
         assert_eq!(&*arrived.card, b"hello");
         assert_eq!(cards.wants.len(), 0);
-        // Held: the same identity is not wanted again; a newer one is.
+        // Held: the same identity is not wanted again, nor the same card
+        // after a rejoin; a newer version is.
         cards.want(b, Instant::now());
+        cards.want(MemberId { rejoin: 1, ..b }, Instant::now());
         assert_eq!(cards.wants.len(), 0);
         cards.want(id(2, 1, 2), Instant::now());
         assert_eq!(cards.wants.len(), 1);
@@ -949,7 +953,9 @@ mod tests {
         let ask = joiner.sync_ask(joiner_id, 99);
         assert_eq!(ask[0], KIND_SYNC);
         assert!(ask.len() <= PART_BYTES);
-        let packets = holder.answer_sync(me, joiner_id.addr, &ask[1..]).expect("an answer");
+        let packets = holder
+            .answer_sync(me, joiner_id.addr, &ask[1..])
+            .expect("an answer");
         assert!(packets.len() > 1, "several packets");
         assert!(
             packets
@@ -977,7 +983,9 @@ mod tests {
         assert!(!joiner.wants.contains_key(&id(9, 1, 1).addr));
         // Asked again, nothing more is sent than the asker lacks.
         let again = joiner.sync_ask(joiner_id, 100);
-        let rest = holder.answer_sync(me, joiner_id.addr, &again[1..]).expect("an answer");
+        let rest = holder
+            .answer_sync(me, joiner_id.addr, &again[1..])
+            .expect("an answer");
         let carried: usize = rest
             .iter()
             .map(|p| postcard::from_bytes::<Vec<Carried>>(&p[1..]).map_or(0, |c| c.len()))
@@ -1011,12 +1019,20 @@ mod tests {
         }
         let ask = a.sync_ask(a_id, 1);
         assert_eq!(a.sync_ask(a_id, 2), ask, "nothing changed: the same packet");
-        assert_eq!(b.answer_sync(b_id, a_id.addr, &ask[1..]), Some(Vec::new()), "same digest");
+        assert_eq!(
+            b.answer_sync(b_id, a_id.addr, &ask[1..]),
+            Some(Vec::new()),
+            "same digest"
+        );
         // b holds a card a lacks: the digests differ and the card is sent.
         b.want(id(4, 1, 1), Instant::now());
         fetch(&mut b, id(4, 1, 1), b"d");
-        let answer = b.answer_sync(b_id, a_id.addr, &ask[1..]).expect("an answer");
-        let arrived = a.receive_bulk(&answer[0][1..], Instant::now()).expect("cards");
+        let answer = b
+            .answer_sync(b_id, a_id.addr, &ask[1..])
+            .expect("an answer");
+        let arrived = a
+            .receive_bulk(&answer[0][1..], Instant::now())
+            .expect("cards");
         assert!(arrived.is_empty(), "4 is not up at a: kept aside");
         assert_eq!(a.early.len(), 1);
         assert_ne!(a.sync_ask(a_id, 3), ask, "a filter of what changed");
@@ -1027,7 +1043,9 @@ mod tests {
         // Our own card's new version changes the digest; the answer does
         // not send us our own card back.
         let ask = a.sync_ask(id(1, 1, 2), 5);
-        let answer = b.answer_sync(b_id, a_id.addr, &ask[1..]).expect("an answer");
+        let answer = b
+            .answer_sync(b_id, a_id.addr, &ask[1..])
+            .expect("an answer");
         let carried: Vec<Carried> = answer
             .iter()
             .flat_map(|p| postcard::from_bytes::<Vec<Carried>>(&p[1..]).expect("cards"))
@@ -1047,10 +1065,10 @@ mod tests {
             Some(start + GATHER_ALONE),
             "a small cluster"
         );
-        cards.set_members(300);
+        cards.set_members(100);
         assert_eq!(
             cards.next_deadline(),
-            Some(start + Duration::from_millis(300))
+            Some(start + Duration::from_millis(400))
         );
         cards.set_members(3000);
         assert_eq!(cards.next_deadline(), Some(start + GATHER), "at most");

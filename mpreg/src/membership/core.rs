@@ -705,9 +705,14 @@ fn member_key(member: &Member<MemberId>) -> Key {
     };
     let id = member.id();
     let incarnation = u64::from(member.incarnation());
+    let rejoin = u64::from(id.rejoin);
     Key::new(
         id.addr,
-        [id.generation, id.version, incarnation << 8 | state],
+        [
+            id.generation,
+            id.version,
+            rejoin << 24 | incarnation << 8 | state,
+        ],
     )
 }
 
@@ -730,6 +735,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             generation,
             version: 1,
+            rejoin: 0,
         }
     }
 

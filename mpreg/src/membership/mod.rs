@@ -139,9 +139,15 @@ pub(crate) struct MemberId {
     /// Real nodes use a generation above 0 (0 is the placeholder used when
     /// announcing to an address).
     pub(crate) generation: u64,
-    /// Bumped whenever the node's card (what it offers) changes, and by
-    /// foca's renew on rejoin, telling the others to fetch the card again.
+    /// Bumped whenever the node's card (what it offers) changes, telling
+    /// the others to fetch the card again.
     pub(crate) version: u64,
+    /// Bumped by foca's renew when the node rejoins after the cluster took
+    /// it for dead: a new identity, the same card (the others keep the card
+    /// they hold: a thousand-node cluster that forms on two cores takes a
+    /// few live nodes for dead, and each rejoin made every node fetch a
+    /// card again).
+    pub(crate) rejoin: u32,
 }
 
 impl MemberId {
@@ -152,6 +158,7 @@ impl MemberId {
             addr,
             generation: 0,
             version: 0,
+            rejoin: 0,
         }
     }
 }
@@ -163,9 +170,9 @@ impl foca::Identity for MemberId {
     /// (a false positive, e.g. after a long pause), foca switches to this
     /// newer identity instead of staying defunct.
     fn renew(&self) -> Option<Self> {
-        self.version
+        self.rejoin
             .checked_add(1)
-            .map(|version| Self { version, ..*self })
+            .map(|rejoin| Self { rejoin, ..*self })
     }
 
     fn addr(&self) -> SocketAddr {
@@ -173,9 +180,10 @@ impl foca::Identity for MemberId {
     }
 
     /// Of two identities at one address, the later start wins, then the later
-    /// catalog version.
+    /// catalog version, then the later rejoin.
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        (self.generation, self.version) > (adversary.generation, adversary.version)
+        (self.generation, self.version, self.rejoin)
+            > (adversary.generation, adversary.version, adversary.rejoin)
     }
 }
 
@@ -787,7 +795,8 @@ impl Driver {
         }
         if let Some(renewed) = self.core.take_renewed() {
             self.advert.send_if_modified(|wanted| {
-                let newer = renewed.version > wanted.id.version;
+                let newer =
+                    (renewed.version, renewed.rejoin) > (wanted.id.version, wanted.id.rejoin);
                 if newer {
                     wanted.id = renewed;
                 }
@@ -877,6 +886,7 @@ mod tests {
             addr: SocketAddr::from(([10, 0, 0, 1], port)),
             generation,
             version: 1,
+            rejoin: 0,
         }
     }
 
@@ -998,7 +1008,7 @@ mod tests {
     }
 
     #[test]
-    fn newer_generation_then_version_wins() {
+    fn newer_generation_then_version_then_rejoin_wins() {
         use foca::Identity;
         let old = sim_id(1, 5);
         let newer_version = MemberId { version: 9, ..old };
@@ -1010,7 +1020,14 @@ mod tests {
         assert!(newer_version.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&newer_version));
         assert!(newer_generation.win_addr_conflict(&newer_version));
-        assert_eq!(old.renew(), Some(MemberId { version: 2, ..old }));
+        let rejoined = MemberId { rejoin: 1, ..old };
+        assert_eq!(
+            old.renew(),
+            Some(rejoined),
+            "a rejoin keeps the card's version"
+        );
+        assert!(rejoined.win_addr_conflict(&old));
+        assert!(newer_version.win_addr_conflict(&rejoined));
         assert!(!MemberId::placeholder(old.addr).win_addr_conflict(&old));
     }
 
@@ -1044,6 +1061,7 @@ mod tests {
                 addr,
                 generation,
                 version: 1,
+                rejoin: 0,
             };
             let card: Arc<[u8]> = Arc::from(format!("card of {addr}").into_bytes());
             let (membership, events) =

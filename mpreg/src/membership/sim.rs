@@ -100,6 +100,7 @@ impl Sim {
             addr: addr(i),
             generation,
             version: 1,
+            rejoin: 0,
         };
         let rng = SmallRng::seed_from_u64(i as u64 * 1_000 + generation);
         let core = Core::new(id, &self.config, rng, card(i, generation)).expect("valid timings");
@@ -176,7 +177,10 @@ impl Sim {
             node.up.len() == live.len() - 1
                 && live.iter().filter(|&&j| j != i).all(|&j| {
                     let id = self.nodes[j].core.id();
-                    node.up.get(&id.addr) == Some(&id) && node.cards.get(&id.addr) == Some(&id)
+                    // A rejoin (a new identity, the same card) keeps the card.
+                    let card = |c: &MemberId| (c.generation, c.version);
+                    node.up.get(&id.addr) == Some(&id)
+                        && node.cards.get(&id.addr).map(card) == Some(card(&id))
                 })
         })
     }

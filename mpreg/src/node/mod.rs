@@ -395,6 +395,7 @@ impl NodeBuilder {
                     addr,
                     generation,
                     version: 1,
+                    rejoin: 0,
                 };
                 // What this node offers at start: its own functions (no
                 // leaf has linked yet).
