@@ -82,7 +82,7 @@ struct Member {
     name: String,
     generation: u64,
     /// The version of the card below.
-    version: u64,
+    version: u32,
     /// What it offers, interned.
     offers: Vec<Offer>,
 }
@@ -913,7 +913,7 @@ mod tests {
         use crate::protocol::peer::Ability;
         let registry = Registry::new([], &std::collections::BTreeSet::new());
         let cluster = Cluster::default();
-        let member = |port: u16, version: u64| MemberId {
+        let member = |port: u16, version: u32| MemberId {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             generation: 1,
             version,

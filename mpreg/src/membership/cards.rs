@@ -125,7 +125,7 @@ pub(crate) const EARLY_KEEP: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Early {
     generation: u64,
-    version: u64,
+    version: u32,
     card: Arc<[u8]>,
     /// When it arrived.
     since: Instant,
@@ -137,7 +137,7 @@ struct Early {
 struct Named {
     addr: SocketAddr,
     generation: u64,
-    version: u64,
+    version: u32,
 }
 
 /// One card in a [`KIND_CARDS`] packet.
@@ -145,7 +145,7 @@ struct Named {
 pub(crate) struct Carried {
     addr: SocketAddr,
     generation: u64,
-    version: u64,
+    version: u32,
     card: Vec<u8>,
 }
 
@@ -195,7 +195,7 @@ pub(crate) struct Cards {
     own: Arc<[u8]>,
     /// Every card held, by address: its identity (generation, version)
     /// and the card, to pass on to members that join.
-    held: HashMap<SocketAddr, (u64, u64, Arc<[u8]>)>,
+    held: HashMap<SocketAddr, (u64, u32, Arc<[u8]>)>,
     /// Cards wanted, by address.
     wants: HashMap<SocketAddr, Want>,
     /// Wanted cards not asked for yet, oldest first, with when they became
@@ -302,7 +302,7 @@ impl Cards {
     }
 
     /// Holds `card` as the card of `addr` at `generation` and `version`.
-    fn hold(&mut self, addr: SocketAddr, generation: u64, version: u64, card: Arc<[u8]>) {
+    fn hold(&mut self, addr: SocketAddr, generation: u64, version: u32, card: Arc<[u8]>) {
         self.unhold(addr);
         self.held_xor ^= card_key(addr, generation, version).hash();
         self.held.insert(addr, (generation, version, card));
@@ -606,7 +606,7 @@ impl Cards {
         let mut ask = Vec::with_capacity(ASK_LEN);
         ask.push(KIND_ASK);
         ask.extend_from_slice(&want.id.generation.to_le_bytes());
-        ask.extend_from_slice(&want.id.version.to_le_bytes());
+        ask.extend_from_slice(&u64::from(want.id.version).to_le_bytes());
         ask.extend_from_slice(&want.missing().to_le_bytes());
         Some(ask)
     }
@@ -628,7 +628,7 @@ impl Cards {
         let mut out = Vec::with_capacity(PART_HEADER + body.len());
         out.push(KIND_PART);
         out.extend_from_slice(&me.generation.to_le_bytes());
-        out.extend_from_slice(&me.version.to_le_bytes());
+        out.extend_from_slice(&u64::from(me.version).to_le_bytes());
         out.extend_from_slice(&index.to_le_bytes());
         out.extend_from_slice(&u16::try_from(parts).unwrap_or(u16::MAX).to_le_bytes());
         out.extend_from_slice(body);
@@ -700,7 +700,7 @@ impl Cards {
                 // Not wanted: of a member not seen up yet (a sync's answer
                 // brings every card the sender holds), kept for when it
                 // is; or one held already.
-                let newer = |(g, v): (u64, u64)| (c.generation, c.version) > (g, v);
+                let newer = |(g, v): (u64, u32)| (c.generation, c.version) > (g, v);
                 let held = self.held.get(&c.addr).map(|(g, v, _)| (*g, *v));
                 let early = self.early.get(&c.addr).map(|e| (e.generation, e.version));
                 if held.is_none_or(newer) && early.is_none_or(newer) {
@@ -806,8 +806,8 @@ impl Cards {
 }
 
 /// What identifies a card in a [`KIND_SYNC`] filter.
-fn card_key(addr: SocketAddr, generation: u64, version: u64) -> Key {
-    Key::new(addr, [generation, version, 0])
+fn card_key(addr: SocketAddr, generation: u64, version: u32) -> Key {
+    Key::new(addr, [generation, u64::from(version), 0])
 }
 
 /// Bytes of a card in a [`KIND_CARDS`] packet beyond the card itself
@@ -817,7 +817,7 @@ const CARRIED_OVERHEAD: usize = 40;
 /// Cards (address, generation, version, card) packed into [`KIND_CARDS`]
 /// packets of at most [`PART_BYTES`] bytes of cards; a card too large for
 /// a packet is left out.
-fn pack<'a>(cards: impl Iterator<Item = (SocketAddr, (u64, u64, &'a Arc<[u8]>))>) -> Vec<Vec<u8>> {
+fn pack<'a>(cards: impl Iterator<Item = (SocketAddr, (u64, u32, &'a Arc<[u8]>))>) -> Vec<Vec<u8>> {
     let mut packets = Vec::new();
     let mut batch: Vec<Carried> = Vec::new();
     let mut size = 0;
@@ -856,7 +856,7 @@ fn encode_carried(cards: &[Carried]) -> Vec<u8> {
 }
 
 /// The header fields and body of a part; `None` when malformed.
-fn parse_part(packet: &[u8]) -> Option<(u64, u64, u16, u16, &[u8])> {
+fn parse_part(packet: &[u8]) -> Option<(u64, u32, u16, u16, &[u8])> {
     if packet.first() != Some(&KIND_PART) {
         return None;
     }
@@ -865,7 +865,7 @@ fn parse_part(packet: &[u8]) -> Option<(u64, u64, u16, u16, &[u8])> {
         Some(u64::from_le_bytes(header.get(at..at + 8)?.try_into().ok()?))
     };
     let generation = u64_at(1)?;
-    let version = u64_at(9)?;
+    let version = u32::try_from(u64_at(9)?).ok()?;
     let index = u16::from_le_bytes([header[17], header[18]]);
     let parts = u16::from_le_bytes([header[19], header[20]]);
     let body = &packet[PART_HEADER..];
@@ -878,7 +878,7 @@ fn parse_part(packet: &[u8]) -> Option<(u64, u64, u16, u16, &[u8])> {
 mod tests {
     use super::*;
 
-    fn id(port: u16, generation: u64, version: u64) -> MemberId {
+    fn id(port: u16, generation: u64, version: u32) -> MemberId {
         MemberId {
             addr: SocketAddr::from(([10, 0, 0, 1], port)),
             generation,

@@ -710,7 +710,7 @@ fn member_key(member: &Member<MemberId>) -> Key {
         id.addr,
         [
             id.generation,
-            id.version,
+            u64::from(id.version),
             rejoin << 24 | incarnation << 8 | state,
         ],
     )

@@ -138,7 +138,7 @@ impl RunningNode {
                 .membership
                 .as_ref()
                 .map(|m| crate::cluster::GossipStats {
-                    identity_version: m.id().version,
+                    identity_version: u64::from(m.id().version),
                     dropped_packets: m.dropped_packets(),
                 }),
         }
