@@ -59,10 +59,11 @@ const STATE_ANSWER_PACKETS: usize = 48;
 /// seed, brings the rest).
 const PULL_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest time between two pulls of the membership state: a node
-/// that a rumor missed (a member down, say) learns it this late at most.
-/// A pull that finds nothing missing costs a packet each way and a pass
-/// over the members on each side.
-const PULL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// that a rumor missed (a member down, say) learns it this late at most
+/// (rumors are retransmitted only 2·log10(n+1) times). A pull that finds
+/// nothing missing costs a packet each way and a pass over the members on
+/// each side.
+const PULL_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The foca instance driven here: postcard on the wire, no custom
 /// broadcasts (cards travel by syncs and asks of their own, see
