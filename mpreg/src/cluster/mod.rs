@@ -106,18 +106,19 @@ fn undescribed(offer: &Offer) -> Ability {
     }
 }
 
-/// An ability, interned.
-fn offer(
+/// An ability, interned: `datasets` sorted, without repeats (as a
+/// `BTreeSet` gives them).
+fn offer<'a>(
     interner: &mut Interner,
     fun: &str,
-    datasets: &BTreeSet<String>,
+    datasets: impl IntoIterator<Item = &'a str>,
     idempotent: bool,
 ) -> Offer {
     let (fun, fun_id) = interner.name(fun);
     Offer {
         fun,
         fun_id,
-        datasets: interner.datasets(datasets.iter().map(String::as_str)),
+        datasets: interner.datasets(datasets),
         idempotent,
     }
 }
@@ -366,13 +367,7 @@ impl Cluster {
                     .iter()
                     .filter_map(|&i| card.datasets.get(i as usize).map(String::as_str))
                     .collect();
-                let (fun, fun_id) = interner.name(&f.name);
-                Offer {
-                    fun,
-                    fun_id,
-                    datasets: interner.datasets(datasets),
-                    idempotent: f.idempotent,
-                }
+                offer(&mut interner, &f.name, datasets, f.idempotent)
             })
             .collect()
     }
@@ -409,7 +404,14 @@ impl Cluster {
         let table = {
             let own: Vec<Offer> = registry
                 .iter()
-                .map(|f| offer(&mut interner, &f.name, &f.datasets, f.idempotent))
+                .map(|f| {
+                    offer(
+                        &mut interner,
+                        &f.name,
+                        f.datasets.iter().map(String::as_str),
+                        f.idempotent,
+                    )
+                })
                 .collect();
             let members = self.read_members();
             // Leaves are known by their link; and a node that is no member
@@ -425,7 +427,14 @@ impl Cluster {
                         .catalog
                         .functions
                         .iter()
-                        .map(|a| offer(&mut interner, &a.fun, &a.datasets, a.idempotent))
+                        .map(|a| {
+                            offer(
+                                &mut interner,
+                                &a.fun,
+                                a.datasets.iter().map(String::as_str),
+                                a.idempotent,
+                            )
+                        })
                         .collect();
                     (key, p.is_leaf(), offers)
                 })

@@ -283,35 +283,17 @@ impl Core {
                     None => self.dropped += 1,
                 }
             }
-            KIND_STATE_ASK if self.view.up.contains_key(&from) => match Bloom::decode(body) {
-                Some(held) => {
-                    for part in self.state_parts(&held, from) {
-                        self.queue(from, part);
-                    }
-                }
-                None => self.dropped += 1,
-            },
+            KIND_STATE_ASK if self.view.up.contains_key(&from) => {
+                let answer = Bloom::decode(body).map(|held| self.state_parts(&held, from));
+                self.answer(from, answer);
+            }
             KIND_ASK_MANY if self.view.up.contains_key(&from) => {
-                let me = self.id();
-                match self.cards.answer_many(me, body) {
-                    Some(answer) => {
-                        for packet in answer {
-                            self.queue(from, packet);
-                        }
-                    }
-                    None => self.dropped += 1,
-                }
+                let answer = self.cards.answer_many(self.id(), body);
+                self.answer(from, answer);
             }
             KIND_SYNC if self.view.up.contains_key(&from) => {
-                let me = self.id();
-                match self.cards.answer_sync(me, from, body) {
-                    Some(answer) => {
-                        for packet in answer {
-                            self.queue(from, packet);
-                        }
-                    }
-                    None => self.dropped += 1,
-                }
+                let answer = self.cards.answer_sync(self.id(), from, body);
+                self.answer(from, answer);
             }
             KIND_LACKING => {
                 if self.cards.receive_lacking(body, now).is_none() {
@@ -374,6 +356,19 @@ impl Core {
             _ => self.dropped += 1,
         }
         self.drain(now);
+    }
+
+    /// Queues `answer`'s packets for the member at `to`; `None` (its ask
+    /// was malformed) is counted as a dropped packet.
+    fn answer(&mut self, to: SocketAddr, answer: Option<Vec<Vec<u8>>>) {
+        match answer {
+            Some(packets) => {
+                for packet in packets {
+                    self.queue(to, packet);
+                }
+            }
+            None => self.dropped += 1,
+        }
     }
 
     /// `body` (a foca packet) without the updates that cannot be news (see
